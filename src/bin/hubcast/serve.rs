@@ -1,0 +1,167 @@
+//! `hubcast serve`: run the hub, log what happens, stop gracefully on SIGINT/SIGTERM.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use hubcast::{Config, Hub, HubEvent, Server};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::args::{parse_duration, parse_size};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Port to listen on.
+    #[arg(short, long, env = "PORT", default_value_t = 3000)]
+    port: u16,
+    /// Address to listen on: 127.0.0.1 serves this machine only; 0.0.0.0 (or ::)
+    /// serves other machines too.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Largest frame a client may send (e.g. 65536, 64KiB, 1MiB).
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    max_frame: usize,
+    /// Most bytes queued for one client before it is disconnected as a slow consumer.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    max_pending: usize,
+    /// Do not send events back to the client that sent them.
+    #[arg(long)]
+    no_echo: bool,
+    /// How long shutdown may spend flushing queued events to clients.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Do not log each event (connections, errors and closes are still logged).
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = Config {
+        max_frame: args.max_frame,
+        max_pending: args.max_pending,
+        echo: !args.no_echo,
+        drain_timeout: args.drain_timeout,
+    };
+    let quiet = args.quiet;
+    let hub = Hub::with_observer(config, move |event| log(event, quiet));
+    let host = args.host.trim_start_matches('[').trim_end_matches(']');
+    let server = Server::bind((host, args.port), hub)
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = server.local_addr()?;
+    println!("Server up on {addr}");
+    if !addr.ip().is_loopback() {
+        warn!("listening on {addr}, beyond this machine: hubcast has no authentication yet, so anyone who can reach this port can read and send every event");
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signals(shutdown.clone()));
+    server.run(shutdown).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once.
+async fn on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        error!("cannot install signal handlers; stop the hub with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down: no new connections, flushing queued events (again to force)");
+    shutdown.cancel();
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    warn!("second signal: exiting without waiting");
+    std::process::exit(130);
+}
+
+fn log(event: &HubEvent, quiet: bool) {
+    match event {
+        HubEvent::Listening { addr } => info!(%addr, "listening"),
+        HubEvent::Connection { client, peer } => info!(%client, %peer, "connection"),
+        HubEvent::Event {
+            client,
+            event,
+            receivers,
+        } => {
+            if !quiet {
+                info!(
+                    target: "hubcast::event",
+                    %client,
+                    receivers,
+                    "EVENT {} {}",
+                    event.name(),
+                    summary(event.payload())
+                );
+            }
+        }
+        HubEvent::Rejected { client, error } => {
+            warn!(%client, code = %error.code, "rejected frame: {}", error.message)
+        }
+        HubEvent::SlowConsumer { client } => warn!(%client, "slow consumer: disconnecting"),
+        HubEvent::Close {
+            client,
+            had_error,
+            reason,
+        } => info!(%client, had_error, %reason, "close"),
+        HubEvent::Error { message } => error!("{message}"),
+        HubEvent::Shutdown => info!("stopped: all connections closed"),
+        _ => {}
+    }
+}
+
+/// One line about a payload: an order's store, orderID, customer and address (as the
+/// lab's hub prints them), or else the start of its JSON.
+fn summary(payload: &str) -> String {
+    const ORDER_FIELDS: [&str; 4] = ["store", "orderID", "customer", "address"];
+    const MAX: usize = 120;
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(payload) {
+        let fields: Vec<String> = ORDER_FIELDS
+            .iter()
+            .filter_map(|&key| map.get(key).map(|v| format!("{key}={}", one_line(v))))
+            .collect();
+        if !fields.is_empty() {
+            return fields.join(" ");
+        }
+    }
+    let mut end = payload.len().min(MAX);
+    while !payload.is_char_boundary(end) {
+        end -= 1;
+    }
+    let ellipsis = if end < payload.len() { "…" } else { "" };
+    format!("payload={}{ellipsis}", &payload[..end])
+}
+
+fn one_line(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn orders_are_summarised_by_their_fields() {
+        let order =
+            r#"{"store":"acme","orderID":"42","customer":"Ann","address":"1 Main St","x":1}"#;
+        assert_eq!(
+            summary(order),
+            r#"store="acme" orderID="42" customer="Ann" address="1 Main St""#
+        );
+        assert_eq!(summary("[1,2]"), "payload=[1,2]");
+        let long = format!("\"{}\"", "é".repeat(200));
+        assert!(summary(&long).ends_with('…'));
+    }
+}

@@ -1,0 +1,314 @@
+//! One client's connection: frames in, queued events out, in a single task.
+//!
+//! The task loops over one `select!`: shutdown phases first, then writing the batch it
+//! holds, then waiting for its outbox, then reading. Every branch is cancel-safe: the
+//! read buffer and the batch live outside the loop, a vectored write either writes or
+//! does nothing, and a dropped wake-up is kept by the [`Notify`](tokio::sync::Notify).
+//! Inbound frames are decoded and fanned out synchronously inside the read branch, so
+//! the task never holds a lock across an `.await`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{Frame, FrameDecoder};
+use crate::hub::{Client, CloseReason, Hub};
+use crate::outbox::{Closed, Outbox};
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::Event;
+
+/// Free space kept in the read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
+/// Most frames handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// The two steps of a graceful shutdown, as seen by a connection.
+#[derive(Clone, Default)]
+pub(crate) struct Phases {
+    /// Cancelled first: stop reading, so no new event enters the hub.
+    pub(crate) stop_reading: CancellationToken,
+    /// Cancelled once no connection reads any more: flush what is queued, then close.
+    pub(crate) drain: CancellationToken,
+}
+
+/// Frames taken from the outbox and not yet fully written.
+#[derive(Default)]
+struct Batch {
+    frames: VecDeque<Bytes>,
+    /// The front frame is partly written: the peer has seen half a line.
+    mid_frame: bool,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn slices<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
+        let mut n = 0;
+        for (slot, frame) in iov.iter_mut().zip(&self.frames) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut written: usize, outbox: &Outbox) {
+        outbox.written(written);
+        while let Some(front) = self.frames.front_mut() {
+            if written < front.len() {
+                front.advance(written);
+                self.mid_frame = written > 0 || self.mid_frame;
+                return;
+            }
+            written -= front.len();
+            self.frames.pop_front();
+            self.mid_frame = false;
+        }
+    }
+}
+
+/// One `writev` of the batch. Builds the `IoSlice`s on the stack inside `poll`, so the
+/// connection's future does not carry them across awaits.
+struct WriteBatch<'a, W> {
+    writer: &'a mut W,
+    batch: &'a Batch,
+}
+
+impl<W: AsyncWrite + Unpin> Future for WriteBatch<'_, W> {
+    type Output = io::Result<usize>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let n = this.batch.slices(&mut iov);
+        Pin::new(&mut *this.writer).poll_write_vectored(cx, &iov[..n])
+    }
+}
+
+struct Connection<'a> {
+    hub: &'a Hub,
+    client: &'a Client,
+    decoder: FrameDecoder,
+    rbuf: BytesMut,
+    batch: Batch,
+}
+
+/// Serves one client until it leaves, fails, or the hub shuts down; returns why it ended.
+///
+/// `reading` is held while the connection may still publish; dropping it tells the
+/// server this connection will not add events any more.
+pub(crate) async fn run<R, W>(
+    hub: &Hub,
+    client: &Client,
+    mut reader: R,
+    mut writer: W,
+    phases: &Phases,
+    reading: mpsc::Sender<()>,
+) -> CloseReason
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut conn = Connection {
+        hub,
+        client,
+        decoder: FrameDecoder::new(hub.config().max_frame),
+        rbuf: BytesMut::new(),
+        batch: Batch::default(),
+    };
+    let mut reading = Some(reading);
+    let reason = loop {
+        if conn.batch.is_empty()
+            && client.outbox.take(&mut conn.batch.frames) == Some(Closed::Overflow)
+        {
+            break CloseReason::SlowConsumer;
+        }
+        let room = conn.decoder.room(&conn.rbuf);
+        if reading.is_some() && conn.rbuf.capacity() - conn.rbuf.len() < READ_CHUNK / 8 {
+            conn.rbuf.reserve(READ_CHUNK.min(room));
+        }
+        let writing = !conn.batch.is_empty();
+        let mut read_into = (&mut conn.rbuf).limit(room);
+        tokio::select! {
+            biased;
+            _ = phases.drain.cancelled() => break CloseReason::Shutdown,
+            _ = phases.stop_reading.cancelled(), if reading.is_some() => reading = None,
+            res = WriteBatch { writer: &mut writer, batch: &conn.batch }, if writing => match res {
+                Ok(0) => break CloseReason::Io(io::ErrorKind::WriteZero.to_string()),
+                Ok(n) => conn.batch.advance(n, &client.outbox),
+                Err(e) => break CloseReason::Io(e.to_string()),
+            },
+            _ = client.outbox.notified(), if !writing => {}
+            res = reader.read_buf(&mut read_into), if reading.is_some() => match res {
+                Ok(0) => {
+                    conn.end_of_stream();
+                    break CloseReason::PeerClosed;
+                }
+                Ok(_) => {
+                    if let Err(code) = conn.decode_all() {
+                        break CloseReason::Protocol(code);
+                    }
+                }
+                Err(e) => break CloseReason::Io(e.to_string()),
+            },
+        }
+    };
+    drop(reading);
+    conn.close(&mut writer, reason).await
+}
+
+impl Connection<'_> {
+    /// Handles every complete frame in the read buffer.
+    fn decode_all(&mut self) -> Result<(), ErrorCode> {
+        loop {
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Some(Frame::Event(event))) => self.dispatch(event),
+                Ok(Some(Frame::Rejected(error))) => self.reject(error),
+                Ok(None) => return Ok(()),
+                Err(fatal) => {
+                    let code = fatal.code;
+                    self.reject(fatal);
+                    return Err(code);
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, event: Event) {
+        if event.name().is_reserved() {
+            self.reject(ProtocolError::new(
+                ErrorCode::ReservedEvent,
+                format!(
+                    "the hub knows no event named {:?}; names starting with '$' are reserved",
+                    event.name().as_str()
+                ),
+            ));
+            return;
+        }
+        self.hub.publish(self.client.id, event);
+    }
+
+    /// Tells this client (and only it) what was wrong with its input.
+    fn reject(&self, error: ProtocolError) {
+        self.client.outbox.push(error.to_frame());
+        self.hub.rejected(self.client.id, error);
+    }
+
+    fn end_of_stream(&self) {
+        if self.decoder.has_partial(&self.rbuf) {
+            self.reject(ProtocolError::new(
+                ErrorCode::InvalidJson,
+                "the connection ended in the middle of a frame",
+            ));
+        }
+    }
+
+    /// Delivers what the client is owed (within the drain deadline), then closes.
+    async fn close<W: AsyncWrite + Unpin>(
+        mut self,
+        writer: &mut W,
+        reason: CloseReason,
+    ) -> CloseReason {
+        match reason {
+            // The socket is broken: nothing more can be written.
+            CloseReason::Io(_) => return reason,
+            CloseReason::SlowConsumer => {
+                self.hub.slow_consumer(self.client.id);
+                // Finish the line the client has half seen, then say why it is dropped.
+                if !self.batch.mid_frame {
+                    self.batch.frames.clear();
+                }
+                self.batch.frames.truncate(1);
+                let error = ProtocolError::new(
+                    ErrorCode::SlowConsumer,
+                    format!(
+                        "more than {} bytes were waiting for this client; disconnecting",
+                        self.hub.config().max_pending
+                    ),
+                );
+                self.batch.frames.push_back(error.to_frame());
+            }
+            _ => self.client.outbox.close(),
+        }
+        let deadline = self.hub.config().drain_timeout;
+        match tokio::time::timeout(deadline, self.flush(writer)).await {
+            Ok(Ok(())) => reason,
+            Ok(Err(e)) if reason == CloseReason::SlowConsumer => {
+                tracing::debug!(client = %self.client.id, error = %e, "slow consumer: final error not delivered");
+                reason
+            }
+            Ok(Err(e)) => CloseReason::Io(e.to_string()),
+            Err(_) if reason == CloseReason::SlowConsumer => reason,
+            Err(_) => CloseReason::DrainTimeout,
+        }
+    }
+
+    /// Writes the batch and everything still queued, then half-closes the socket.
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
+        loop {
+            if self.batch.is_empty() {
+                self.client.outbox.take(&mut self.batch.frames);
+                if self.batch.is_empty() {
+                    break;
+                }
+            }
+            let n = WriteBatch {
+                writer: &mut *writer,
+                batch: &self.batch,
+            }
+            .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.batch.advance(n, &self.client.outbox);
+        }
+        writer.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    /// The connection logic over an in-memory pipe: no sockets involved.
+    #[tokio::test]
+    async fn serves_over_a_duplex_pipe() {
+        let hub = Hub::new(Config::default());
+        let (mut peer, server_side) = tokio::io::duplex(1024);
+        let client = hub.join(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let phases = Phases::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let task = {
+            let hub = hub.clone();
+            let phases = phases.clone();
+            tokio::spawn(async move {
+                let (r, w) = tokio::io::split(server_side);
+                run(&hub, &client, r, w, &phases, tx).await
+            })
+        };
+        peer.write_all(b"{\"event\":\"a\",\"payload\":1}garbage\n")
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(&mut peer).lines();
+        assert_eq!(
+            lines.next_line().await.unwrap().unwrap(),
+            r#"{"event":"a","payload":1}"#
+        );
+        let error = lines.next_line().await.unwrap().unwrap();
+        assert!(error.contains("invalid_json"), "{error}");
+        drop(lines);
+        peer.shutdown().await.unwrap();
+        assert_eq!(task.await.unwrap(), CloseReason::PeerClosed);
+    }
+}

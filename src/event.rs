@@ -1,0 +1,294 @@
+//! Events: validated meaning on top of framed bytes.
+//!
+//! An [`Event`] owns the exact line that goes on the wire (shared with every receiver
+//! as one [`Bytes`]) plus where its name and payload sit inside it. An [`EventName`]
+//! can only be made through validation, so no part of the hub holds an unchecked name.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::protocol::{ErrorCode, ProtocolError};
+
+/// The longest event name the hub accepts, in bytes.
+pub const MAX_EVENT_NAME: usize = 256;
+
+/// A non-empty event name of at most [`MAX_EVENT_NAME`] bytes.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::EventName;
+/// let name = EventName::new("pickup").unwrap();
+/// assert_eq!(name.as_str(), "pickup");
+/// assert!(!name.is_reserved());
+/// assert!(EventName::new("").is_err());
+/// assert!(EventName::new("$error").unwrap().is_reserved());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventName(ByteString);
+
+impl EventName {
+    /// Validates `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorCode::NotAnEvent`] when the name is empty or longer than [`MAX_EVENT_NAME`].
+    pub fn new(name: impl Into<ByteString>) -> Result<Self, ProtocolError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(ProtocolError::new(
+                ErrorCode::NotAnEvent,
+                "the event name is empty",
+            ));
+        }
+        if name.len() > MAX_EVENT_NAME {
+            return Err(ProtocolError::new(
+                ErrorCode::NotAnEvent,
+                format!(
+                    "the event name is {} bytes long; the limit is {MAX_EVENT_NAME}",
+                    name.len()
+                ),
+            ));
+        }
+        Ok(EventName(name))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Names starting with `$` belong to the hub's own protocol.
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with('$')
+    }
+}
+
+impl fmt::Display for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// One event: `{"event": NAME, "payload": VALUE, ...}` as a single `\n`-terminated line.
+///
+/// Cloning is cheap (reference counts); the line is what every receiver is sent.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::Event;
+/// let event = Event::new("pickup", &serde_json::json!({"store": "acme"})).unwrap();
+/// assert_eq!(event.name().as_str(), "pickup");
+/// assert_eq!(event.payload(), r#"{"store":"acme"}"#);
+/// assert_eq!(&event.line()[..], &b"{\"event\":\"pickup\",\"payload\":{\"store\":\"acme\"}}\n"[..]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// The wire line, `\n` included; valid UTF-8 (checked once, in [`Event::from_line`]).
+    line: Bytes,
+    name: EventName,
+    /// Byte range of the raw payload JSON inside `line`.
+    payload: Range<usize>,
+}
+
+/// The shape an event must have; extra keys are ignored here and forwarded unchanged.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+impl Event {
+    /// Encodes a new event with `payload` serialised as JSON.
+    ///
+    /// # Errors
+    ///
+    /// When the name is invalid, or `payload` cannot be serialised as JSON
+    /// (for example a map with non-string keys).
+    pub fn new<T: Serialize + ?Sized>(name: &str, payload: &T) -> Result<Self, ProtocolError> {
+        EventName::new(name)?;
+        let payload = serde_json::to_string(payload)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))?;
+        #[derive(Serialize)]
+        struct Out<'a> {
+            event: &'a str,
+            payload: &'a RawValue,
+        }
+        let raw = RawValue::from_string(payload)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))?;
+        let mut line = serde_json::to_vec(&Out {
+            event: name,
+            payload: &raw,
+        })
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))?;
+        line.push(b'\n');
+        Event::from_line(Bytes::from(line))
+    }
+
+    /// Parses one complete event from `line`, which must be a single JSON object
+    /// followed by exactly one `\n` and contain no other raw newline.
+    ///
+    /// The frame decoder builds lines in that form; this is its validation step.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorCode::InvalidUtf8`], [`ErrorCode::InvalidJson`] or [`ErrorCode::NotAnEvent`]
+    /// naming what is wrong.
+    pub fn from_line(line: Bytes) -> Result<Self, ProtocolError> {
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        let text = std::str::from_utf8(body).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidUtf8,
+                format!("invalid UTF-8 at byte {} of the frame", e.valid_up_to()),
+            )
+        })?;
+        if !text.trim_start().starts_with('{') {
+            return Err(ProtocolError::new(
+                ErrorCode::NotAnEvent,
+                "an event must be a JSON object",
+            ));
+        }
+        let wire: Wire<'_> = serde_json::from_str(text).map_err(classify)?;
+        let payload = offset_in(text, wire.payload.get());
+        let name = match wire.event {
+            // Borrowed names share the line's allocation.
+            Cow::Borrowed(name) => {
+                let at = offset_in(text, name);
+                line.slice(at.clone())
+            }
+            Cow::Owned(name) => Bytes::from(name),
+        };
+        // `name` was a `str`, so this check cannot fail; it costs at most 256 bytes.
+        let name = EventName::new(ByteString::try_from(name).map_err(utf8_error)?)?;
+        Ok(Event {
+            line,
+            name,
+            payload,
+        })
+    }
+
+    /// The event's name.
+    pub fn name(&self) -> &EventName {
+        &self.name
+    }
+
+    /// The payload as raw JSON text, exactly as the sender wrote it.
+    pub fn payload(&self) -> &str {
+        self.line
+            .get(self.payload.clone())
+            .and_then(|raw| std::str::from_utf8(raw).ok())
+            .unwrap_or("null")
+    }
+
+    /// The whole wire line, trailing `\n` included.
+    pub fn line(&self) -> &Bytes {
+        &self.line
+    }
+}
+
+/// Where `part` (a sub-slice of `whole`) starts and ends inside `whole`.
+fn offset_in(whole: &str, part: &str) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
+}
+
+fn utf8_error(_: std::str::Utf8Error) -> ProtocolError {
+    ProtocolError::new(ErrorCode::InvalidUtf8, "invalid UTF-8 in the frame")
+}
+
+/// Syntax errors are `invalid_json`; well-formed JSON of the wrong shape is `not_an_event`.
+fn classify(err: serde_json::Error) -> ProtocolError {
+    use serde_json::error::Category;
+    let code = match err.classify() {
+        Category::Data => ErrorCode::NotAnEvent,
+        Category::Syntax | Category::Eof | Category::Io => ErrorCode::InvalidJson,
+    };
+    ProtocolError::new(code, err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Event, ProtocolError> {
+        Event::from_line(Bytes::copy_from_slice(format!("{s}\n").as_bytes()))
+    }
+
+    #[test]
+    fn keeps_bytes_and_extra_keys() {
+        let e = parse(r#"{"payload": {"a":1},  "x": [1], "event":"pickup"}"#).unwrap();
+        assert_eq!(e.name().as_str(), "pickup");
+        assert_eq!(e.payload(), r#"{"a":1}"#);
+        assert_eq!(
+            &e.line()[..],
+            b"{\"payload\": {\"a\":1},  \"x\": [1], \"event\":\"pickup\"}\n"
+        );
+    }
+
+    #[test]
+    fn null_payload_and_escaped_name() {
+        let e = parse(r#"{"event":"pick\u0075p","payload":null}"#).unwrap();
+        assert_eq!(e.name().as_str(), "pickup");
+        assert_eq!(e.payload(), "null");
+    }
+
+    #[test]
+    fn shape_errors_are_not_an_event() {
+        for bad in [
+            r#"{"event":"x"}"#,
+            r#"{"payload":1}"#,
+            r#"{"event":5,"payload":1}"#,
+            r#"{"event":"","payload":1}"#,
+            r#"{"event":"a","event":"b","payload":1}"#,
+            r#"[1,2]"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, ErrorCode::NotAnEvent, "{bad}");
+        }
+        let long = format!(r#"{{"event":"{}","payload":1}}"#, "a".repeat(257));
+        assert_eq!(parse(&long).unwrap_err().code, ErrorCode::NotAnEvent);
+        let max = format!(r#"{{"event":"{}","payload":1}}"#, "a".repeat(256));
+        assert!(parse(&max).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_are_invalid_json() {
+        for bad in [r#"{"event":"x","payload":}"#, r#"{"event" "x"}"#, "{,}"] {
+            assert_eq!(
+                parse(bad).unwrap_err().code,
+                ErrorCode::InvalidJson,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_as_such() {
+        let line = Bytes::from_static(b"{\"event\":\"x\",\"payload\":\"\xff\"}\n");
+        assert_eq!(
+            Event::from_line(line).unwrap_err().code,
+            ErrorCode::InvalidUtf8
+        );
+    }
+
+    #[test]
+    fn new_encodes_compact_line() {
+        let e = Event::new("a.b", &vec![1, 2]).unwrap();
+        assert_eq!(&e.line()[..], b"{\"event\":\"a.b\",\"payload\":[1,2]}\n");
+        assert!(Event::new("", &1).is_err());
+    }
+}

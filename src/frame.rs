@@ -1,0 +1,454 @@
+//! Framing: cuts a client's byte stream into frames. Pure code over bytes, no I/O.
+//!
+//! Clients may put anything between JSON values: a newline, other whitespace, or
+//! nothing at all (Node's `socket.write(JSON.stringify(msg))` in a loop). So frame ends
+//! are found by reading JSON structure, not delimiters: one pass over each byte tracks
+//! nesting depth, strings and escapes, and remembers where it stopped, so a frame that
+//! arrives in many reads is scanned once, never re-parsed from its start.
+//!
+//! * A value starting with `{` or `[` ends at its matching bracket. Objects become
+//!   [`Event`]s (or are rejected); arrays are `not_an_event`.
+//! * A raw newline inside a string can never be valid JSON, so it ends a broken frame
+//!   there: the decoder reports `invalid_json` and resynchronises after that newline.
+//! * Anything else (scalars, garbage) is taken up to the next newline and rejected.
+//! * A frame longer than the limit is fatal: [`FrameDecoder::decode`] returns `Err` as
+//!   soon as the frame in progress passes the limit, before more of it is buffered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::event::Event;
+use crate::protocol::{ErrorCode, ProtocolError};
+
+/// The default maximum frame length: 1 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+
+/// One decoded frame.
+#[derive(Debug)]
+pub enum Frame {
+    /// A valid event, its wire line ready to forward.
+    Event(Event),
+    /// A bad frame that was skipped; the stream goes on after it.
+    Rejected(ProtocolError),
+}
+
+/// Incremental decoder for one connection's inbound bytes.
+///
+/// # Examples
+///
+/// ```
+/// use bytes::BytesMut;
+/// use hubcast::frame::{Frame, FrameDecoder};
+///
+/// let mut decoder = FrameDecoder::new(1024);
+/// let mut buf = BytesMut::from(&br#"{"event":"a","payload":1}{"event":"b","#[..]);
+/// let Some(Frame::Event(first)) = decoder.decode(&mut buf).unwrap() else { panic!() };
+/// assert_eq!(first.name().as_str(), "a");
+/// assert!(decoder.decode(&mut buf).unwrap().is_none()); // the second is incomplete
+/// buf.extend_from_slice(br#""payload":2}"#);
+/// let Some(Frame::Event(second)) = decoder.decode(&mut buf).unwrap() else { panic!() };
+/// assert_eq!(&second.line()[..], &b"{\"event\":\"b\",\"payload\":2}\n"[..]);
+/// ```
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame: usize,
+    scan: Scan,
+}
+
+/// Progress through the frame at the start of the buffer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Scan {
+    kind: Kind,
+    /// Next byte to look at; the frame always starts at index 0.
+    pos: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// A raw CR or LF outside strings: the frame must be compacted onto one line.
+    multiline: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Between frames: whitespace is skipped.
+    #[default]
+    Idle,
+    /// An object or array, ended by its matching bracket.
+    Nested,
+    /// Anything else, taken up to the next newline.
+    Line,
+}
+
+enum Step {
+    Incomplete,
+    /// The frame is `buf[..end]`.
+    End(usize),
+    /// A raw newline inside a string at this index.
+    BrokenString(usize),
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl FrameDecoder {
+    /// A decoder that refuses frames longer than `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        FrameDecoder {
+            max_frame,
+            scan: Scan::default(),
+        }
+    }
+
+    /// The frame limit in bytes.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// How many more bytes may be buffered before the frame in progress is too large.
+    ///
+    /// Reading at most this much keeps the buffer bounded by the frame limit.
+    pub fn room(&self, buf: &BytesMut) -> usize {
+        (self.max_frame + 1).saturating_sub(buf.len()).max(1)
+    }
+
+    /// Takes the next frame off the front of `buf`.
+    ///
+    /// Returns `Ok(None)` when `buf` holds no complete frame yet (it keeps what it has
+    /// scanned), `Ok(Some(frame))` for each event or recoverable rejection.
+    ///
+    /// # Errors
+    ///
+    /// A fatal [`ProtocolError`] when the stream cannot be resynchronised: a frame over
+    /// the limit (`frame_too_large`), or that many bytes of garbage with no newline
+    /// (`invalid_json`). The caller should report it and close the connection.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        if self.scan.kind == Kind::Idle {
+            let skip = buf.iter().position(|&b| !is_ws(b)).unwrap_or(buf.len());
+            buf.advance(skip);
+            let Some(&first) = buf.first() else {
+                return Ok(None);
+            };
+            let kind = if first == b'{' || first == b'[' {
+                Kind::Nested
+            } else {
+                Kind::Line
+            };
+            self.scan = Scan {
+                kind,
+                ..Scan::default()
+            };
+        }
+        match self.scan.kind {
+            Kind::Nested => self.decode_nested(buf),
+            _ => self.decode_line(buf),
+        }
+    }
+
+    /// Tells whether a frame was cut short: bytes of an unfinished frame are buffered.
+    ///
+    /// Call at end of stream to report a frame the peer never finished.
+    pub fn has_partial(&self, buf: &BytesMut) -> bool {
+        buf.iter().any(|&b| !is_ws(b))
+    }
+
+    fn decode_nested(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        match self.scan_nested(buf) {
+            Step::Incomplete => {
+                self.check_len(buf.len(), ErrorCode::FrameTooLarge)?;
+                Ok(None)
+            }
+            Step::BrokenString(newline) => {
+                buf.advance(newline + 1);
+                self.scan = Scan::default();
+                Ok(Some(Frame::Rejected(ProtocolError::new(
+                    ErrorCode::InvalidJson,
+                    "unterminated string: a raw newline inside a JSON string",
+                ))))
+            }
+            Step::End(end) => {
+                self.check_len(end, ErrorCode::FrameTooLarge)?;
+                let multiline = self.scan.multiline;
+                self.scan = Scan::default();
+                if buf.first() == Some(&b'[') {
+                    let verdict = classify_non_object(&buf[..end]);
+                    buf.advance(end);
+                    return Ok(Some(Frame::Rejected(verdict)));
+                }
+                let line = cut_line(buf, end, multiline);
+                Ok(Some(match Event::from_line(line) {
+                    Ok(event) => Frame::Event(event),
+                    Err(err) => Frame::Rejected(err),
+                }))
+            }
+        }
+    }
+
+    fn decode_line(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        let from = self.scan.pos;
+        let Some(newline) = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i) else {
+            self.scan.pos = buf.len();
+            self.check_len(buf.len(), ErrorCode::InvalidJson)?;
+            return Ok(None);
+        };
+        self.check_len(newline, ErrorCode::InvalidJson)?;
+        let verdict = classify_non_object(&buf[..newline]);
+        buf.advance(newline + 1);
+        self.scan = Scan::default();
+        Ok(Some(Frame::Rejected(verdict)))
+    }
+
+    fn check_len(&self, len: usize, code: ErrorCode) -> Result<(), ProtocolError> {
+        if len <= self.max_frame {
+            return Ok(());
+        }
+        let message = match code {
+            ErrorCode::FrameTooLarge => format!(
+                "frame exceeds the {} byte limit; closing the connection",
+                self.max_frame
+            ),
+            _ => format!(
+                "{} bytes that are not a JSON object and no newline to resume at; closing the connection",
+                self.max_frame
+            ),
+        };
+        Err(ProtocolError::new(code, message))
+    }
+
+    fn scan_nested(&mut self, buf: &[u8]) -> Step {
+        let s = &mut self.scan;
+        let mut i = s.pos;
+        while i < buf.len() {
+            if s.in_string {
+                if s.escaped {
+                    s.escaped = false;
+                    if buf[i] == b'\n' {
+                        return Step::BrokenString(i);
+                    }
+                    i += 1;
+                    continue;
+                }
+                // Skip plain string bytes in bulk.
+                let Some(at) = memchr::memchr3(b'"', b'\\', b'\n', &buf[i..]) else {
+                    i = buf.len();
+                    break;
+                };
+                i += at;
+                match buf[i] {
+                    b'"' => s.in_string = false,
+                    b'\\' => s.escaped = true,
+                    _ => return Step::BrokenString(i),
+                }
+                i += 1;
+                continue;
+            }
+            match buf[i] {
+                b'"' => s.in_string = true,
+                b'{' | b'[' => s.depth += 1,
+                b'}' | b']' => {
+                    s.depth = s.depth.saturating_sub(1);
+                    if s.depth == 0 {
+                        return Step::End(i + 1);
+                    }
+                }
+                b'\n' | b'\r' => s.multiline = true,
+                _ => {}
+            }
+            i += 1;
+        }
+        s.pos = i;
+        Step::Incomplete
+    }
+}
+
+/// Removes `buf[..end]` and returns it as one `\n`-terminated line.
+fn cut_line(buf: &mut BytesMut, end: usize, multiline: bool) -> Bytes {
+    if multiline {
+        let line = compact(&buf[..end]);
+        buf.advance(end);
+        return line;
+    }
+    if buf.get(end) == Some(&b'\n') {
+        // Newline-delimited input: the line is already there, share it without a copy.
+        return buf.split_to(end + 1).freeze();
+    }
+    let mut line = BytesMut::with_capacity(end + 1);
+    line.put_slice(&buf[..end]);
+    line.put_u8(b'\n');
+    buf.advance(end);
+    line.freeze()
+}
+
+/// Drops the whitespace outside strings, so a pretty-printed object fits on one line.
+fn compact(frame: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(frame.len() + 1);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in frame {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if is_ws(b) {
+            continue;
+        }
+        out.put_u8(b);
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// The verdict on a frame that is not an object: well-formed JSON of the wrong kind,
+/// or not JSON at all.
+fn classify_non_object(frame: &[u8]) -> ProtocolError {
+    let Ok(text) = std::str::from_utf8(frame) else {
+        return ProtocolError::new(ErrorCode::InvalidUtf8, "the frame is not valid UTF-8");
+    };
+    let text = text.trim_end_matches('\r');
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => ProtocolError::new(
+            ErrorCode::NotAnEvent,
+            "an event must be a JSON object with \"event\" and \"payload\"",
+        ),
+        Err(err) => ProtocolError::new(ErrorCode::InvalidJson, err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `chunks` one at a time and collects every frame (or the fatal error).
+    fn run(max: usize, chunks: &[&[u8]]) -> (Vec<Result<String, ErrorCode>>, Option<ErrorCode>) {
+        let mut decoder = FrameDecoder::new(max);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(Frame::Event(e))) => {
+                        out.push(Ok(String::from_utf8(e.line().to_vec()).unwrap()))
+                    }
+                    Ok(Some(Frame::Rejected(err))) => out.push(Err(err.code)),
+                    Ok(None) => break,
+                    Err(err) => return (out, Some(err.code)),
+                }
+            }
+            assert!(buf.len() <= max + chunk.len(), "buffer grew past the limit");
+        }
+        (out, None)
+    }
+
+    const THREE: &[u8] =
+        br#"{"event":"a","payload":{"s":"x}\"{"}}{"event":"b","payload":[1,{"c":2}]}
+{"event":"c","payload":null}"#;
+
+    #[test]
+    fn every_split_yields_the_same_events() {
+        let (whole, _) = run(1024, &[THREE]);
+        assert_eq!(whole.len(), 3);
+        for cut in 0..=THREE.len() {
+            let (split, fatal) = run(1024, &[&THREE[..cut], &THREE[cut..]]);
+            assert_eq!(split, whole, "split at {cut}");
+            assert_eq!(fatal, None);
+        }
+        let bytes: Vec<&[u8]> = THREE.chunks(1).collect();
+        assert_eq!(run(1024, &bytes).0, whole);
+    }
+
+    #[test]
+    fn whitespace_crlf_and_pretty_printing() {
+        let input = b" \t{\"event\":\"a\",\"payload\":1}\r\n\r\n{\n  \"event\": \"b\",\n  \"payload\": { \"k\": \"v w\" }\n}\n";
+        let (out, fatal) = run(1024, &[input]);
+        assert_eq!(fatal, None);
+        assert_eq!(
+            out,
+            vec![
+                Ok("{\"event\":\"a\",\"payload\":1}\n".to_string()),
+                Ok("{\"event\":\"b\",\"payload\":{\"k\":\"v w\"}}\n".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn newline_delimited_lines_are_shared_not_copied() {
+        let mut decoder = FrameDecoder::new(1024);
+        let mut buf = BytesMut::from(&b"{\"event\":\"a\",\"payload\":1}\n"[..]);
+        let start = buf.as_ptr();
+        let Some(Frame::Event(e)) = decoder.decode(&mut buf).unwrap() else {
+            panic!("no event")
+        };
+        assert_eq!(e.line().as_ptr(), start);
+    }
+
+    #[test]
+    fn garbage_resynchronises_at_newline() {
+        let (out, fatal) = run(
+            1024,
+            &[b"hello world\n[1,2]\"str\"\n42\n{\"event\":\"x\n{\"event\":\"ok\",\"payload\":0}\n"],
+        );
+        assert_eq!(fatal, None);
+        assert_eq!(
+            out,
+            vec![
+                Err(ErrorCode::InvalidJson),
+                Err(ErrorCode::NotAnEvent),
+                Err(ErrorCode::NotAnEvent), // `"str"`: valid JSON, taken up to the newline
+                Err(ErrorCode::NotAnEvent), // `42`
+                Err(ErrorCode::InvalidJson),
+                Ok("{\"event\":\"ok\",\"payload\":0}\n".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_frame_is_fatal_before_it_is_complete() {
+        let mut big = b"{\"event\":\"a\",\"payload\":\"".to_vec();
+        big.extend(std::iter::repeat_n(b'x', 200));
+        let (out, fatal) = run(100, &[&big[..50], &big[50..]]);
+        assert!(out.is_empty());
+        assert_eq!(fatal, Some(ErrorCode::FrameTooLarge));
+        // A frame of exactly the limit is fine.
+        let exact = br#"{"event":"a","payload":1}"#;
+        let (out, fatal) = run(exact.len(), &[exact]);
+        assert_eq!((out.len(), fatal), (1, None));
+        let (_, fatal) = run(exact.len() - 1, &[exact]);
+        assert_eq!(fatal, Some(ErrorCode::FrameTooLarge));
+    }
+
+    #[test]
+    fn endless_garbage_is_fatal() {
+        let (_, fatal) = run(64, &[&[b'x'; 100]]);
+        assert_eq!(fatal, Some(ErrorCode::InvalidJson));
+    }
+
+    #[test]
+    fn invalid_utf8_and_reserved_names() {
+        let (out, _) = run(
+            1024,
+            &[b"{\"event\":\"a\",\"payload\":\"\xc3\x28\"}\n\xff\n"],
+        );
+        assert_eq!(
+            out,
+            vec![Err(ErrorCode::InvalidUtf8), Err(ErrorCode::InvalidUtf8)]
+        );
+        let (out, _) = run(1024, &[br#"{"event":"$x","payload":1}"#]);
+        assert!(matches!(&out[..], [Ok(line)] if line.contains("$x")));
+    }
+
+    #[test]
+    fn partial_frame_is_reported_at_end_of_stream() {
+        let mut decoder = FrameDecoder::new(1024);
+        let mut buf = BytesMut::from(&b"{\"event\":"[..]);
+        assert!(decoder.decode(&mut buf).unwrap().is_none());
+        assert!(decoder.has_partial(&buf));
+        let mut buf = BytesMut::from(&b"  \r\n"[..]);
+        assert!(decoder.decode(&mut buf).unwrap().is_none());
+        assert!(!decoder.has_partial(&buf));
+    }
+}

@@ -1,0 +1,415 @@
+//! The pool of connected clients, broadcast, and the [`Hub`] handle for embedding code.
+//!
+//! The pool maps each [`ClientId`] to its outbound queue. Broadcasting takes the pool's
+//! read lock, pushes one shared [`Bytes`](bytes::Bytes) line into every queue (a
+//! reference-count increment each, never a copy or an `.await`), and lets go. Joins and
+//! leaves take the write lock briefly. Everything the hub does is also reported as a
+//! [`HubEvent`] to an optional observer: that is how the binary logs and how tests watch.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::outbox::{Outbox, Push};
+use crate::protocol::{ErrorCode, ProtocolError};
+
+/// A connected client's number, unique for the hub's lifetime (starts at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Why a client's connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client closed its side (end of stream).
+    PeerClosed,
+    /// A read or write failed (reset, broken pipe, ...).
+    Io(String),
+    /// The client sent something the hub cannot resynchronise after.
+    Protocol(ErrorCode),
+    /// The client read too slowly; its outbound queue overflowed.
+    SlowConsumer,
+    /// The hub shut down.
+    Shutdown,
+    /// The flush before closing did not finish within the drain deadline.
+    DrainTimeout,
+    /// The connection task ended abnormally (a bug); the client was still removed.
+    Aborted,
+}
+
+impl CloseReason {
+    /// Node's `had_error`: whether the connection ended because of an error.
+    pub fn had_error(&self) -> bool {
+        !matches!(self, CloseReason::PeerClosed | CloseReason::Shutdown)
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("closed by peer"),
+            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+            CloseReason::Protocol(code) => write!(f, "protocol error: {code}"),
+            CloseReason::SlowConsumer => f.write_str("slow consumer"),
+            CloseReason::Shutdown => f.write_str("hub shutdown"),
+            CloseReason::DrainTimeout => f.write_str("drain deadline passed"),
+            CloseReason::Aborted => f.write_str("connection task aborted"),
+        }
+    }
+}
+
+/// What happens in the hub, as the lecture's server and socket events name it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum HubEvent {
+    /// The server is bound and accepting (`listening`).
+    Listening {
+        /// The bound address (the real port when asked for port 0).
+        addr: SocketAddr,
+    },
+    /// A client joined the pool (`connection`).
+    Connection {
+        /// The new client.
+        client: ClientId,
+        /// Its address.
+        peer: SocketAddr,
+    },
+    /// A valid event arrived and was queued to its receivers.
+    Event {
+        /// The sender.
+        client: ClientId,
+        /// The event.
+        event: Event,
+        /// How many clients it was queued to.
+        receivers: usize,
+    },
+    /// A client sent a bad frame; it was told so with a `$error`.
+    Rejected {
+        /// The sender.
+        client: ClientId,
+        /// What was wrong.
+        error: ProtocolError,
+    },
+    /// A client's outbound queue overflowed; it is being disconnected.
+    SlowConsumer {
+        /// The slow client.
+        client: ClientId,
+    },
+    /// A client left the pool (`close`).
+    Close {
+        /// The client.
+        client: ClientId,
+        /// Node's `had_error`.
+        had_error: bool,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// An error not tied to one client, such as a failed `accept` (`error`).
+    Error {
+        /// A description of the error.
+        message: String,
+    },
+    /// The server stopped and every connection has ended (the server's `close`).
+    Shutdown,
+}
+
+/// A function called with every [`HubEvent`]. It runs on the hub's tasks: keep it quick.
+pub type Observer = Arc<dyn Fn(&HubEvent) + Send + Sync>;
+
+/// Why [`Hub::send_to`] could not queue an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No client with that id is connected.
+    #[error("no client {0} is connected")]
+    NoSuchClient(ClientId),
+    /// The client's queue was full; it is being disconnected as a slow consumer.
+    #[error("client {0} is a slow consumer and is being disconnected")]
+    SlowConsumer(ClientId),
+    /// The client is closing.
+    #[error("client {0} is closing")]
+    Closing(ClientId),
+}
+
+/// A connected client as the pool holds it.
+pub(crate) struct Client {
+    pub(crate) id: ClientId,
+    pub(crate) outbox: Outbox,
+}
+
+/// Counters since the hub started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Valid events received from clients.
+    pub events: u64,
+    /// Event lines queued to receivers (one event to ten clients is ten).
+    pub deliveries: u64,
+    /// Frames rejected with a `$error`.
+    pub rejected: u64,
+    /// Clients disconnected as slow consumers.
+    pub slow_consumers: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    deliveries: AtomicU64,
+    rejected: AtomicU64,
+    slow_consumers: AtomicU64,
+}
+
+struct Shared {
+    config: Config,
+    clients: RwLock<HashMap<ClientId, Arc<Client>>>,
+    /// The pool size, for anyone waiting for clients to come or go.
+    count: watch::Sender<usize>,
+    next_id: AtomicU64,
+    observer: Option<Observer>,
+    counters: Counters,
+}
+
+/// The hub: the pool of clients and everything that can be done with it.
+///
+/// Cheap to clone; all clones share one pool. Embedding code uses it to send its own
+/// events, to one client or to all (the lecture's `socketPool[0].write(...)`).
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::{Config, Event, Hub};
+/// let hub = Hub::new(Config::default());
+/// assert_eq!(hub.clients(), 0);
+/// // No one is connected yet, so a broadcast reaches nobody.
+/// assert_eq!(hub.broadcast(&Event::new("greeting", "hello").unwrap()), 0);
+/// ```
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.shared.config)
+            .field("clients", &self.clients())
+            .finish()
+    }
+}
+
+impl Hub {
+    /// A hub with no observer.
+    pub fn new(config: Config) -> Self {
+        Self::build(config, None)
+    }
+
+    /// A hub that reports every [`HubEvent`] to `observer`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hubcast::{Config, Hub, HubEvent};
+    /// let hub = Hub::with_observer(Config::default(), |event: &HubEvent| {
+    ///     if let HubEvent::Connection { client, peer } = event {
+    ///         println!("{client} connected from {peer}");
+    ///     }
+    /// });
+    /// # drop(hub);
+    /// ```
+    pub fn with_observer(
+        config: Config,
+        observer: impl Fn(&HubEvent) + Send + Sync + 'static,
+    ) -> Self {
+        Self::build(config, Some(Arc::new(observer)))
+    }
+
+    fn build(config: Config, observer: Option<Observer>) -> Self {
+        Hub {
+            shared: Arc::new(Shared {
+                config,
+                clients: RwLock::default(),
+                count: watch::Sender::new(0),
+                next_id: AtomicU64::new(1),
+                observer,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The configuration the hub runs with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// How many clients are in the pool.
+    pub fn clients(&self) -> usize {
+        *self.shared.count.borrow()
+    }
+
+    /// The ids of the clients in the pool, lowest first.
+    pub fn client_ids(&self) -> Vec<ClientId> {
+        let mut ids: Vec<ClientId> = self.read_pool().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A receiver that sees the pool size change: wait on it instead of polling.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(hub: hubcast::Hub) {
+    /// let mut count = hub.watch_clients();
+    /// count.wait_for(|&n| n == 0).await.unwrap();
+    /// # }
+    /// ```
+    pub fn watch_clients(&self) -> watch::Receiver<usize> {
+        self.shared.count.subscribe()
+    }
+
+    /// Counters since the hub started.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        Stats {
+            events: c.events.load(Ordering::Relaxed),
+            deliveries: c.deliveries.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            slow_consumers: c.slow_consumers.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues `event` to one client, through its bounded queue.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError`] when the client is gone, closing, or over its queue limit (in which
+    /// case it is disconnected as a slow consumer, as for any other event).
+    pub fn send_to(&self, client: ClientId, event: &Event) -> Result<(), SendError> {
+        let target = self.read_pool().get(&client).cloned();
+        let target = target.ok_or(SendError::NoSuchClient(client))?;
+        match target.outbox.push(event.line().clone()) {
+            Push::Queued => {
+                self.shared
+                    .counters
+                    .deliveries
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Push::Overflow => Err(SendError::SlowConsumer(client)),
+            Push::Closed => Err(SendError::Closing(client)),
+        }
+    }
+
+    /// Queues `event` to every client; returns how many it was queued to.
+    pub fn broadcast(&self, event: &Event) -> usize {
+        self.fan_out(None, event)
+    }
+
+    /// Queues a client's event to every client (but the sender, when echo is off).
+    pub(crate) fn publish(&self, from: ClientId, event: Event) {
+        let skip = (!self.shared.config.echo).then_some(from);
+        let receivers = self.fan_out(skip, &event);
+        self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
+        self.emit(|| HubEvent::Event {
+            client: from,
+            event,
+            receivers,
+        });
+    }
+
+    fn fan_out(&self, skip: Option<ClientId>, event: &Event) -> usize {
+        let line = event.line();
+        let mut queued = 0;
+        for client in self.read_pool().values() {
+            if Some(client.id) == skip {
+                continue;
+            }
+            if client.outbox.push(line.clone()) == Push::Queued {
+                queued += 1;
+            }
+        }
+        self.shared
+            .counters
+            .deliveries
+            .fetch_add(queued as u64, Ordering::Relaxed);
+        queued
+    }
+
+    /// Adds a new client to the pool.
+    pub(crate) fn join(&self, peer: SocketAddr) -> Arc<Client> {
+        let id = ClientId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
+        let client = Arc::new(Client {
+            id,
+            outbox: Outbox::new(self.shared.config.max_pending),
+        });
+        {
+            let mut pool = self.write_pool();
+            pool.insert(id, Arc::clone(&client));
+            self.shared.count.send_replace(pool.len());
+        }
+        self.emit(|| HubEvent::Connection { client: id, peer });
+        client
+    }
+
+    /// Removes a client from the pool.
+    pub(crate) fn leave(&self, client: ClientId, reason: CloseReason) {
+        {
+            let mut pool = self.write_pool();
+            pool.remove(&client);
+            self.shared.count.send_replace(pool.len());
+        }
+        self.emit(|| HubEvent::Close {
+            client,
+            had_error: reason.had_error(),
+            reason,
+        });
+    }
+
+    pub(crate) fn rejected(&self, client: ClientId, error: ProtocolError) {
+        self.shared
+            .counters
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
+        self.emit(|| HubEvent::Rejected { client, error });
+    }
+
+    pub(crate) fn slow_consumer(&self, client: ClientId) {
+        self.shared
+            .counters
+            .slow_consumers
+            .fetch_add(1, Ordering::Relaxed);
+        self.emit(|| HubEvent::SlowConsumer { client });
+    }
+
+    /// Reports to the observer; `make` runs only when there is one.
+    pub(crate) fn emit(&self, make: impl FnOnce() -> HubEvent) {
+        if let Some(observer) = &self.shared.observer {
+            observer(&make());
+        }
+    }
+
+    fn read_pool(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Arc<Client>>> {
+        self.shared
+            .clients
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_pool(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Arc<Client>>> {
+        self.shared
+            .clients
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,62 @@
+//! hubcast: a TCP event hub. Clients send JSON events; the hub checks each one and
+//! broadcasts it to every connected client.
+//!
+//! # How an event flows
+//!
+//! ```text
+//!  socket ──bytes──▶ connection task ──▶ FrameDecoder ──▶ Event ──▶ Hub::publish
+//!  (client A)         (connection.rs)     (frame.rs)     (event.rs)   (hub.rs)
+//!                                                                      │ one Bytes line,
+//!                                                                      │ shared, per client
+//!                                                                      ▼
+//!  socket ◀──writev── connection task ◀──────────────────────────── Outbox (outbox.rs)
+//!  (client B)                                                       bounded in bytes
+//! ```
+//!
+//! * [`frame`]: cuts the inbound byte stream into frames (no I/O).
+//! * [`event`](Event): validates a frame into an [`Event`] with an [`EventName`].
+//! * [`protocol`](ErrorCode): error codes and the `$error` frame.
+//! * `outbox`: each client's bounded outbound queue.
+//! * [`Hub`]: the pool of clients, broadcast, counters, and [`HubEvent`]s for observers.
+//! * `connection`: one task per client, one `select!` over reads, writes and shutdown.
+//! * [`Server`]: the accept loop and graceful shutdown.
+//! * [`Config`]: limits and behaviour, as `hubcast serve` exposes them.
+//!
+//! # Examples
+//!
+//! Run a hub on a free port, and stop it:
+//!
+//! ```
+//! use hubcast::{Config, Hub, Server};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let server = Server::bind("127.0.0.1:0", Hub::new(Config::default())).await?;
+//! let addr = server.local_addr()?;
+//! let shutdown = CancellationToken::new();
+//! let running = tokio::spawn(server.run(shutdown.clone()));
+//! // ... clients connect to `addr` ...
+//! # let _ = addr;
+//! shutdown.cancel();
+//! running.await.unwrap();
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod config;
+mod connection;
+mod event;
+pub mod frame;
+mod hub;
+mod outbox;
+mod protocol;
+mod server;
+
+pub use config::{Config, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_PENDING};
+pub use event::{Event, EventName, MAX_EVENT_NAME};
+pub use frame::DEFAULT_MAX_FRAME;
+pub use hub::{ClientId, CloseReason, Hub, HubEvent, Observer, SendError, Stats};
+pub use protocol::{ErrorCode, ProtocolError};
+pub use server::Server;

@@ -1,0 +1,118 @@
+//! The hub's own words on the wire: error codes and the `$error` frame.
+//!
+//! Everything the hub says to a client about the client's input is one line
+//! `{"event":"$error","payload":{"code":CODE,"message":TEXT}}`, built here so every
+//! part of the hub words it the same way. See `docs/protocol.md`.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// The machine-readable reason in a `$error` frame.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::ErrorCode;
+/// assert_eq!(ErrorCode::InvalidJson.as_str(), "invalid_json");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The bytes are not JSON.
+    InvalidJson,
+    /// Valid JSON, but not an object with a string `event` and a `payload`.
+    NotAnEvent,
+    /// An event name starting with `$` that the hub does not know.
+    ReservedEvent,
+    /// A frame longer than the hub's `max_frame`; the connection is closed.
+    FrameTooLarge,
+    /// The frame is not valid UTF-8.
+    InvalidUtf8,
+    /// The client read too slowly and its outbound queue overflowed; it is disconnected.
+    SlowConsumer,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(hubcast::ErrorCode::SlowConsumer.as_str(), "slow_consumer");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::NotAnEvent => "not_an_event",
+            ErrorCode::ReservedEvent => "reserved_event",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::InvalidUtf8 => "invalid_utf8",
+            ErrorCode::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A problem with what a client sent (or with how it reads), reported to that client
+/// alone as a `$error` frame.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::{ErrorCode, ProtocolError};
+/// let err = ProtocolError::new(ErrorCode::NotAnEvent, "missing field `payload`");
+/// assert_eq!(
+///     &err.to_frame()[..],
+///     &b"{\"event\":\"$error\",\"payload\":{\"code\":\"not_an_event\",\"message\":\"missing field `payload`\"}}\n"[..]
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ProtocolError {
+    /// What kind of problem it is.
+    pub code: ErrorCode,
+    /// A sentence for people, naming the problem.
+    pub message: String,
+}
+
+impl ProtocolError {
+    /// An error with `code` and a human-readable `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `$error` line (with its trailing `\n`) that tells the client about this error.
+    pub fn to_frame(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            event: &'static str,
+            payload: Payload<'a>,
+        }
+        #[derive(Serialize)]
+        struct Payload<'a> {
+            code: ErrorCode,
+            message: &'a str,
+        }
+        let wire = Wire {
+            event: "$error",
+            payload: Payload {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        let mut line = serde_json::to_vec(&wire).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}

@@ -1,0 +1,169 @@
+//! The accept loop and graceful shutdown.
+//!
+//! [`Server::run`] accepts until its [`CancellationToken`] fires, giving each socket its
+//! own task (tracked by a [`TaskTracker`]). Shutdown then runs in two steps so that
+//! every event the hub accepted reaches every reader: first all connections stop
+//! reading (no new events can enter), then, once none reads, all flush their queues
+//! within the drain deadline and close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::{self, Phases};
+use crate::hub::{CloseReason, Hub, HubEvent};
+
+/// The longest pause between retries when `accept` keeps failing (for example
+/// when the process is out of file descriptors).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A bound listener plus the hub it feeds.
+///
+/// # Examples
+///
+/// ```no_run
+/// use hubcast::{Config, Hub, Server};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn demo() -> std::io::Result<()> {
+/// let server = Server::bind("127.0.0.1:3000", Hub::new(Config::default())).await?;
+/// println!("Server up on {}", server.local_addr()?);
+/// server.run(CancellationToken::new()).await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    hub: Hub,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port).
+    ///
+    /// # Errors
+    ///
+    /// The bind error, such as the address being in use.
+    pub async fn bind(addr: impl ToSocketAddrs, hub: Hub) -> io::Result<Self> {
+        Ok(Self::from_listener(TcpListener::bind(addr).await?, hub))
+    }
+
+    /// Serves on a listener the caller already bound.
+    pub fn from_listener(listener: TcpListener, hub: Hub) -> Self {
+        Server { listener, hub }
+    }
+
+    /// The address the server listens on.
+    ///
+    /// # Errors
+    ///
+    /// When the socket cannot report its address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The hub this server feeds.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Accepts and serves clients until `shutdown` is cancelled, then stops accepting,
+    /// lets every connection flush what is queued for it (bounded by the hub's drain
+    /// deadline), and returns once all connections have closed.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server { listener, hub } = self;
+        if let Ok(addr) = listener.local_addr() {
+            hub.emit(|| HubEvent::Listening { addr });
+        }
+        let tracker = TaskTracker::new();
+        let phases = Phases::default();
+        // Each connection holds a sender while it reads; `recv` returns `None` once
+        // all of them (and ours) are gone.
+        let (reading, mut all_stopped) = mpsc::channel::<()>(1);
+        let mut backoff = Duration::ZERO;
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::ZERO;
+                    let task = serve(hub.clone(), stream, peer, phases.clone(), reading.clone());
+                    tracker.spawn(task);
+                }
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
+                    hub.emit(|| HubEvent::Error {
+                        message: format!("accept failed: {e}; retrying in {backoff:?}"),
+                    });
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracker.close();
+        phases.stop_reading.cancel();
+        drop(reading);
+        let deadline = hub.config().drain_timeout;
+        // Reading stops at once; the timeout only guards against a bug.
+        let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
+        phases.drain.cancel();
+        tracker.wait().await;
+        hub.emit(|| HubEvent::Shutdown);
+    }
+}
+
+/// Errors that concern one incoming connection only, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// One connection's task: join the pool, serve, and leave whatever happens.
+async fn serve(
+    hub: Hub,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    phases: Phases,
+    reading: mpsc::Sender<()>,
+) {
+    // Writes are batched already; Nagle would only add latency.
+    let _ = stream.set_nodelay(true);
+    let client = hub.join(peer);
+    let mut membership = Membership {
+        hub: &hub,
+        client: client.id,
+        reason: None,
+    };
+    let (reader, writer) = stream.split();
+    let reason = connection::run(&hub, &client, reader, writer, &phases, reading).await;
+    membership.reason = Some(reason);
+}
+
+/// Removes the client from the pool when dropped, even if its task panicked.
+struct Membership<'a> {
+    hub: &'a Hub,
+    client: crate::ClientId,
+    reason: Option<CloseReason>,
+}
+
+impl Drop for Membership<'_> {
+    fn drop(&mut self) {
+        let reason = self.reason.take().unwrap_or(CloseReason::Aborted);
+        self.hub.leave(self.client, reason);
+    }
+}
