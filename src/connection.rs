@@ -126,9 +126,13 @@ where
     };
     let mut reading = Some(reading);
     let reason = loop {
-        if conn.batch.is_empty()
-            && client.outbox.take(&mut conn.batch.frames) == Some(Closed::Overflow)
-        {
+        // Checked even mid-write: a client that stopped reading blocks the write forever.
+        let closed = if conn.batch.is_empty() {
+            client.outbox.take(&mut conn.batch.frames)
+        } else {
+            client.outbox.closed()
+        };
+        if closed == Some(Closed::Overflow) {
             break CloseReason::SlowConsumer;
         }
         let room = conn.decoder.room(&conn.rbuf);
@@ -146,7 +150,7 @@ where
                 Ok(n) => conn.batch.advance(n, &client.outbox),
                 Err(e) => break CloseReason::Io(e.to_string()),
             },
-            _ = client.outbox.notified(), if !writing => {}
+            _ = client.outbox.notified() => {}
             res = reader.read_buf(&mut read_into), if reading.is_some() => match res {
                 Ok(0) => {
                     conn.end_of_stream();

@@ -99,6 +99,11 @@ impl Outbox {
         state.closed
     }
 
+    /// Whether (and why) the queue stopped accepting.
+    pub(crate) fn closed(&self) -> Option<Closed> {
+        self.lock().closed
+    }
+
     /// Stops accepting pushes; what is queued stays for the final flush.
     pub(crate) fn close(&self) {
         let mut state = self.lock();

@@ -92,18 +92,14 @@ fn log(event: &HubEvent, quiet: bool) {
             client,
             event,
             receivers,
-        } => {
-            if !quiet {
-                info!(
-                    target: "hubcast::event",
-                    %client,
-                    receivers,
-                    "EVENT {} {}",
-                    event.name(),
-                    summary(event.payload())
-                );
-            }
-        }
+        } if !quiet => info!(
+            target: "hubcast::event",
+            %client,
+            receivers,
+            "EVENT {} {}",
+            event.name(),
+            summary(event.payload())
+        ),
         HubEvent::Rejected { client, error } => {
             warn!(%client, code = %error.code, "rejected frame: {}", error.message)
         }

@@ -1,0 +1,11 @@
+//! Integration tests: real hubs on 127.0.0.1:0, real sockets, real processes.
+//!
+//! One test binary (faster to build and link than one per file); `support` holds the
+//! shared helper that starts a hub and watches what it reports.
+
+mod cli;
+mod delivery;
+mod node;
+mod pool;
+mod protocol;
+mod support;

@@ -1,0 +1,230 @@
+//! The one shared helper: start a hub, connect clients, wait for what the hub reports.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hubcast::{ClientId, Config, Hub, HubEvent, Server};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A hub serving on a free loopback port.
+pub struct TestHub {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    log: Arc<Log>,
+}
+
+/// What the observer saw: every event (unless `record` is off) and some counters.
+struct Log {
+    record: bool,
+    events: Mutex<Vec<HubEvent>>,
+    /// Bumped on every observed event, so waiters can wake and look again.
+    seen: watch::Sender<u64>,
+    accepted: watch::Sender<u64>,
+}
+
+impl TestHub {
+    pub async fn start(config: Config) -> TestHub {
+        Self::start_with(config, true).await
+    }
+
+    /// `record: false` keeps only counters: for tests that move 100,000s of events.
+    pub async fn start_with(config: Config, record: bool) -> TestHub {
+        let log = Arc::new(Log {
+            record,
+            events: Mutex::default(),
+            seen: watch::Sender::new(0),
+            accepted: watch::Sender::new(0),
+        });
+        let observer_log = Arc::clone(&log);
+        let hub = Hub::with_observer(config, move |event| {
+            if matches!(event, HubEvent::Event { .. }) {
+                observer_log.accepted.send_modify(|n| *n += 1);
+                if !observer_log.record {
+                    return;
+                }
+            }
+            observer_log.events.lock().unwrap().push(event.clone());
+            observer_log.seen.send_modify(|n| *n += 1);
+        });
+        let server = Server::bind("127.0.0.1:0", hub.clone()).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        TestHub {
+            addr,
+            hub,
+            shutdown,
+            task: Some(task),
+            log,
+        }
+    }
+
+    /// Begins a graceful shutdown; `stopped` waits for it to finish.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for `run` to return after a shutdown.
+    pub async fn stopped(&mut self) {
+        let task = self.task.take().expect("already stopped");
+        within(task).await.unwrap();
+    }
+
+    /// Connects and waits until the hub has the client in its pool.
+    pub async fn connect(&self) -> TestClient {
+        self.connect_stream(TcpStream::connect(self.addr).await.unwrap())
+            .await
+    }
+
+    /// Connects with a tiny receive buffer: a client the hub can easily out-pace.
+    pub async fn connect_small_window(&self) -> TestClient {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        self.connect_stream(socket.connect(self.addr).await.unwrap())
+            .await
+    }
+
+    async fn connect_stream(&self, stream: TcpStream) -> TestClient {
+        // Each write goes out at once: splits stay splits on the wire.
+        stream.set_nodelay(true).unwrap();
+        let local = stream.local_addr().unwrap();
+        let joined = self
+            .wait_for(|e| matches!(e, HubEvent::Connection { peer, .. } if *peer == local))
+            .await;
+        let HubEvent::Connection { client, .. } = joined else {
+            unreachable!()
+        };
+        let (read, write) = stream.into_split();
+        TestClient {
+            id: client,
+            reader: BufReader::new(read),
+            writer: write,
+        }
+    }
+
+    /// Waits for (and returns) the first reported event matching `pred`, past or future.
+    pub async fn wait_for(&self, pred: impl Fn(&HubEvent) -> bool) -> HubEvent {
+        let mut seen = self.log.seen.subscribe();
+        within(async {
+            loop {
+                seen.borrow_and_update();
+                if let Some(e) = self.log.events.lock().unwrap().iter().find(|e| pred(e)) {
+                    return e.clone();
+                }
+                seen.changed().await.unwrap();
+            }
+        })
+        .await
+    }
+
+    /// Every reported event matching `pred` so far.
+    pub fn events_matching(&self, pred: impl Fn(&HubEvent) -> bool) -> Vec<HubEvent> {
+        let log = self.log.events.lock().unwrap();
+        log.iter().filter(|e| pred(e)).cloned().collect()
+    }
+
+    /// Waits until the hub has accepted `n` valid events in all.
+    pub async fn wait_accepted(&self, n: u64) {
+        let mut accepted = self.log.accepted.subscribe();
+        within(accepted.wait_for(|&seen| seen >= n)).await.unwrap();
+    }
+
+    /// Waits until the pool holds exactly `n` clients.
+    pub async fn wait_clients(&self, n: usize) {
+        let mut count = self.hub.watch_clients();
+        within(count.wait_for(|&c| c == n)).await.unwrap();
+    }
+
+    /// Waits for the hub to report that `client` left, and returns the report.
+    pub async fn wait_close(&self, client: ClientId) -> HubEvent {
+        self.wait_for(|e| matches!(e, HubEvent::Close { client: c, .. } if *c == client))
+            .await
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A raw TCP client, as `nc` or a Node `net.Socket` would be.
+pub struct TestClient {
+    pub id: ClientId,
+    pub reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+}
+
+impl TestClient {
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.writer.write_all(bytes.as_ref()).await.unwrap();
+    }
+
+    /// The next line from the hub, without its `\n`; panics on end of stream.
+    pub async fn line(&mut self) -> String {
+        self.try_line()
+            .await
+            .expect("the hub closed the connection")
+    }
+
+    /// The next line, or `None` at end of stream.
+    pub async fn try_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        let n = within(self.reader.read_line(&mut line)).await.unwrap();
+        if n == 0 {
+            return None;
+        }
+        assert!(line.ends_with('\n'), "unterminated line {line:?}");
+        line.pop();
+        Some(line)
+    }
+
+    /// The next line, parsed.
+    pub async fn json(&mut self) -> Value {
+        let line = self.line().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// The next line must be a `$error` with `code`; returns its message.
+    pub async fn expect_error(&mut self, code: &str) -> String {
+        let frame = self.json().await;
+        assert_eq!(frame["event"], "$error", "{frame}");
+        assert_eq!(frame["payload"]["code"], code, "{frame}");
+        frame["payload"]["message"].as_str().unwrap().to_string()
+    }
+
+    /// The hub must close the connection with nothing more to say.
+    pub async fn expect_eof(&mut self) {
+        let mut rest = Vec::new();
+        within(self.reader.read_to_end(&mut rest)).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "unexpected bytes before EOF: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+/// Runs `fut`, failing the test if it takes longer than [`PATIENCE`].
+pub async fn within<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .expect("timed out waiting")
+}
+
+/// An event line as a client would send it.
+pub fn event(name: &str, payload: Value) -> String {
+    serde_json::json!({ "event": name, "payload": payload }).to_string()
+}
