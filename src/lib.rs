@@ -60,3 +60,8 @@ pub use frame::DEFAULT_MAX_FRAME;
 pub use hub::{ClientId, CloseReason, Hub, HubEvent, Observer, SendError, Stats};
 pub use protocol::{ErrorCode, ProtocolError};
 pub use server::Server;
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,5 +1,7 @@
 //! Delivery under pressure: slow consumers and graceful shutdown.
 
+use std::time::Duration;
+
 use hubcast::{CloseReason, Config, HubEvent};
 use serde_json::json;
 use tokio::sync::watch;
@@ -18,6 +20,9 @@ async fn a_slow_consumer_is_cut_off_while_ten_readers_get_everything() {
     let config = Config {
         max_pending: 1 << 20,
         echo: false,
+        // The slow client reads only after the readers finish; until then the hub keeps
+        // trying to hand it the final `$error`.
+        drain_timeout: Duration::from_secs(60),
         ..Config::default()
     };
     let hub = TestHub::start_with(config, false).await;

@@ -84,24 +84,35 @@ impl TestHub {
 
     /// Connects and waits until the hub has the client in its pool.
     pub async fn connect(&self) -> TestClient {
-        self.connect_stream(TcpStream::connect(self.addr).await.unwrap())
+        let since = self.log_len();
+        self.connect_stream(since, TcpStream::connect(self.addr).await.unwrap())
             .await
     }
 
     /// Connects with a tiny receive buffer: a client the hub can easily out-pace.
     pub async fn connect_small_window(&self) -> TestClient {
+        let since = self.log_len();
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
-        self.connect_stream(socket.connect(self.addr).await.unwrap())
+        self.connect_stream(since, socket.connect(self.addr).await.unwrap())
             .await
     }
 
-    async fn connect_stream(&self, stream: TcpStream) -> TestClient {
+    fn log_len(&self) -> usize {
+        self.log.events.lock().unwrap().len()
+    }
+
+    /// Waits for the hub to report `stream` joining. Only events after `since` count:
+    /// an earlier client may have had the same (since reused) port.
+    async fn connect_stream(&self, since: usize, stream: TcpStream) -> TestClient {
         // Each write goes out at once: splits stay splits on the wire.
         stream.set_nodelay(true).unwrap();
         let local = stream.local_addr().unwrap();
         let joined = self
-            .wait_for(|e| matches!(e, HubEvent::Connection { peer, .. } if *peer == local))
+            .wait_for_since(
+                since,
+                |e| matches!(e, HubEvent::Connection { peer, .. } if *peer == local),
+            )
             .await;
         let HubEvent::Connection { client, .. } = joined else {
             unreachable!()
@@ -116,12 +127,22 @@ impl TestHub {
 
     /// Waits for (and returns) the first reported event matching `pred`, past or future.
     pub async fn wait_for(&self, pred: impl Fn(&HubEvent) -> bool) -> HubEvent {
+        self.wait_for_since(0, pred).await
+    }
+
+    /// Like `wait_for`, looking only at events reported after the first `since`.
+    async fn wait_for_since(&self, since: usize, pred: impl Fn(&HubEvent) -> bool) -> HubEvent {
         let mut seen = self.log.seen.subscribe();
         within(async {
             loop {
                 seen.borrow_and_update();
-                if let Some(e) = self.log.events.lock().unwrap().iter().find(|e| pred(e)) {
-                    return e.clone();
+                // The guard must be gone before the await: the hub's observer takes it too.
+                let found = {
+                    let log = self.log.events.lock().unwrap();
+                    log.iter().skip(since).find(|e| pred(e)).cloned()
+                };
+                if let Some(e) = found {
+                    return e;
                 }
                 seen.changed().await.unwrap();
             }
