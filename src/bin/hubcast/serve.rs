@@ -1,5 +1,6 @@
 //! `hubcast serve`: run the hub, log what happens, stop gracefully on SIGINT/SIGTERM.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,7 +51,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = server.local_addr()?;
-    println!("Server up on {addr}");
+    // Not `println!`: a closed stdout must not take the hub down.
+    let _ = writeln!(std::io::stdout(), "Server up on {addr}");
     if !addr.ip().is_loopback() {
         warn!("listening on {addr}, beyond this machine: hubcast has no authentication yet, so anyone who can reach this port can read and send every event");
     }
