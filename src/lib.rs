@@ -21,6 +21,7 @@
 //! * `connection`: one task per client, one `select!` over reads, writes and shutdown.
 //! * [`Server`]: the accept loop and graceful shutdown.
 //! * [`Config`]: limits and behaviour, as `hubcast serve` exposes them.
+//! * [`client`]: a client library ([`client::Client`]) for sending and hearing events.
 //!
 //! # Examples
 //!
@@ -45,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+pub mod client;
 mod config;
 mod connection;
 mod event;
@@ -54,6 +56,7 @@ mod outbox;
 mod protocol;
 mod server;
 
+pub use client::{Client, ClientEvent};
 pub use config::{Config, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_PENDING};
 pub use event::{Event, EventName, MAX_EVENT_NAME};
 pub use frame::DEFAULT_MAX_FRAME;

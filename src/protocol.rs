@@ -7,7 +7,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The machine-readable reason in a `$error` frame.
 ///
@@ -17,7 +17,7 @@ use serde::Serialize;
 /// use hubcast::ErrorCode;
 /// assert_eq!(ErrorCode::InvalidJson.as_str(), "invalid_json");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ErrorCode {
@@ -33,6 +33,9 @@ pub enum ErrorCode {
     InvalidUtf8,
     /// The client read too slowly and its outbound queue overflowed; it is disconnected.
     SlowConsumer,
+    /// A code this version does not know (from a newer hub); the hub never sends it.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::InvalidUtf8 => "invalid_utf8",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }

@@ -107,3 +107,149 @@ async fn the_port_can_come_from_the_environment() {
     assert_eq!(first, format!("Server up on 127.0.0.1:{port}"));
     child.kill().await.unwrap();
 }
+
+/// Starts `hubcast ARGS --port P` with stdout piped, and waits until it is in the pool.
+async fn join(hub: &crate::support::TestHub, args: &[&str]) -> Child {
+    let before = hub.hub.clients();
+    let child = hubcast()
+        .args(args)
+        .args(["--port", &hub.addr.port().to_string(), "--no-reconnect"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    hub.wait_clients(before + 1).await;
+    child
+}
+
+/// Runs `hubcast pub ARGS --port P` with `stdin` and waits for it.
+async fn publish(
+    hub: &crate::support::TestHub,
+    args: &[&str],
+    stdin: &str,
+) -> std::process::Output {
+    let mut child = hubcast()
+        .arg("pub")
+        .args(args)
+        .args(["--port", &hub.addr.port().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    within(child.wait_with_output()).await.unwrap()
+}
+
+#[tokio::test]
+async fn pub_sends_one_event_per_stdin_line_to_sub() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let mut sub = join(&hub, &["sub"]).await;
+    let output = publish(&hub, &["greeting"], "{\"a\":1}\n\n[2]\r\n\"three\"\n").await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
+    for expected in [
+        r#"{"event":"greeting","payload":{"a":1}}"#,
+        r#"{"event":"greeting","payload":[2]}"#,
+        r#"{"event":"greeting","payload":"three"}"#,
+    ] {
+        assert_eq!(within(lines.next_line()).await.unwrap().unwrap(), expected);
+    }
+    sub.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn pub_stops_at_invalid_json_naming_the_line_and_exits_2() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let output = publish(&hub, &["num"], "1\n2\n{bad\n4\n").await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 3: invalid JSON"), "{stderr}");
+    // Lines 1 and 2 went out whole; line 3 and after not at all.
+    let sent: Vec<String> = hub
+        .events_matching(|e| matches!(e, hubcast::HubEvent::Event { .. }))
+        .into_iter()
+        .map(|e| match e {
+            hubcast::HubEvent::Event { event, .. } => event.payload().to_string(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(sent, ["1", "2"]);
+    assert!(hub
+        .events_matching(|e| matches!(e, hubcast::HubEvent::Rejected { .. }))
+        .is_empty());
+}
+
+#[tokio::test]
+async fn pub_with_a_payload_argument_and_bad_arguments() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let mut listener = hub.connect().await;
+    let ok = publish(&hub, &["pickup", r#"{"store":"acme"}"#], "").await;
+    assert!(ok.status.success());
+    assert_eq!(
+        listener.line().await,
+        r#"{"event":"pickup","payload":{"store":"acme"}}"#
+    );
+    for (args, needle) in [
+        (&["pickup", "{nope"][..], "not valid JSON"),
+        (&["$error", "1"], "reserved"),
+        (&["", "1"], "invalid event name"),
+    ] {
+        let output = publish(&hub, args, "").await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(needle),
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sub_filters_by_name_and_pretty_prints() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let mut sub = join(&hub, &["sub", "keep", "--pretty"]).await;
+    let mut sender = hub.connect().await;
+    sender.send(event("drop", json!(1))).await;
+    sender.send(event("keep", json!({"n": 2}))).await;
+    let mut out = String::new();
+    let mut stdout = BufReader::new(sub.stdout.take().unwrap());
+    // Pretty output ends with a `}` alone on its line.
+    while !out.ends_with("\n}\n") {
+        within(stdout.read_line(&mut out)).await.unwrap();
+    }
+    let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(value, json!({"event": "keep", "payload": {"n": 2}}));
+    assert!(out.lines().count() > 1, "not pretty: {out}");
+    sub.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn sub_into_head_exits_0_when_head_is_done() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let exe = env!("CARGO_BIN_EXE_hubcast");
+    let script = format!(
+        "set -o pipefail; '{exe}' sub --port {} --no-reconnect | head -3",
+        hub.addr.port()
+    );
+    let pipeline = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    hub.wait_clients(1).await;
+    let mut sender = hub.connect().await;
+    for n in 0..3 {
+        sender.send(event("n", json!(n))).await;
+    }
+    // No further event: `sub` must notice by itself that `head` has gone.
+    let output = within(pipeline.wait_with_output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "the pipeline failed");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 3);
+}

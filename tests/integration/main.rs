@@ -4,7 +4,9 @@
 //! shared helper that starts a hub and watches what it reports.
 
 mod cli;
+mod client;
 mod delivery;
+mod demo;
 mod node;
 mod pool;
 mod protocol;

@@ -41,6 +41,11 @@ impl TestHub {
 
     /// `record: false` keeps only counters: for tests that move 100,000s of events.
     pub async fn start_with(config: Config, record: bool) -> TestHub {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), config, record).await
+    }
+
+    /// A hub on a given address: to bring a hub back on the port of one that stopped.
+    pub async fn start_on(addr: SocketAddr, config: Config, record: bool) -> TestHub {
         let log = Arc::new(Log {
             record,
             events: Mutex::default(),
@@ -58,7 +63,7 @@ impl TestHub {
             observer_log.events.lock().unwrap().push(event.clone());
             observer_log.seen.send_modify(|n| *n += 1);
         });
-        let server = Server::bind("127.0.0.1:0", hub.clone()).await.unwrap();
+        let server = Server::bind(addr, hub.clone()).await.unwrap();
         let addr = server.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));

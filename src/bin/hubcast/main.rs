@@ -5,7 +5,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod args;
+mod driver;
+mod hub_client;
+mod output;
+mod publish;
 mod serve;
+mod sub;
+mod vendor;
 
 /// A small, fast TCP event hub: clients send JSON events, the hub broadcasts them.
 #[derive(Parser)]
@@ -19,6 +25,14 @@ struct Cli {
 enum Command {
     /// Run the hub.
     Serve(serve::Args),
+    /// Print the events the hub broadcasts, one JSON line each.
+    Sub(sub::Args),
+    /// Send an event (or one per line of standard input) to the hub.
+    Pub(publish::Args),
+    /// The delivery demo's store: post orders, thank the driver for deliveries.
+    Vendor(vendor::Args),
+    /// The delivery demo's driver: pick up and deliver every order.
+    Driver(driver::Args),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +40,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // Whoever read our output has gone (`hubcast sub | head`): not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("hubcast: error: {err:#}");
             ExitCode::FAILURE
@@ -41,7 +57,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Sub(args) => sub::run(args).await,
+            Command::Pub(args) => publish::run(args).await,
+            Command::Vendor(args) => vendor::run(args).await,
+            Command::Driver(args) => driver::run(args).await,
         }
+    })
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 

@@ -1,0 +1,51 @@
+//! `hubcast sub`: print the events the hub broadcasts, one JSON line each.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use hubcast::client::ClientEvent;
+
+use crate::hub_client::HubAddr;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    hub: HubAddr,
+    /// Print only events with these names (default: all).
+    events: Vec<String>,
+    /// Pretty-print each event over several lines, for people.
+    #[arg(long)]
+    pretty: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let builder = args.hub.builder();
+    let mut events = builder.events();
+    let _client = args.hub.connect(builder).await?;
+    let stdout_closed = crate::output::closed();
+    tokio::pin!(stdout_closed);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let next = tokio::select! {
+            // `hubcast sub | head -3`: leave as soon as the reader is gone.
+            _ = &mut stdout_closed => return Ok(ExitCode::SUCCESS),
+            next = events.next() => next,
+        };
+        let Some(next) = next else {
+            anyhow::bail!("lost the connection to the hub at {}", args.hub.addr());
+        };
+        let ClientEvent::Event(event) = next else {
+            continue;
+        };
+        if !args.events.is_empty() && !args.events.iter().any(|n| n == event.name().as_str()) {
+            continue;
+        }
+        if args.pretty {
+            let value: serde_json::Value = serde_json::from_slice(event.line())?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        } else {
+            out.write_all(event.line())?;
+        }
+        out.flush()?;
+    }
+}

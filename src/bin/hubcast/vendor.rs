@@ -1,0 +1,123 @@
+//! `hubcast vendor`: the lab's store. Posts a random order as `pickup` every interval
+//! and thanks the driver for each of its orders that is `delivered`.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fake::faker::address::en::{BuildingNumber, CityName, StateAbbr, StreetName, ZipCode};
+use fake::faker::name::en::Name;
+use fake::Fake;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::args::parse_duration;
+use crate::hub_client::HubAddr;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    hub: HubAddr,
+    /// The store's name; the vendor only cares about this store's orders.
+    #[arg(long)]
+    store: String,
+    /// Time between orders (e.g. 500ms, 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Send this many orders, then exit once all are delivered.
+    #[arg(long)]
+    count: Option<u64>,
+    /// With --count: how long to wait for deliveries after the last order is sent.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// An order, as the lab's vendor sends it.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Order {
+    pub store: String,
+    #[serde(rename = "orderID")]
+    pub order_id: String,
+    pub customer: String,
+    pub address: String,
+}
+
+impl Order {
+    fn random(store: &str) -> Order {
+        let number: String = BuildingNumber().fake();
+        let street: String = StreetName().fake();
+        let city: String = CityName().fake();
+        let state: String = StateAbbr().fake();
+        let zip: String = ZipCode().fake();
+        Order {
+            store: store.to_string(),
+            order_id: uuid::Uuid::new_v4().to_string(),
+            customer: Name().fake(),
+            address: format!("{number} {street}, {city}, {state} {zip}"),
+        }
+    }
+}
+
+/// Orders sent and not yet delivered.
+#[derive(Default)]
+struct Outstanding {
+    orders: Mutex<HashSet<String>>,
+    changed: Notify,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let outstanding = Arc::new(Outstanding::default());
+    let seen = Arc::clone(&outstanding);
+    let store = args.store.clone();
+    let builder = args.hub.builder().on("delivered", move |event| {
+        let Ok(order) = serde_json::from_str::<Order>(event.payload()) else {
+            return;
+        };
+        if order.store != store {
+            return;
+        }
+        // Thank once per order: a repeated `delivered` for it is ignored.
+        if seen.orders.lock().unwrap().remove(&order.order_id) {
+            let _ = writeln!(
+                std::io::stdout(),
+                "Thank you for delivering order {}",
+                order.order_id
+            );
+            seen.changed.notify_one();
+        }
+    });
+    let client = args.hub.connect(builder).await?;
+    let mut ticker = tokio::time::interval(args.interval);
+    let mut sent = 0u64;
+    while args.count.is_none_or(|count| sent < count) {
+        ticker.tick().await;
+        let order = Order::random(&args.store);
+        outstanding
+            .orders
+            .lock()
+            .unwrap()
+            .insert(order.order_id.clone());
+        client.emit("pickup", &order).await?;
+        sent += 1;
+    }
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let waiting = outstanding.changed.notified();
+        let missing: Vec<String> = outstanding.orders.lock().unwrap().iter().cloned().collect();
+        if missing.is_empty() {
+            client.close().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+            eprintln!(
+                "hubcast: error: {} of {sent} orders not delivered within {:?}: {}",
+                missing.len(),
+                args.timeout,
+                missing.join(", ")
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! The client: connect to a hub, send events, react to what it hears.
+//!
+//! A [`Client`] is a cheap handle to one background task that owns the socket (as in
+//! async-nats). Sends go through a bounded channel to that task and complete once the
+//! bytes are written to the socket. What the task hears, and what happens to the
+//! connection (the lecture's socket events: lookup, connect, data, end, timeout, error,
+//! close), is reported as [`ClientEvent`]s to handlers ([`Client::on`],
+//! [`Client::on_any`]) and to streams ([`Client::events`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Event;
+use crate::protocol::ProtocolError;
+
+mod task;
+
+/// The default time allowed for one connection attempt.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default number of events that may wait to be sent (while disconnected, say).
+pub const DEFAULT_BUFFER: usize = 1024;
+
+/// How received bytes are handed over, as Node's `socket.setEncoding` chooses.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::client::{Client, Mode};
+/// let builder = Client::builder().mode(Mode::Text);
+/// # drop(builder);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Parse each line into an [`Event`] (or a `$error` into [`ClientEvent::HubError`]).
+    #[default]
+    Events,
+    /// Hand over each chunk read as text ([`ClientEvent::Text`]), UTF-8 sequences kept whole.
+    Text,
+    /// Hand over each chunk read as raw bytes ([`ClientEvent::Data`]).
+    Bytes,
+}
+
+/// When and how often to reconnect after the connection is lost.
+///
+/// Delays double from `initial_delay` up to `max_delay`; each is jittered to between
+/// half and all of its value, so many clients do not return at the same instant.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use hubcast::client::Reconnect;
+/// let policy = Reconnect { max_attempts: Some(5), ..Reconnect::default() };
+/// assert_eq!(policy.initial_delay, Duration::from_millis(100));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconnect {
+    /// The delay before the first attempt.
+    pub initial_delay: Duration,
+    /// The longest delay between attempts.
+    pub max_delay: Duration,
+    /// Give up after this many failed attempts in a row (`None`: never give up).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The jittered delay before attempt number `attempt` (1 for the first).
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20);
+        let full = self
+            .initial_delay
+            .saturating_mul(1 << doublings)
+            .min(self.max_delay);
+        full.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}
+
+/// What a client hears and what happens to its connection.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// The hub's address was resolved (Node's `lookup`).
+    Lookup {
+        /// The address as given.
+        host: String,
+        /// What it resolved to.
+        addrs: Vec<SocketAddr>,
+    },
+    /// The connection is up (`connect`).
+    Connect {
+        /// The hub's address.
+        addr: SocketAddr,
+    },
+    /// An event from the hub ([`Mode::Events`]).
+    Event(Event),
+    /// A `$`-named frame from the hub other than `$error`, such as a future `$welcome`.
+    Control(Event),
+    /// A chunk of text ([`Mode::Text`]).
+    Text(String),
+    /// A chunk of bytes ([`Mode::Bytes`]).
+    Data(Bytes),
+    /// The hub rejected something this client sent (a `$error` frame).
+    HubError(ProtocolError),
+    /// Nothing was received for the idle period set with
+    /// [`ClientBuilder::idle_timeout`]. Only a notice: the connection stays open.
+    Timeout {
+        /// The idle period.
+        idle: Duration,
+    },
+    /// The hub closed its side of the connection (`end`).
+    End,
+    /// Something went wrong (`error`); a [`ClientEvent::Close`] follows when it ends
+    /// the connection.
+    Error(ClientError),
+    /// The connection is closed (`close`).
+    Close {
+        /// Whether it closed because of an error.
+        had_error: bool,
+    },
+    /// Waiting `delay` before reconnect attempt number `attempt`.
+    Reconnecting {
+        /// 1 for the first attempt after a loss.
+        attempt: u32,
+        /// How long until the attempt.
+        delay: Duration,
+    },
+}
+
+/// What can go wrong for a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The address could not be resolved.
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// No connection could be made.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// Why (the last error, when it resolved to several addresses).
+        reason: String,
+    },
+    /// The connection attempt took longer than the connect timeout.
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// The address as given.
+        addr: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The connection broke while this send was being written; it may or may not
+    /// have reached the hub.
+    #[error("the connection to the hub was lost: {0}")]
+    ConnectionLost(String),
+    /// Too many sends are already waiting (while disconnected); this one was refused.
+    #[error("not connected to the hub, and {0} events are already waiting to be sent")]
+    BufferFull(usize),
+    /// The client was closed, or gave up reconnecting.
+    #[error("the client is closed")]
+    Closed,
+    /// The event could not be built (bad name, payload not serialisable).
+    #[error("invalid event: {0}")]
+    InvalidEvent(ProtocolError),
+    /// The hub sent something that is not a hubcast frame.
+    #[error("unexpected data from the hub: {0}")]
+    Protocol(String),
+}
+
+type EventHandler = Arc<dyn Fn(&Event) + Send + Sync>;
+type AnyHandler = Arc<dyn Fn(&ClientEvent) + Send + Sync>;
+
+/// Where [`ClientEvent`]s go: handlers and streams.
+#[derive(Default)]
+struct Listeners {
+    by_name: RwLock<HashMap<String, Vec<EventHandler>>>,
+    any: RwLock<Vec<AnyHandler>>,
+    streams: Mutex<Vec<mpsc::Sender<ClientEvent>>>,
+}
+
+impl Listeners {
+    fn on(&self, name: &str, handler: EventHandler) {
+        let mut by_name = self.by_name.write().unwrap_or_else(PoisonError::into_inner);
+        by_name.entry(name.to_string()).or_default().push(handler);
+    }
+
+    fn on_any(&self, handler: AnyHandler) {
+        let mut any = self.any.write().unwrap_or_else(PoisonError::into_inner);
+        any.push(handler);
+    }
+
+    /// Calls the handlers, then hands the event to every stream, waiting for room:
+    /// a stream nobody reads slows the client down rather than losing events.
+    async fn dispatch(&self, event: ClientEvent) {
+        // Snapshots, so a handler may register handlers without deadlocking.
+        let any = self
+            .any
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for handler in any {
+            handler(&event);
+        }
+        if let ClientEvent::Event(e) = &event {
+            let named = {
+                let by_name = self.by_name.read().unwrap_or_else(PoisonError::into_inner);
+                by_name.get(e.name().as_str()).cloned()
+            };
+            for handler in named.into_iter().flatten() {
+                handler(e);
+            }
+        }
+        let streams = self.lock_streams().clone();
+        let mut gone = false;
+        for stream in streams {
+            gone |= stream.send(event.clone()).await.is_err();
+        }
+        if gone {
+            self.lock_streams().retain(|s| !s.is_closed());
+        }
+    }
+
+    fn stream(&self) -> Events {
+        let (tx, rx) = mpsc::channel(DEFAULT_BUFFER);
+        self.lock_streams().push(tx);
+        Events { rx }
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, Vec<mpsc::Sender<ClientEvent>>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Options for a [`Client`], then [`ClientBuilder::connect`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use hubcast::client::{Client, ClientEvent, Reconnect};
+///
+/// # async fn demo() -> Result<(), hubcast::client::ClientError> {
+/// let client = Client::builder()
+///     .connect_timeout(Duration::from_secs(3))
+///     .reconnect(Reconnect::default())
+///     .idle_timeout(Duration::from_secs(30))
+///     .on_any(|event| if let ClientEvent::Connect { addr } = event { println!("connected to {addr}") })
+///     .connect("127.0.0.1:3000")
+///     .await?;
+/// # drop(client); Ok(()) }
+/// ```
+pub struct ClientBuilder {
+    connect_timeout: Duration,
+    reconnect: Option<Reconnect>,
+    idle_timeout: Option<Duration>,
+    buffer: usize,
+    mode: Mode,
+    listeners: Listeners,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect", &self.reconnect)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("buffer", &self.buffer)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reconnect: None,
+            idle_timeout: None,
+            buffer: DEFAULT_BUFFER,
+            mode: Mode::Events,
+            listeners: Listeners::default(),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// How long one connection attempt may take (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Reconnect automatically after the connection is lost (off by default).
+    pub fn reconnect(mut self, policy: Reconnect) -> Self {
+        self.reconnect = Some(policy);
+        self
+    }
+
+    /// Report [`ClientEvent::Timeout`] after `idle` without receiving anything.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
+    }
+
+    /// How many sends may wait for the connection (default 1024, at least 1). Past
+    /// that, sends made while disconnected fail with [`ClientError::BufferFull`].
+    pub fn buffer(mut self, events: usize) -> Self {
+        self.buffer = events.max(1);
+        self
+    }
+
+    /// How received bytes are handed over (default: parsed events).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Calls `handler` for every event named `name`.
+    pub fn on(self, name: &str, handler: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.listeners.on(name, Arc::new(handler));
+        self
+    }
+
+    /// Calls `handler` for everything: events and connection lifecycle, from the first
+    /// address lookup on.
+    pub fn on_any(self, handler: impl Fn(&ClientEvent) + Send + Sync + 'static) -> Self {
+        self.listeners.on_any(Arc::new(handler));
+        self
+    }
+
+    /// A stream of everything this client will hear and do, from the first address
+    /// lookup on: unlike [`Client::events`], nothing that arrives between connecting
+    /// and asking for a stream can be missed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), hubcast::client::ClientError> {
+    /// let builder = hubcast::Client::builder();
+    /// let mut events = builder.events();
+    /// let client = builder.connect("127.0.0.1:3000").await?;
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # drop(client); Ok(()) }
+    /// ```
+    pub fn events(&self) -> Events {
+        self.listeners.stream()
+    }
+
+    /// Connects to the hub at `addr` (`"host:port"`).
+    ///
+    /// The first attempt must succeed; reconnection (if enabled) applies to losses
+    /// after that.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Resolve`], [`ClientError::Connect`] or
+    /// [`ClientError::ConnectTimeout`].
+    pub async fn connect(self, addr: impl ToString) -> Result<Client, ClientError> {
+        let addr = addr.to_string();
+        let listeners = Arc::new(self.listeners);
+        let stream = task::dial(&addr, self.connect_timeout, &listeners).await?;
+        let (commands, receiver) = mpsc::channel(self.buffer);
+        let (connected_tx, connected) = watch::channel(true);
+        let closing = CancellationToken::new();
+        let (done_tx, done) = watch::channel(false);
+        let session = task::Session {
+            addr,
+            connect_timeout: self.connect_timeout,
+            reconnect: self.reconnect,
+            idle_timeout: self.idle_timeout,
+            mode: self.mode,
+            listeners: Arc::clone(&listeners),
+            commands: receiver,
+            connected: connected_tx,
+            closing: closing.clone(),
+            done: done_tx,
+        };
+        tokio::spawn(session.run(stream));
+        Ok(Client {
+            shared: Arc::new(Shared {
+                commands,
+                connected,
+                listeners,
+                closing,
+                done,
+                buffer: self.buffer,
+            }),
+        })
+    }
+}
+
+/// A send waiting for the background task.
+pub(crate) struct Command {
+    line: Bytes,
+    ack: oneshot::Sender<Result<(), ClientError>>,
+}
+
+struct Shared {
+    commands: mpsc::Sender<Command>,
+    connected: watch::Receiver<bool>,
+    listeners: Arc<Listeners>,
+    closing: CancellationToken,
+    /// Becomes `true` when the background task has ended.
+    done: watch::Receiver<bool>,
+    buffer: usize,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last handle is gone: flush what was sent and close.
+        self.closing.cancel();
+    }
+}
+
+/// A connection to a hub. Clones share it; it closes when the last clone is dropped
+/// (after sending what was queued) or on [`Client::close`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use hubcast::client::{Client, ClientEvent};
+///
+/// # async fn demo() -> Result<(), hubcast::client::ClientError> {
+/// let client = Client::connect("127.0.0.1:3000").await?;
+/// let mut events = client.events();
+/// client.emit("pickup", &serde_json::json!({"store": "acme"})).await?;
+/// while let Some(event) = events.next().await {
+///     if let ClientEvent::Event(e) = event {
+///         println!("{}: {}", e.name(), e.payload());
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Options for a new client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Connects with the default options: no reconnection, a 10 s connect timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect`].
+    pub async fn connect(addr: impl ToString) -> Result<Client, ClientError> {
+        Client::builder().connect(addr).await
+    }
+
+    /// Sends an event named `name` with `payload` encoded as JSON, and returns once its
+    /// bytes are written to the socket.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidEvent`] for a bad name or payload;
+    /// [`ClientError::BufferFull`] when disconnected with the buffer full;
+    /// [`ClientError::ConnectionLost`] when the connection broke during the write;
+    /// [`ClientError::Closed`] once the client is closed.
+    pub async fn emit<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        payload: &T,
+    ) -> Result<(), ClientError> {
+        let event = Event::new(name, payload).map_err(ClientError::InvalidEvent)?;
+        self.send(&event).await
+    }
+
+    /// Sends a pre-encoded event; returns once it is written to the socket.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::emit`].
+    pub async fn send(&self, event: &Event) -> Result<(), ClientError> {
+        let (ack, written) = oneshot::channel();
+        let command = Command {
+            line: event.line().clone(),
+            ack,
+        };
+        if *self.shared.connected.borrow() {
+            // Connected: wait for room, as a socket write would.
+            self.shared
+                .commands
+                .send(command)
+                .await
+                .map_err(|_| ClientError::Closed)?;
+        } else {
+            self.shared
+                .commands
+                .try_send(command)
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        ClientError::BufferFull(self.shared.buffer)
+                    }
+                    mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+                })?;
+        }
+        written.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Calls `handler` for every event named `name` heard from now on.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::client::Client) {
+    /// client.on("delivered", |event| println!("delivered: {}", event.payload()));
+    /// # }
+    /// ```
+    pub fn on(&self, name: &str, handler: impl Fn(&Event) + Send + Sync + 'static) {
+        self.shared.listeners.on(name, Arc::new(handler));
+    }
+
+    /// Calls `handler` for everything heard and every lifecycle change from now on.
+    pub fn on_any(&self, handler: impl Fn(&ClientEvent) + Send + Sync + 'static) {
+        self.shared.listeners.on_any(Arc::new(handler));
+    }
+
+    /// A stream of everything from now on (use [`ClientBuilder::events`] to miss
+    /// nothing from the start). Read it: an unread stream holds the client back (after
+    /// 1024 items) rather than losing anything.
+    pub fn events(&self) -> Events {
+        self.shared.listeners.stream()
+    }
+
+    /// Whether the connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        *self.shared.connected.borrow() && !*self.shared.done.borrow()
+    }
+
+    /// Sends what is queued, closes the connection, and waits until it is closed.
+    pub async fn close(&self) {
+        self.shared.closing.cancel();
+        let mut done = self.shared.done.clone();
+        let _ = done.wait_for(|&done| done).await;
+    }
+}
+
+/// A stream of [`ClientEvent`]s from [`Client::events`]. It ends when the client is
+/// closed for good.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<ClientEvent>,
+}
+
+impl Events {
+    /// The next item, or `None` once the client is closed for good.
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for Events {
+    type Item = ClientEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ClientEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum_with_jitter() {
+        let policy = Reconnect {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            max_attempts: None,
+        };
+        for _ in 0..100 {
+            let first = policy.delay(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.delay(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let late = policy.delay(50);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1));
+        }
+    }
+}

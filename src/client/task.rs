@@ -1,0 +1,349 @@
+//! The client's background task: owns the socket, writes queued sends, reads and
+//! reports what arrives, and reconnects when the connection is lost (if asked to).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{ClientError, ClientEvent, Command, Listeners, Mode, Reconnect};
+use crate::event::Event;
+use crate::protocol::{ErrorCode, ProtocolError};
+
+/// How long [`Client::close`](super::Client::close) waits for the hub to close its
+/// side after this side is done sending.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Most sends written in one go.
+const BATCH: usize = 64;
+/// A line from the hub longer than this is not a hubcast frame.
+const MAX_LINE: usize = 64 << 20;
+
+pub(crate) struct Session {
+    pub(crate) addr: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) reconnect: Option<Reconnect>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) mode: Mode,
+    pub(crate) listeners: Arc<Listeners>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) connected: watch::Sender<bool>,
+    pub(crate) closing: CancellationToken,
+    pub(crate) done: watch::Sender<bool>,
+}
+
+/// How one connection ended.
+enum Outcome {
+    /// Closed on purpose: the client is done.
+    Finished,
+    /// Lost: reconnect if the policy says so.
+    Lost { had_error: bool },
+}
+
+/// Resolves `addr` and connects to the first address that answers.
+pub(crate) async fn dial(
+    addr: &str,
+    timeout: Duration,
+    listeners: &Listeners,
+) -> Result<TcpStream, ClientError> {
+    let timed_out = || ClientError::ConnectTimeout {
+        addr: addr.to_string(),
+        timeout,
+    };
+    let resolved = tokio::time::timeout(timeout, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| timed_out())?;
+    let addrs: Vec<SocketAddr> = resolved
+        .map_err(|e| ClientError::Resolve {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    listeners
+        .dispatch(ClientEvent::Lookup {
+            host: addr.to_string(),
+            addrs: addrs.clone(),
+        })
+        .await;
+    let mut last_error = String::from("no addresses");
+    for candidate in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(candidate)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                listeners
+                    .dispatch(ClientEvent::Connect { addr: candidate })
+                    .await;
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last_error = e.to_string(),
+            Err(_) => return Err(timed_out()),
+        }
+    }
+    Err(ClientError::Connect {
+        addr: addr.to_string(),
+        reason: last_error,
+    })
+}
+
+impl Session {
+    pub(crate) async fn run(mut self, first: TcpStream) {
+        let mut stream = first;
+        loop {
+            let outcome = self.serve(stream).await;
+            self.connected.send_replace(false);
+            let had_error = matches!(outcome, Outcome::Lost { had_error: true });
+            self.listeners
+                .dispatch(ClientEvent::Close { had_error })
+                .await;
+            if matches!(outcome, Outcome::Finished) {
+                break;
+            }
+            match self.reconnect().await {
+                Some(next) => stream = next,
+                None => break,
+            }
+        }
+        self.finish();
+    }
+
+    /// Tries again with backoff until connected, closed, or out of attempts.
+    async fn reconnect(&mut self) -> Option<TcpStream> {
+        let policy = self.reconnect.clone()?;
+        for attempt in 1.. {
+            if policy.max_attempts.is_some_and(|max| attempt > max) {
+                break;
+            }
+            let delay = policy.delay(attempt);
+            self.listeners
+                .dispatch(ClientEvent::Reconnecting { attempt, delay })
+                .await;
+            tokio::select! {
+                _ = self.closing.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let dialed = tokio::select! {
+                _ = self.closing.cancelled() => return None,
+                dialed = dial(&self.addr, self.connect_timeout, &self.listeners) => dialed,
+            };
+            match dialed {
+                Ok(stream) => return Some(stream),
+                Err(e) => self.listeners.dispatch(ClientEvent::Error(e)).await,
+            }
+        }
+        None
+    }
+
+    /// The client is closed for good: refuse what still waits, end the streams.
+    fn finish(mut self) {
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            let _ = command.ack.send(Err(ClientError::Closed));
+        }
+        self.listeners.lock_streams().clear();
+        self.connected.send_replace(false);
+        self.done.send_replace(true);
+    }
+
+    /// Runs one connection until it ends.
+    async fn serve(&mut self, stream: TcpStream) -> Outcome {
+        self.connected.send_replace(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut inbound = Vec::new();
+        // Set once this side has finished sending and waits for the hub to close.
+        let mut closing_until: Option<Instant> = None;
+        let mut idle_at = self.idle_timeout.map(|idle| Instant::now() + idle);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.closing.cancelled(), if closing_until.is_none() => {
+                    // Send what is queued, then half-close: the hub flushes and closes.
+                    self.commands.close();
+                    while let Ok(command) = self.commands.try_recv() {
+                        batch.push(command);
+                    }
+                    if let Err(e) = write_batch(&mut writer, &mut batch).await {
+                        return self.lost(e).await;
+                    }
+                    let _ = writer.shutdown().await;
+                    closing_until = Some(Instant::now() + CLOSE_GRACE);
+                }
+                received = self.commands.recv_many(&mut batch, BATCH), if closing_until.is_none() => {
+                    if received == 0 {
+                        // Every handle is gone; the drop already asked to close.
+                        self.closing.cancel();
+                        continue;
+                    }
+                    if let Err(e) = write_batch(&mut writer, &mut batch).await {
+                        return self.lost(e).await;
+                    }
+                }
+                read = reader.read_buf(&mut rbuf) => match read {
+                    Ok(0) => {
+                        self.listeners.dispatch(ClientEvent::End).await;
+                        return if closing_until.is_some() {
+                            Outcome::Finished
+                        } else {
+                            Outcome::Lost { had_error: false }
+                        };
+                    }
+                    Ok(_) => {
+                        idle_at = self.idle_timeout.map(|idle| Instant::now() + idle);
+                        if let Err(e) = decode(self.mode, &mut rbuf, &mut inbound) {
+                            self.listeners.dispatch(ClientEvent::Error(e)).await;
+                            return Outcome::Lost { had_error: true };
+                        }
+                        for event in inbound.drain(..) {
+                            self.listeners.dispatch(event).await;
+                        }
+                    }
+                    Err(e) => return self.lost(e).await,
+                },
+                _ = sleep_until(idle_at), if idle_at.is_some() => {
+                    let idle = self.idle_timeout.unwrap_or_default();
+                    idle_at = Some(Instant::now() + idle);
+                    self.listeners.dispatch(ClientEvent::Timeout { idle }).await;
+                }
+                _ = sleep_until(closing_until), if closing_until.is_some() => {
+                    return Outcome::Finished;
+                }
+            }
+        }
+    }
+
+    async fn lost(&self, error: std::io::Error) -> Outcome {
+        let error = ClientError::ConnectionLost(error.to_string());
+        self.listeners.dispatch(ClientEvent::Error(error)).await;
+        Outcome::Lost { had_error: true }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes every queued send in one go, then tells each sender how it went.
+async fn write_batch(writer: &mut OwnedWriteHalf, batch: &mut Vec<Command>) -> std::io::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let result = if let [one] = &batch[..] {
+        writer.write_all(&one.line).await
+    } else {
+        let total = batch.iter().map(|c| c.line.len()).sum();
+        let mut joined = BytesMut::with_capacity(total);
+        for command in batch.iter() {
+            joined.extend_from_slice(&command.line);
+        }
+        writer.write_all(&joined).await
+    };
+    for command in batch.drain(..) {
+        let ack = match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ClientError::ConnectionLost(e.to_string())),
+        };
+        let _ = command.ack.send(ack);
+    }
+    result
+}
+
+/// Turns received bytes into [`ClientEvent`]s as `mode` says.
+fn decode(mode: Mode, rbuf: &mut BytesMut, out: &mut Vec<ClientEvent>) -> Result<(), ClientError> {
+    match mode {
+        Mode::Bytes => out.push(ClientEvent::Data(rbuf.split().freeze())),
+        Mode::Text => {
+            let whole = complete_utf8_prefix(rbuf);
+            let chunk = rbuf.split_to(whole);
+            out.push(ClientEvent::Text(
+                String::from_utf8_lossy(&chunk).into_owned(),
+            ));
+        }
+        Mode::Events => {
+            while let Some(newline) = memchr::memchr(b'\n', rbuf) {
+                out.push(parse_line(rbuf.split_to(newline + 1).freeze()));
+            }
+            if rbuf.len() > MAX_LINE {
+                return Err(ClientError::Protocol(format!(
+                    "a line longer than {MAX_LINE} bytes"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The length of `bytes` without a multi-byte character cut off at its end.
+fn complete_utf8_prefix(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        // `error_len() == None`: the input ends inside a character; keep that for later.
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => bytes.len(),
+    }
+}
+
+fn parse_line(line: Bytes) -> ClientEvent {
+    let event = match Event::from_line(line) {
+        Ok(event) => event,
+        Err(e) => return ClientEvent::Error(ClientError::Protocol(e.to_string())),
+    };
+    if event.name().as_str() == "$error" {
+        #[derive(Deserialize)]
+        struct Payload {
+            code: ErrorCode,
+            message: String,
+        }
+        return match serde_json::from_str::<Payload>(event.payload()) {
+            Ok(p) => ClientEvent::HubError(ProtocolError::new(p.code, p.message)),
+            Err(e) => ClientEvent::Error(ClientError::Protocol(format!("malformed $error: {e}"))),
+        };
+    }
+    if event.name().is_reserved() {
+        return ClientEvent::Control(event);
+    }
+    ClientEvent::Event(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_become_events_errors_and_control_frames() {
+        let mut buf = BytesMut::from(
+            &b"{\"event\":\"a\",\"payload\":1}\n{\"event\":\"$error\",\"payload\":{\"code\":\"invalid_json\",\"message\":\"m\"}}\n{\"event\":\"$welcome\",\"payload\":{}}\n{\"event\":\"b\""[..],
+        );
+        let mut out = Vec::new();
+        decode(Mode::Events, &mut buf, &mut out).unwrap();
+        assert!(matches!(&out[0], ClientEvent::Event(e) if e.name().as_str() == "a"));
+        assert!(
+            matches!(&out[1], ClientEvent::HubError(e) if e.code == ErrorCode::InvalidJson && e.message == "m")
+        );
+        assert!(matches!(&out[2], ClientEvent::Control(_)));
+        assert_eq!(out.len(), 3);
+        assert_eq!(&buf[..], b"{\"event\":\"b\"");
+    }
+
+    #[test]
+    fn text_mode_keeps_characters_whole_across_reads() {
+        let mut buf = BytesMut::from(&b"caf"[..]);
+        buf.extend_from_slice(&"é".as_bytes()[..1]); // half of the character
+        let mut out = Vec::new();
+        decode(Mode::Text, &mut buf, &mut out).unwrap();
+        assert!(matches!(&out[0], ClientEvent::Text(t) if t == "caf"));
+        buf.extend_from_slice(&"é".as_bytes()[1..]);
+        decode(Mode::Text, &mut buf, &mut out).unwrap();
+        assert!(matches!(&out[1], ClientEvent::Text(t) if t == "é"));
+    }
+}

@@ -1,0 +1,248 @@
+//! The client library against real hubs.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hubcast::client::{Client, ClientError, ClientEvent, Events, Reconnect};
+use hubcast::{Config, ErrorCode, HubEvent};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::support::{within, TestHub};
+
+/// The next event named `name` on `events`, skipping lifecycle and other events.
+async fn next_named(events: &mut Events, name: &str) -> hubcast::Event {
+    loop {
+        match within(events.next()).await {
+            Some(ClientEvent::Event(e)) if e.name().as_str() == name => return e,
+            Some(_) => continue,
+            None => panic!("the client closed while waiting for {name}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn emit_reaches_every_client_with_the_payload_intact() {
+    let hub = TestHub::start(Config::default()).await;
+    let sender = Client::connect(hub.addr).await.unwrap();
+    let receiver = Client::connect(hub.addr).await.unwrap();
+    hub.wait_clients(2).await;
+    let mut heard = receiver.events();
+    let mut echo = sender.events();
+    sender
+        .emit("pickup", &json!({"store": "acme", "orderID": 7}))
+        .await
+        .unwrap();
+    let event = next_named(&mut heard, "pickup").await;
+    let payload: serde_json::Value = serde_json::from_str(event.payload()).unwrap();
+    assert_eq!(payload, json!({"store": "acme", "orderID": 7}));
+    assert_eq!(
+        next_named(&mut echo, "pickup").await.payload(),
+        event.payload()
+    );
+}
+
+#[tokio::test]
+async fn handlers_get_their_events_and_the_catch_all_gets_everything() {
+    let hub = TestHub::start(Config::default()).await;
+    let (named_tx, mut named) = mpsc::unbounded_channel();
+    let (any_tx, mut any) = mpsc::unbounded_channel();
+    let client = Client::connect(hub.addr).await.unwrap();
+    client.on("delivered", move |e| {
+        named_tx.send(e.payload().to_string()).unwrap()
+    });
+    client.on_any(move |e| {
+        if let ClientEvent::Event(e) = e {
+            any_tx.send(e.name().to_string()).unwrap();
+        }
+    });
+    client.emit("pickup", &1).await.unwrap();
+    client.emit("delivered", &2).await.unwrap();
+    assert_eq!(within(any.recv()).await.unwrap(), "pickup");
+    assert_eq!(within(any.recv()).await.unwrap(), "delivered");
+    assert_eq!(within(named.recv()).await.unwrap(), "2");
+    assert!(
+        named.try_recv().is_err(),
+        "the `delivered` handler heard a pickup"
+    );
+}
+
+#[tokio::test]
+async fn hub_errors_arrive_as_typed_errors_not_events() {
+    let hub = TestHub::start(Config::default()).await;
+    let client = Client::connect(hub.addr).await.unwrap();
+    let mut events = client.events();
+    client.emit("$shutdown", &json!({})).await.unwrap();
+    loop {
+        match within(events.next()).await.unwrap() {
+            ClientEvent::HubError(error) => {
+                assert_eq!(error.code, ErrorCode::ReservedEvent);
+                break;
+            }
+            ClientEvent::Event(e) => panic!("a `$error` surfaced as an event: {e:?}"),
+            _ => {}
+        }
+    }
+    assert!(matches!(
+        client.emit("", &1).await,
+        Err(ClientError::InvalidEvent(_))
+    ));
+}
+
+#[tokio::test]
+async fn lifecycle_events_come_in_the_lecture_order() {
+    let hub = TestHub::start(Config::default()).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let client = Client::builder()
+        .on_any(move |e| {
+            let name = match e {
+                ClientEvent::Lookup { .. } => "lookup",
+                ClientEvent::Connect { .. } => "connect",
+                ClientEvent::Event(_) => "data",
+                ClientEvent::End => "end",
+                ClientEvent::Close { had_error: false } => "close",
+                ClientEvent::Close { had_error: true } => "close(had_error)",
+                _ => return,
+            };
+            log.lock().unwrap().push(name);
+        })
+        .connect(hub.addr)
+        .await
+        .unwrap();
+    client.emit("hello", &1).await.unwrap();
+    let mut events = client.events();
+    next_named(&mut events, "hello").await;
+    within(client.close()).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["lookup", "connect", "data", "end", "close"]
+    );
+    assert!(!client.is_connected());
+    assert_eq!(client.emit("late", &1).await, Err(ClientError::Closed));
+    // The stream hands over what it already holds, then ends.
+    let mut rest = Vec::new();
+    while let Some(e) = within(events.next()).await {
+        rest.push(e);
+    }
+    assert!(
+        matches!(
+            rest[..],
+            [ClientEvent::End, ClientEvent::Close { had_error: false }]
+        ),
+        "{rest:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_clear_error() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let error = Client::connect(addr).await.unwrap_err();
+    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
+    assert!(error.to_string().contains(&addr.to_string()), "{error}");
+}
+
+/// The idle notice, with the clock paused: no real waiting.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_connection_gets_a_timeout_notice_and_stays_open() {
+    let hub = TestHub::start(Config::default()).await;
+    let client = Client::builder()
+        .idle_timeout(Duration::from_secs(5))
+        .connect(hub.addr)
+        .await
+        .unwrap();
+    let mut events = client.events();
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    match within(events.next()).await.unwrap() {
+        ClientEvent::Timeout { idle } => assert_eq!(idle, Duration::from_secs(5)),
+        other => panic!("expected a timeout notice, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    tokio::time::resume();
+    assert!(client.is_connected());
+    client.emit("still-here", &true).await.unwrap();
+    next_named(&mut events, "still-here").await;
+}
+
+fn quick_reconnect() -> Reconnect {
+    Reconnect {
+        initial_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(100),
+        max_attempts: None,
+    }
+}
+
+#[tokio::test]
+async fn the_client_reconnects_after_the_hub_restarts() {
+    let mut first = TestHub::start(Config::default()).await;
+    let addr = first.addr;
+    let client = Client::builder()
+        .reconnect(quick_reconnect())
+        .connect(addr)
+        .await
+        .unwrap();
+    let mut events = client.events();
+    first.begin_shutdown();
+    first.stopped().await;
+    let second = TestHub::start_on(addr, Config::default(), true).await;
+    // Lost, then back: a close, reconnect attempts, and a new connect.
+    let mut saw = Vec::new();
+    loop {
+        match within(events.next()).await.unwrap() {
+            ClientEvent::Close { .. } => saw.push("close"),
+            ClientEvent::Reconnecting { .. } if !saw.contains(&"reconnecting") => {
+                saw.push("reconnecting")
+            }
+            ClientEvent::Connect { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(saw, ["close", "reconnecting"]);
+    let mut listener = second.connect().await;
+    client.emit("back", &"again").await.unwrap();
+    assert_eq!(listener.json().await["payload"], "again");
+}
+
+/// While the hub is away, sends wait in a bounded buffer and go out after the
+/// reconnect; past the bound they are refused, never dropped silently.
+#[tokio::test(flavor = "current_thread")]
+async fn sends_while_away_are_buffered_up_to_the_bound_then_refused() {
+    let mut first = TestHub::start(Config::default()).await;
+    let addr = first.addr;
+    let client = Client::builder()
+        .reconnect(quick_reconnect())
+        .buffer(3)
+        .connect(addr)
+        .await
+        .unwrap();
+    let mut events = client.events();
+    first.begin_shutdown();
+    first.stopped().await;
+    while !matches!(
+        within(events.next()).await.unwrap(),
+        ClientEvent::Close { .. }
+    ) {}
+    assert!(!client.is_connected());
+    let mut waiting = tokio::task::JoinSet::new();
+    for n in 0..3 {
+        let client = client.clone();
+        waiting.spawn(async move { client.emit("queued", &n).await });
+    }
+    // Let the three queue up (one runtime thread: each runs until it waits).
+    tokio::task::yield_now().await;
+    assert_eq!(
+        client.emit("one-too-many", &3).await,
+        Err(ClientError::BufferFull(3))
+    );
+    let second = TestHub::start_on(addr, Config::default(), true).await;
+    while let Some(sent) = within(waiting.join_next()).await {
+        sent.unwrap().unwrap();
+    }
+    let queued = second.events_matching(
+        |e| matches!(e, HubEvent::Event { event, .. } if event.name().as_str() == "queued"),
+    );
+    assert_eq!(queued.len(), 3, "all buffered sends reach the new hub");
+}
