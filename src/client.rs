@@ -96,6 +96,20 @@ impl Reconnect {
 }
 
 /// What a client hears and what happens to its connection.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::client::ClientEvent;
+/// fn describe(event: &ClientEvent) -> String {
+///     match event {
+///         ClientEvent::Event(e) => format!("{}: {}", e.name(), e.payload()),
+///         ClientEvent::Close { had_error } => format!("closed (error: {had_error})"),
+///         other => format!("{other:?}"),
+///     }
+/// }
+/// # let _ = describe;
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ClientEvent {
@@ -147,6 +161,19 @@ pub enum ClientEvent {
 }
 
 /// What can go wrong for a client.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(client: hubcast::Client) {
+/// use hubcast::client::ClientError;
+/// match client.emit("pickup", &1).await {
+///     Ok(()) => {}
+///     Err(ClientError::BufferFull(n)) => eprintln!("hub away and {n} events waiting; try later"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
@@ -310,18 +337,36 @@ impl Default for ClientBuilder {
 
 impl ClientBuilder {
     /// How long one connection attempt may take (default 10 s).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().connect_timeout(std::time::Duration::from_secs(3));
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// Reconnect automatically after the connection is lost (off by default).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().reconnect(hubcast::client::Reconnect::default());
+    /// ```
     pub fn reconnect(mut self, policy: Reconnect) -> Self {
         self.reconnect = Some(policy);
         self
     }
 
     /// Report [`ClientEvent::Timeout`] after `idle` without receiving anything.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().idle_timeout(std::time::Duration::from_secs(60));
+    /// ```
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = Some(idle);
         self
@@ -329,18 +374,36 @@ impl ClientBuilder {
 
     /// How many sends may wait for the connection (default 1024, at least 1). Past
     /// that, sends made while disconnected fail with [`ClientError::BufferFull`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().buffer(100);
+    /// ```
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.max(1);
         self
     }
 
     /// How received bytes are handed over (default: parsed events).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().mode(hubcast::client::Mode::Bytes);
+    /// ```
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
     }
 
     /// Calls `handler` for every event named `name`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().on("delivered", |event| println!("{}", event.payload()));
+    /// ```
     pub fn on(self, name: &str, handler: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.listeners.on(name, Arc::new(handler));
         self
@@ -348,6 +411,12 @@ impl ClientBuilder {
 
     /// Calls `handler` for everything: events and connection lifecycle, from the first
     /// address lookup on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().on_any(|event| println!("{event:?}"));
+    /// ```
     pub fn on_any(self, handler: impl Fn(&ClientEvent) + Send + Sync + 'static) -> Self {
         self.listeners.on_any(Arc::new(handler));
         self
@@ -382,6 +451,14 @@ impl ClientBuilder {
     ///
     /// [`ClientError::Resolve`], [`ClientError::Connect`] or
     /// [`ClientError::ConnectTimeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), hubcast::client::ClientError> {
+    /// let client = hubcast::Client::builder().connect("127.0.0.1:3000").await?;
+    /// # drop(client); Ok(()) }
+    /// ```
     pub async fn connect(self, addr: impl ToString) -> Result<Client, ClientError> {
         let addr = addr.to_string();
         let listeners = Arc::new(self.listeners);
@@ -473,6 +550,12 @@ impl fmt::Debug for Client {
 
 impl Client {
     /// Options for a new client.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder();
+    /// ```
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
@@ -482,6 +565,14 @@ impl Client {
     /// # Errors
     ///
     /// As [`ClientBuilder::connect`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), hubcast::client::ClientError> {
+    /// let client = hubcast::Client::connect("127.0.0.1:3000").await?;
+    /// # drop(client); Ok(()) }
+    /// ```
     pub async fn connect(addr: impl ToString) -> Result<Client, ClientError> {
         Client::builder().connect(addr).await
     }
@@ -495,6 +586,14 @@ impl Client {
     /// [`ClientError::BufferFull`] when disconnected with the buffer full;
     /// [`ClientError::ConnectionLost`] when the connection broke during the write;
     /// [`ClientError::Closed`] once the client is closed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// client.emit("pickup", &serde_json::json!({"store": "acme", "orderID": "42"})).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn emit<T: Serialize + ?Sized>(
         &self,
         name: &str,
@@ -509,6 +608,15 @@ impl Client {
     /// # Errors
     ///
     /// As [`Client::emit`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let event = hubcast::Event::new("pickup", &42)?;
+    /// client.send(&event).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn send(&self, event: &Event) -> Result<(), ClientError> {
         let (ack, written) = oneshot::channel();
         let command = Command {
@@ -550,6 +658,14 @@ impl Client {
     }
 
     /// Calls `handler` for everything heard and every lifecycle change from now on.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo(client: hubcast::Client) {
+    /// client.on_any(|event| println!("{event:?}"));
+    /// # }
+    /// ```
     pub fn on_any(&self, handler: impl Fn(&ClientEvent) + Send + Sync + 'static) {
         self.shared.listeners.on_any(Arc::new(handler));
     }
@@ -557,16 +673,46 @@ impl Client {
     /// A stream of everything from now on (use [`ClientBuilder::events`] to miss
     /// nothing from the start). Read it: an unread stream holds the client back (after
     /// 1024 items) rather than losing anything.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) {
+    /// let mut events = client.events();
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
     pub fn events(&self) -> Events {
         self.shared.listeners.stream()
     }
 
     /// Whether the connection is up right now.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo(client: hubcast::Client) {
+    /// if !client.is_connected() {
+    ///     eprintln!("waiting for the hub...");
+    /// }
+    /// # }
+    /// ```
     pub fn is_connected(&self) -> bool {
         *self.shared.connected.borrow() && !*self.shared.done.borrow()
     }
 
     /// Sends what is queued, closes the connection, and waits until it is closed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) {
+    /// client.emit("bye", &()).await.ok();
+    /// client.close().await; // "bye" has reached the hub
+    /// # }
+    /// ```
     pub async fn close(&self) {
         self.shared.closing.cancel();
         let mut done = self.shared.done.clone();
@@ -576,6 +722,17 @@ impl Client {
 
 /// A stream of [`ClientEvent`]s from [`Client::events`]. It ends when the client is
 /// closed for good.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(client: hubcast::Client) {
+/// let mut events = client.events();
+/// while let Some(event) = events.next().await {
+///     println!("{event:?}");
+/// }
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Events {
     rx: mpsc::Receiver<ClientEvent>,
@@ -583,6 +740,16 @@ pub struct Events {
 
 impl Events {
     /// The next item, or `None` once the client is closed for good.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(mut events: hubcast::client::Events) {
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
     pub async fn next(&mut self) -> Option<ClientEvent> {
         self.rx.recv().await
     }
