@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hubcast::{Config, Hub, HubEvent, Server};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -45,6 +46,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
     };
     let quiet = args.quiet;
+    let signals = Signals::install()?;
     let hub = Hub::with_observer(config, move |event| log(event, quiet));
     let host = args.host.trim_start_matches('[').trim_end_matches(']');
     let server = Server::bind((host, args.port), hub)
@@ -57,33 +59,42 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         warn!("listening on {addr}, beyond this machine: hubcast has no authentication yet, so anyone who can reach this port can read and send every event");
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(on_signals(shutdown.clone()));
+    tokio::spawn(signals.watch(shutdown.clone()));
     server.run(shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once.
-async fn on_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        error!("cannot install signal handlers; stop the hub with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, installed before the hub says it is up, so that a signal sent
+/// right after "Server up" is never met by the default action.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+        })
     }
-    info!("shutting down: no new connections, flushing queued events (again to force)");
-    shutdown.cancel();
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
-    warn!("second signal: exiting without waiting");
-    std::process::exit(130);
+
+    /// Cancels `shutdown` on the first signal; a second one exits at once.
+    async fn watch(mut self, shutdown: CancellationToken) {
+        self.recv().await;
+        info!("shutting down: no new connections, flushing queued events (again to force)");
+        shutdown.cancel();
+        self.recv().await;
+        warn!("second signal: exiting without waiting");
+        std::process::exit(130);
+    }
 }
 
 fn log(event: &HubEvent, quiet: bool) {
