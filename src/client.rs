@@ -618,6 +618,31 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn send(&self, event: &Event) -> Result<(), ClientError> {
+        self.enqueue(event).await?.await
+    }
+
+    /// Queues `event` behind earlier sends and returns at once with a [`Delivery`]
+    /// that completes when it is written: many sends can be in flight, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::BufferFull`] when disconnected with the buffer full;
+    /// [`ClientError::Closed`] once the client is closed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut in_flight = Vec::new();
+    /// for n in 0..100 {
+    ///     in_flight.push(client.enqueue(&hubcast::Event::new("tick", &n)?).await?);
+    /// }
+    /// for delivery in in_flight {
+    ///     delivery.await?; // all 100 written, in order
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue(&self, event: &Event) -> Result<Delivery, ClientError> {
         let (ack, written) = oneshot::channel();
         let command = Command {
             line: event.line().clone(),
@@ -641,7 +666,7 @@ impl Client {
                     mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
                 })?;
         }
-        written.await.map_err(|_| ClientError::Closed)?
+        Ok(Delivery { written })
     }
 
     /// Calls `handler` for every event named `name` heard from now on.
@@ -720,6 +745,34 @@ impl Client {
     }
 }
 
+/// A queued send: completes when its bytes are written to the socket.
+///
+/// Dropping it does not cancel the send. See [`Client::enqueue`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(client: hubcast::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// let delivery = client.enqueue(&hubcast::Event::new("tick", &1)?).await?;
+/// delivery.await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a Delivery tells whether the send was written; await it or drop it knowingly"]
+pub struct Delivery {
+    written: oneshot::Receiver<Result<(), ClientError>>,
+}
+
+impl std::future::Future for Delivery {
+    type Output = Result<(), ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.written)
+            .poll(cx)
+            .map(|ack| ack.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
 /// A stream of [`ClientEvent`]s from [`Client::events`]. It ends when the client is
 /// closed for good.
 ///
@@ -752,6 +805,21 @@ impl Events {
     /// ```
     pub async fn next(&mut self) -> Option<ClientEvent> {
         self.rx.recv().await
+    }
+
+    /// The next item if one is ready now, without waiting.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo(mut events: hubcast::client::Events) {
+    /// while let Some(event) = events.try_next() {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn try_next(&mut self) -> Option<ClientEvent> {
+        self.rx.try_recv().ok()
     }
 }
 

@@ -1,5 +1,6 @@
 //! `hubcast pub EVENT [PAYLOAD]`: send one event, or one per line of standard input.
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,9 @@ pub struct Args {
     /// input, one JSON value per line, and each is sent as its own event.
     payload: Option<String>,
 }
+
+/// Sends written ahead of their acknowledgements.
+const IN_FLIGHT: usize = 512;
 
 /// Standard input at least this large gets a progress bar (when stderr is a terminal).
 const PROGRESS_FROM: u64 = 1 << 20;
@@ -92,12 +96,15 @@ async fn send(client: &Client, name: &EventName, payload: &RawValue) -> anyhow::
     client.send(&event).await.context("sending to the hub")
 }
 
-/// Sends one event per line of standard input. Stops at the first line that is not
-/// JSON, sending nothing of it: `Ok(Err(message))` names that line.
+/// Sends one event per line of standard input, up to [`IN_FLIGHT`] at a time, in order.
+/// Stops at the first line that is not JSON, sending nothing of it: `Ok(Err(message))`
+/// names that line.
 async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<(), String>> {
     let progress = progress_bar();
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut line = Vec::new();
+    let mut in_flight = VecDeque::new();
+    let mut verdict = Ok(());
     for number in 1u64.. {
         line.clear();
         let read = stdin
@@ -111,20 +118,35 @@ async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<
             bar.inc(read as u64);
         }
         let Ok(text) = std::str::from_utf8(&line) else {
-            return Ok(Err(format!("line {number}: not valid UTF-8")));
+            verdict = Err(format!("line {number}: not valid UTF-8"));
+            break;
         };
         if text.trim().is_empty() {
             continue;
         }
-        match parse_payload(text) {
-            Ok(payload) => send(client, name, &payload).await?,
-            Err(e) => return Ok(Err(format!("line {number}: invalid JSON: {e}"))),
+        let payload = match parse_payload(text) {
+            Ok(payload) => payload,
+            Err(e) => {
+                verdict = Err(format!("line {number}: invalid JSON: {e}"));
+                break;
+            }
+        };
+        let event = Event::new(name.as_str(), &payload)
+            .map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
+        in_flight.push_back(client.enqueue(&event).await.context("sending to the hub")?);
+        if in_flight.len() >= IN_FLIGHT {
+            if let Some(oldest) = in_flight.pop_front() {
+                oldest.await.context("sending to the hub")?;
+            }
         }
+    }
+    for delivery in in_flight {
+        delivery.await.context("sending to the hub")?;
     }
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    Ok(Ok(()))
+    Ok(verdict)
 }
 
 /// A progress bar over standard input's size, when that is a large file and someone

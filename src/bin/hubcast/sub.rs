@@ -24,28 +24,40 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let _client = args.hub.connect(builder).await?;
     let stdout_closed = crate::output::closed();
     tokio::pin!(stdout_closed);
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
         let next = tokio::select! {
             // `hubcast sub | head -3`: leave as soon as the reader is gone.
             _ = &mut stdout_closed => return Ok(ExitCode::SUCCESS),
             next = events.next() => next,
         };
-        let Some(next) = next else {
+        let Some(mut next) = next else {
             anyhow::bail!("lost the connection to the hub at {}", args.hub.addr());
         };
-        let ClientEvent::Event(event) = next else {
-            continue;
-        };
-        if !args.events.is_empty() && !args.events.iter().any(|n| n == event.name().as_str()) {
-            continue;
-        }
-        if args.pretty {
-            let value: serde_json::Value = serde_json::from_slice(event.line())?;
-            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
-        } else {
-            out.write_all(event.line())?;
+        // Write everything that is ready, then flush once.
+        loop {
+            print(&mut out, &next, &args)?;
+            match events.try_next() {
+                Some(more) => next = more,
+                None => break,
+            }
         }
         out.flush()?;
     }
+}
+
+fn print(out: &mut impl Write, next: &ClientEvent, args: &Args) -> anyhow::Result<()> {
+    let ClientEvent::Event(event) = next else {
+        return Ok(());
+    };
+    if !args.events.is_empty() && !args.events.iter().any(|n| n == event.name().as_str()) {
+        return Ok(());
+    }
+    if args.pretty {
+        let value: serde_json::Value = serde_json::from_slice(event.line())?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        out.write_all(event.line())?;
+    }
+    Ok(())
 }
