@@ -18,11 +18,22 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder};
 use crate::hub::{Client, CloseReason, Hub};
 use crate::outbox::{Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::Event;
+
+/// The hub's heartbeat probe.
+static PING: Bytes = Bytes::from_static(b"{\"event\":\"$ping\",\"payload\":null}\n");
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Free space kept in the read buffer before each read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -99,6 +110,7 @@ struct Connection<'a> {
     decoder: FrameDecoder,
     rbuf: BytesMut,
     batch: Batch,
+    liveness: Liveness,
 }
 
 /// Serves one client until it leaves, fails, or the hub shuts down; returns why it ended.
@@ -123,6 +135,7 @@ where
         decoder: FrameDecoder::new(hub.config().max_frame),
         rbuf: BytesMut::new(),
         batch: Batch::default(),
+        liveness: Liveness::new(hub.config().idle_timeout),
     };
     let mut reading = Some(reading);
     let reason = loop {
@@ -140,6 +153,7 @@ where
             conn.rbuf.reserve(READ_CHUNK.min(room));
         }
         let writing = !conn.batch.is_empty();
+        let due_at = conn.liveness.deadline().filter(|_| reading.is_some());
         let mut read_into = (&mut conn.rbuf).limit(room);
         tokio::select! {
             biased;
@@ -151,12 +165,24 @@ where
                 Err(e) => break CloseReason::Io(e.to_string()),
             },
             _ = client.outbox.notified() => {}
+            _ = sleep_until(due_at), if due_at.is_some() => match conn.liveness.fire() {
+                Due::Nothing => {}
+                Due::Ping => {
+                    client.outbox.push(PING.clone());
+                }
+                Due::Close(error) => {
+                    let code = error.code;
+                    conn.reject(error);
+                    break CloseReason::Protocol(code);
+                }
+            },
             res = reader.read_buf(&mut read_into), if reading.is_some() => match res {
                 Ok(0) => {
                     conn.end_of_stream();
                     break CloseReason::PeerClosed;
                 }
                 Ok(_) => {
+                    conn.liveness.heard();
                     if let Err(code) = conn.decode_all() {
                         break CloseReason::Protocol(code);
                     }
@@ -186,18 +212,18 @@ impl Connection<'_> {
         }
     }
 
-    fn dispatch(&self, event: Event) {
-        if event.name().is_reserved() {
-            self.reject(ProtocolError::new(
-                ErrorCode::ReservedEvent,
-                format!(
-                    "the hub knows no event named {:?}; names starting with '$' are reserved",
-                    event.name().as_str()
-                ),
-            ));
+    fn dispatch(&mut self, event: Event) {
+        if !event.name().is_reserved() {
+            self.hub.publish(self.client.id, event);
             return;
         }
-        self.hub.publish(self.client.id, event);
+        match control::handle(self.hub, self.client, &mut self.liveness, &event) {
+            Ok(Some(reply)) => {
+                self.client.outbox.push(reply);
+            }
+            Ok(None) => {}
+            Err(error) => self.reject(error),
+        }
     }
 
     /// Tells this client (and only it) what was wrong with its input.

@@ -33,6 +33,26 @@ pub const MAX_EVENT_NAME: usize = 256;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventName(ByteString);
 
+/// Checks a name (of an event or a room): non-empty, at most [`MAX_EVENT_NAME`] bytes.
+fn check_name(name: &str, what: &str, code: ErrorCode) -> Result<(), ProtocolError> {
+    if name.is_empty() {
+        return Err(ProtocolError::new(
+            code,
+            format!("the {what} name is empty"),
+        ));
+    }
+    if name.len() > MAX_EVENT_NAME {
+        return Err(ProtocolError::new(
+            code,
+            format!(
+                "the {what} name is {} bytes long; the limit is {MAX_EVENT_NAME}",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl EventName {
     /// Validates `name`.
     ///
@@ -41,21 +61,7 @@ impl EventName {
     /// [`ErrorCode::NotAnEvent`] when the name is empty or longer than [`MAX_EVENT_NAME`].
     pub fn new(name: impl Into<ByteString>) -> Result<Self, ProtocolError> {
         let name = name.into();
-        if name.is_empty() {
-            return Err(ProtocolError::new(
-                ErrorCode::NotAnEvent,
-                "the event name is empty",
-            ));
-        }
-        if name.len() > MAX_EVENT_NAME {
-            return Err(ProtocolError::new(
-                ErrorCode::NotAnEvent,
-                format!(
-                    "the event name is {} bytes long; the limit is {MAX_EVENT_NAME}",
-                    name.len()
-                ),
-            ));
-        }
+        check_name(&name, "event", ErrorCode::NotAnEvent)?;
         Ok(EventName(name))
     }
 
@@ -82,6 +88,48 @@ impl fmt::Debug for EventName {
     }
 }
 
+/// A room name: a non-empty string of at most [`MAX_EVENT_NAME`] bytes.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::RoomName;
+/// assert_eq!(RoomName::new("acme").unwrap().as_str(), "acme");
+/// assert!(RoomName::new("").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(ByteString);
+
+impl RoomName {
+    /// Validates `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorCode::InvalidRoom`] when the name is empty or too long.
+    pub fn new(name: impl Into<ByteString>) -> Result<Self, ProtocolError> {
+        let name = name.into();
+        check_name(&name, "room", ErrorCode::InvalidRoom)?;
+        Ok(RoomName(name))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
 /// One event: `{"event": NAME, "payload": VALUE, ...}` as a single `\n`-terminated line.
 ///
 /// Cloning is cheap (reference counts); the line is what every receiver is sent.
@@ -102,6 +150,8 @@ pub struct Event {
     name: EventName,
     /// Byte range of the raw payload JSON inside `line`.
     payload: Range<usize>,
+    /// The top-level `"room"`, if any: only that room's members receive the event.
+    room: Option<RoomName>,
 }
 
 /// The shape an event must have; extra keys are ignored here and forwarded unchanged.
@@ -111,6 +161,8 @@ struct Wire<'a> {
     event: Cow<'a, str>,
     #[serde(borrow)]
     payload: &'a RawValue,
+    #[serde(borrow, default)]
+    room: Option<&'a RawValue>,
 }
 
 impl Event {
@@ -121,18 +173,51 @@ impl Event {
     /// When the name is invalid, or `payload` cannot be serialised as JSON
     /// (for example a map with non-string keys).
     pub fn new<T: Serialize + ?Sized>(name: &str, payload: &T) -> Result<Self, ProtocolError> {
+        Self::encode(name, None, payload)
+    }
+
+    /// Encodes a new event for the members of `room` only.
+    ///
+    /// # Errors
+    ///
+    /// As [`Event::new`], and [`ErrorCode::InvalidRoom`] for a bad room name.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let event = hubcast::Event::in_room("acme", "delivered", &1).unwrap();
+    /// assert_eq!(event.room().unwrap().as_str(), "acme");
+    /// assert_eq!(&event.line()[..], &b"{\"event\":\"delivered\",\"room\":\"acme\",\"payload\":1}\n"[..]);
+    /// ```
+    pub fn in_room<T: Serialize + ?Sized>(
+        room: &str,
+        name: &str,
+        payload: &T,
+    ) -> Result<Self, ProtocolError> {
+        RoomName::new(room)?;
+        Self::encode(name, Some(room), payload)
+    }
+
+    fn encode<T: Serialize + ?Sized>(
+        name: &str,
+        room: Option<&str>,
+        payload: &T,
+    ) -> Result<Self, ProtocolError> {
         EventName::new(name)?;
         let payload = serde_json::to_string(payload)
             .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))?;
         #[derive(Serialize)]
         struct Out<'a> {
             event: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            room: Option<&'a str>,
             payload: &'a RawValue,
         }
         let raw = RawValue::from_string(payload)
             .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))?;
         let mut line = serde_json::to_vec(&Out {
             event: name,
+            room,
             payload: &raw,
         })
         .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))?;
@@ -175,10 +260,15 @@ impl Event {
         };
         // `name` was a `str`, so this check cannot fail; it costs at most 256 bytes.
         let name = EventName::new(ByteString::try_from(name).map_err(utf8_error)?)?;
+        let room = match wire.room {
+            None => None,
+            Some(raw) => Some(room_name(raw)?),
+        };
         Ok(Event {
             line,
             name,
             payload,
+            room,
         })
     }
 
@@ -195,10 +285,25 @@ impl Event {
             .unwrap_or("null")
     }
 
+    /// The room the event is for, if it names one.
+    pub fn room(&self) -> Option<&RoomName> {
+        self.room.as_ref()
+    }
+
     /// The whole wire line, trailing `\n` included.
     pub fn line(&self) -> &Bytes {
         &self.line
     }
+}
+
+/// The `"room"` of an event: a string naming a valid room.
+fn room_name(raw: &RawValue) -> Result<RoomName, ProtocolError> {
+    let not_a_string = || ProtocolError::new(ErrorCode::NotAnEvent, "\"room\" must be a string");
+    if !raw.get().starts_with('"') {
+        return Err(not_a_string());
+    }
+    let room: Cow<'_, str> = serde_json::from_str(raw.get()).map_err(|_| not_a_string())?;
+    RoomName::new(room.into_owned())
 }
 
 /// Where `part` (a sub-slice of `whole`) starts and ends inside `whole`.
@@ -282,6 +387,24 @@ mod tests {
         assert_eq!(
             Event::from_line(line).unwrap_err().code,
             ErrorCode::InvalidUtf8
+        );
+    }
+
+    #[test]
+    fn rooms_are_read_and_checked() {
+        let e = parse(r#"{"event":"x","payload":1,"room":"acme"}"#).unwrap();
+        assert_eq!(e.room().map(RoomName::as_str), Some("acme"));
+        assert!(parse(r#"{"event":"x","payload":1}"#)
+            .unwrap()
+            .room()
+            .is_none());
+        let bad = parse(r#"{"event":"x","payload":1,"room":5}"#).unwrap_err();
+        assert_eq!(bad.code, ErrorCode::NotAnEvent);
+        assert_eq!(
+            parse(r#"{"event":"x","payload":1,"room":""}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidRoom
         );
     }
 

@@ -6,18 +6,19 @@
 //! leaves take the write lock briefly. Everything the hub does is also reported as a
 //! [`HubEvent`] to an optional observer: that is how the binary logs and how tests watch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::event::Event;
+use crate::event::{Event, RoomName};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{ErrorCode, ProtocolError};
+use crate::routing::{Pattern, Router};
 
 /// A connected client's number, unique for the hub's lifetime (starts at 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -147,6 +148,40 @@ pub enum SendError {
 pub(crate) struct Client {
     pub(crate) id: ClientId,
     pub(crate) outbox: Outbox,
+    /// Whether it hears its own events (the hub's default, or its `$hello`).
+    pub(crate) echo: AtomicBool,
+}
+
+/// Who is connected and who wants what. One lock guards it all, so a broadcast sees
+/// a consistent picture; it is only held for synchronous, short work.
+#[derive(Default)]
+struct Pool {
+    clients: HashMap<ClientId, Arc<Client>>,
+    /// Clients that never subscribed: they hear every event that names no room.
+    unfiltered: HashMap<ClientId, Arc<Client>>,
+    router: Router<ClientId>,
+    /// Subscriptions and rooms, for clients that have any.
+    routes: HashMap<ClientId, Routes>,
+    rooms: HashMap<RoomName, HashSet<ClientId>>,
+}
+
+/// One client's subscriptions and rooms.
+#[derive(Default)]
+struct Routes {
+    /// Set by the first `$subscribe`: from then on only matches are heard.
+    subscribed: bool,
+    patterns: Vec<Pattern>,
+    rooms: Vec<RoomName>,
+}
+
+impl Pool {
+    /// Whether `id` wants an event named `name` (rooms aside).
+    fn wants(&self, id: ClientId, name: &str) -> bool {
+        match self.routes.get(&id) {
+            Some(routes) if routes.subscribed => routes.patterns.iter().any(|p| p.matches(name)),
+            _ => true,
+        }
+    }
 }
 
 /// Counters since the hub started.
@@ -172,7 +207,7 @@ struct Counters {
 
 struct Shared {
     config: Config,
-    clients: RwLock<HashMap<ClientId, Arc<Client>>>,
+    pool: RwLock<Pool>,
     /// The pool size, for anyone waiting for clients to come or go.
     count: watch::Sender<usize>,
     next_id: AtomicU64,
@@ -238,7 +273,7 @@ impl Hub {
         Hub {
             shared: Arc::new(Shared {
                 config,
-                clients: RwLock::default(),
+                pool: RwLock::default(),
                 count: watch::Sender::new(0),
                 next_id: AtomicU64::new(1),
                 observer,
@@ -259,7 +294,7 @@ impl Hub {
 
     /// The ids of the clients in the pool, lowest first.
     pub fn client_ids(&self) -> Vec<ClientId> {
-        let mut ids: Vec<ClientId> = self.read_pool().keys().copied().collect();
+        let mut ids: Vec<ClientId> = self.read_pool().clients.keys().copied().collect();
         ids.sort_unstable();
         ids
     }
@@ -296,7 +331,7 @@ impl Hub {
     /// [`SendError`] when the client is gone, closing, or over its queue limit (in which
     /// case it is disconnected as a slow consumer, as for any other event).
     pub fn send_to(&self, client: ClientId, event: &Event) -> Result<(), SendError> {
-        let target = self.read_pool().get(&client).cloned();
+        let target = self.read_pool().clients.get(&client).cloned();
         let target = target.ok_or(SendError::NoSuchClient(client))?;
         match target.outbox.push(event.line().clone()) {
             Push::Queued => {
@@ -316,10 +351,11 @@ impl Hub {
         self.fan_out(None, event)
     }
 
-    /// Queues a client's event to every client (but the sender, when echo is off).
+    /// Queues a client's event to everyone who should hear it: the members of its room
+    /// if it names one, else everyone who never subscribed plus every matching
+    /// subscriber; the sender too if its echo is on.
     pub(crate) fn publish(&self, from: ClientId, event: Event) {
-        let skip = (!self.shared.config.echo).then_some(from);
-        let receivers = self.fan_out(skip, &event);
+        let receivers = self.fan_out(Some(from), &event);
         self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
         self.emit(|| HubEvent::Event {
             client: from,
@@ -328,22 +364,131 @@ impl Hub {
         });
     }
 
-    fn fan_out(&self, skip: Option<ClientId>, event: &Event) -> usize {
+    fn fan_out(&self, from: Option<ClientId>, event: &Event) -> usize {
         let line = event.line();
+        let name = event.name().as_str();
+        let pool = self.read_pool();
+        let skip = from.filter(|id| {
+            pool.clients
+                .get(id)
+                .is_some_and(|c| !c.echo.load(Ordering::Relaxed))
+        });
         let mut queued = 0;
-        for client in self.read_pool().values() {
-            if Some(client.id) == skip {
-                continue;
-            }
-            if client.outbox.push(line.clone()) == Push::Queued {
+        let mut deliver = |client: &Client| {
+            if Some(client.id) != skip && client.outbox.push(line.clone()) == Push::Queued {
                 queued += 1;
             }
+        };
+        if let Some(room) = event.room() {
+            for id in pool.rooms.get(room).into_iter().flatten() {
+                if let Some(client) = pool.clients.get(id).filter(|_| pool.wants(*id, name)) {
+                    deliver(client);
+                }
+            }
+        } else {
+            for client in pool.unfiltered.values() {
+                deliver(client);
+            }
+            if !pool.router.is_empty() {
+                let mut matched = Vec::new();
+                pool.router.matches(name, &mut matched);
+                for id in matched {
+                    if let Some(client) = pool.clients.get(&id) {
+                        deliver(client);
+                    }
+                }
+            }
         }
+        drop(pool);
         self.shared
             .counters
             .deliveries
             .fetch_add(queued as u64, Ordering::Relaxed);
         queued
+    }
+
+    /// Adds `patterns` to a client's subscriptions (idempotent). After its first
+    /// subscription a client hears only events that match one.
+    pub(crate) fn subscribe(
+        &self,
+        id: ClientId,
+        patterns: &[Pattern],
+    ) -> Result<(), ProtocolError> {
+        let max = self.shared.config.max_subscriptions;
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        let routes = pool.routes.entry(id).or_default();
+        let mut fresh: Vec<&Pattern> = Vec::new();
+        for pattern in patterns {
+            if !routes.patterns.contains(pattern) && !fresh.contains(&pattern) {
+                fresh.push(pattern);
+            }
+        }
+        if routes.patterns.len() + fresh.len() > max {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a connection may hold at most {max} subscriptions; this one holds {} and asked for {} more",
+                    routes.patterns.len(),
+                    fresh.len()
+                ),
+            ));
+        }
+        if !routes.subscribed {
+            routes.subscribed = true;
+            pool.unfiltered.remove(&id);
+        }
+        for pattern in fresh {
+            routes.patterns.push(pattern.clone());
+            pool.router.insert(pattern, id);
+        }
+        Ok(())
+    }
+
+    /// Removes `patterns` from a client's subscriptions (those it does not hold are
+    /// ignored). A client that unsubscribes from everything hears nothing until it
+    /// subscribes again.
+    pub(crate) fn unsubscribe(&self, id: ClientId, patterns: &[Pattern]) {
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        let Some(routes) = pool.routes.get_mut(&id) else {
+            return;
+        };
+        for pattern in patterns {
+            if pool.router.remove(pattern, id) {
+                routes.patterns.retain(|p| p != pattern);
+            }
+        }
+    }
+
+    /// Makes a client a member of `room` (idempotent).
+    pub(crate) fn join_room(&self, id: ClientId, room: &RoomName) -> Result<(), ProtocolError> {
+        let max = self.shared.config.max_rooms;
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        let routes = pool.routes.entry(id).or_default();
+        if routes.rooms.contains(room) {
+            return Ok(());
+        }
+        if routes.rooms.len() >= max {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!("a connection may be in at most {max} rooms"),
+            ));
+        }
+        routes.rooms.push(room.clone());
+        pool.rooms.entry(room.clone()).or_default().insert(id);
+        Ok(())
+    }
+
+    /// Takes a client out of `room` (nothing happens if it was not in it).
+    pub(crate) fn leave_room(&self, id: ClientId, room: &RoomName) {
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        if let Some(routes) = pool.routes.get_mut(&id) {
+            routes.rooms.retain(|r| r != room);
+        }
+        remove_member(&mut pool.rooms, room, id);
     }
 
     /// Adds a new client to the pool.
@@ -352,11 +497,13 @@ impl Hub {
         let client = Arc::new(Client {
             id,
             outbox: Outbox::new(self.shared.config.max_pending),
+            echo: AtomicBool::new(self.shared.config.echo),
         });
         {
             let mut pool = self.write_pool();
-            pool.insert(id, Arc::clone(&client));
-            self.shared.count.send_replace(pool.len());
+            pool.clients.insert(id, Arc::clone(&client));
+            pool.unfiltered.insert(id, Arc::clone(&client));
+            self.shared.count.send_replace(pool.clients.len());
         }
         self.emit(|| HubEvent::Connection { client: id, peer });
         client
@@ -365,9 +512,19 @@ impl Hub {
     /// Removes a client from the pool.
     pub(crate) fn leave(&self, client: ClientId, reason: CloseReason) {
         {
-            let mut pool = self.write_pool();
-            pool.remove(&client);
-            self.shared.count.send_replace(pool.len());
+            let mut guard = self.write_pool();
+            let pool = &mut *guard;
+            pool.clients.remove(&client);
+            pool.unfiltered.remove(&client);
+            if let Some(routes) = pool.routes.remove(&client) {
+                for pattern in &routes.patterns {
+                    pool.router.remove(pattern, client);
+                }
+                for room in &routes.rooms {
+                    remove_member(&mut pool.rooms, room, client);
+                }
+            }
+            self.shared.count.send_replace(pool.clients.len());
         }
         self.emit(|| HubEvent::Close {
             client,
@@ -399,17 +556,27 @@ impl Hub {
         }
     }
 
-    fn read_pool(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Arc<Client>>> {
+    fn read_pool(&self) -> std::sync::RwLockReadGuard<'_, Pool> {
         self.shared
-            .clients
+            .pool
             .read()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_pool(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Arc<Client>>> {
+    fn write_pool(&self) -> std::sync::RwLockWriteGuard<'_, Pool> {
         self.shared
-            .clients
+            .pool
             .write()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Removes `id` from `room`, forgetting rooms left empty.
+fn remove_member(rooms: &mut HashMap<RoomName, HashSet<ClientId>>, room: &RoomName, id: ClientId) {
+    if let Some(members) = rooms.get_mut(room) {
+        members.remove(&id);
+        if members.is_empty() {
+            rooms.remove(room);
+        }
     }
 }

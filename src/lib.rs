@@ -20,6 +20,8 @@
 //! * [`Hub`]: the pool of clients, broadcast, counters, and [`HubEvent`]s for observers.
 //! * `connection`: one task per client, one `select!` over reads, writes and shutdown.
 //! * [`Server`]: the accept loop and graceful shutdown.
+//! * [`routing`]: subscription patterns and the index that matches them.
+//! * `control`: the hub's `$` control events (hello, subscribe, join, ping).
 //! * [`Config`]: limits and behaviour, as `hubcast serve` exposes them.
 //! * [`client`]: a client library ([`client::Client`]) for sending and hearing events.
 //!
@@ -49,16 +51,22 @@
 pub mod client;
 mod config;
 mod connection;
+mod control;
 mod event;
 pub mod frame;
 mod hub;
 mod outbox;
 mod protocol;
+pub mod routing;
 mod server;
 
 pub use client::{Client, ClientEvent};
-pub use config::{Config, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_PENDING};
-pub use event::{Event, EventName, MAX_EVENT_NAME};
+pub use config::{
+    Config, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_PENDING, DEFAULT_MAX_ROOMS,
+    DEFAULT_MAX_SUBSCRIPTIONS,
+};
+pub use control::PROTOCOL_VERSION;
+pub use event::{Event, EventName, RoomName, MAX_EVENT_NAME};
 pub use frame::DEFAULT_MAX_FRAME;
 pub use hub::{ClientId, CloseReason, Hub, HubEvent, Observer, SendError, Stats};
 pub use protocol::{ErrorCode, ProtocolError};

@@ -33,6 +33,18 @@ pub enum ErrorCode {
     InvalidUtf8,
     /// The client read too slowly and its outbound queue overflowed; it is disconnected.
     SlowConsumer,
+    /// A control event (`$subscribe`, `$join`, ...) whose payload has the wrong shape.
+    InvalidPayload,
+    /// A subscription pattern that breaks the pattern rules.
+    InvalidPattern,
+    /// A room name that is not a non-empty string of at most 256 bytes.
+    InvalidRoom,
+    /// A per-connection limit (subscriptions, rooms) would be exceeded.
+    LimitExceeded,
+    /// The connection was silent for longer than the hub's idle timeout; it is closed.
+    IdleTimeout,
+    /// The client asked for heartbeats and stopped answering them; it is closed.
+    HeartbeatTimeout,
     /// A code this version does not know (from a newer hub); the hub never sends it.
     #[serde(other)]
     Unknown,
@@ -54,6 +66,12 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::InvalidUtf8 => "invalid_utf8",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::InvalidPayload => "invalid_payload",
+            ErrorCode::InvalidPattern => "invalid_pattern",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::HeartbeatTimeout => "heartbeat_timeout",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -22,6 +22,13 @@ use crate::hub::{CloseReason, Hub, HubEvent};
 /// when the process is out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// TCP keepalive for every client socket: first probe after 60 s of silence, then
+/// every 10 s; 5 unanswered probes and the kernel reports the connection dead.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(5);
+
 /// A bound listener plus the hub it feeds.
 ///
 /// # Examples
@@ -143,6 +150,8 @@ async fn serve(
 ) {
     // Writes are batched already; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
+    // Finds peers that vanished without a FIN (a pulled cable, a crashed host).
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
     let client = hub.join(peer);
     let mut membership = Membership {
         hub: &hub,

@@ -33,6 +33,15 @@ pub struct Args {
     /// How long shutdown may spend flushing queued events to clients.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Most subscription patterns one connection may hold.
+    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_SUBSCRIPTIONS)]
+    max_subscriptions: usize,
+    /// Most rooms one connection may be in.
+    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_ROOMS)]
+    max_rooms: usize,
+    /// Close connections that send nothing for this long (e.g. 5m); off by default.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -44,6 +53,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_pending: args.max_pending,
         echo: !args.no_echo,
         drain_timeout: args.drain_timeout,
+        max_subscriptions: args.max_subscriptions,
+        max_rooms: args.max_rooms,
+        idle_timeout: args.idle_timeout,
     };
     let quiet = args.quiet;
     let signals = Signals::install()?;
