@@ -20,8 +20,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Event;
+use crate::event::{Event, RoomName};
 use crate::protocol::ProtocolError;
+use crate::routing::Pattern;
 
 mod task;
 
@@ -219,6 +220,39 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// What this client has told the hub about itself, replayed after every reconnect.
+#[derive(Default, Debug)]
+pub(crate) struct SessionState {
+    hello: Option<serde_json::Value>,
+    patterns: Vec<String>,
+    rooms: Vec<String>,
+}
+
+impl SessionState {
+    /// The control events that restore this state on a fresh connection.
+    pub(crate) fn frames(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut add = |name: &str, payload: &serde_json::Value| {
+            if let Ok(event) = Event::new(name, payload) {
+                out.extend_from_slice(event.line());
+            }
+        };
+        if let Some(hello) = &self.hello {
+            add("$hello", hello);
+        }
+        if !self.patterns.is_empty() {
+            add(
+                "$subscribe",
+                &serde_json::json!({ "events": self.patterns }),
+            );
+        }
+        for room in &self.rooms {
+            add("$join", &serde_json::json!({ "room": room }));
+        }
+        out
+    }
+}
+
 type EventHandler = Arc<dyn Fn(&Event) + Send + Sync>;
 type AnyHandler = Arc<dyn Fn(&ClientEvent) + Send + Sync>;
 
@@ -308,6 +342,9 @@ pub struct ClientBuilder {
     buffer: usize,
     mode: Mode,
     listeners: Listeners,
+    hello: serde_json::Map<String, serde_json::Value>,
+    patterns: Vec<String>,
+    rooms: Vec<String>,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -331,6 +368,9 @@ impl Default for ClientBuilder {
             buffer: DEFAULT_BUFFER,
             mode: Mode::Events,
             listeners: Listeners::default(),
+            hello: serde_json::Map::new(),
+            patterns: Vec::new(),
+            rooms: Vec::new(),
         }
     }
 }
@@ -382,6 +422,71 @@ impl ClientBuilder {
     /// ```
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.max(1);
+        self
+    }
+
+    /// Introduces the client to the hub by `name` (sent in `$hello`, shown in `$welcome`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().name("vendor-acme");
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        self.hello.insert("name".into(), name.into());
+        self
+    }
+
+    /// Whether this client hears its own events (sent in `$hello`; default: the hub's).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().echo(false);
+    /// ```
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.hello.insert("echo".into(), echo.into());
+        self
+    }
+
+    /// Asks the hub for a `$ping` every `every` (answered automatically); the hub closes
+    /// the connection if the client stops answering for two intervals. Pair it with
+    /// [`ClientBuilder::idle_timeout`] to notice a silent hub on this side.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().heartbeat(std::time::Duration::from_secs(15));
+    /// ```
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.hello
+            .insert("heartbeat".into(), every.as_secs_f64().into());
+        self
+    }
+
+    /// Subscribes to `patterns` as part of connecting, so no unfiltered event arrives
+    /// first (see [`Client::subscribe`]). Patterns are checked by
+    /// [`ClientBuilder::connect`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().subscribe(&["order.*"]);
+    /// ```
+    pub fn subscribe(mut self, patterns: &[&str]) -> Self {
+        self.patterns.extend(patterns.iter().map(|p| p.to_string()));
+        self
+    }
+
+    /// Joins `room` as part of connecting (see [`Client::join`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().join("acme");
+    /// ```
+    pub fn join(mut self, room: &str) -> Self {
+        self.rooms.push(room.to_string());
         self
     }
 
@@ -450,7 +555,8 @@ impl ClientBuilder {
     /// # Errors
     ///
     /// [`ClientError::Resolve`], [`ClientError::Connect`] or
-    /// [`ClientError::ConnectTimeout`].
+    /// [`ClientError::ConnectTimeout`]; [`ClientError::InvalidEvent`] for a bad pattern
+    /// or room given to the builder.
     ///
     /// # Examples
     ///
@@ -460,6 +566,12 @@ impl ClientBuilder {
     /// # drop(client); Ok(()) }
     /// ```
     pub async fn connect(self, addr: impl ToString) -> Result<Client, ClientError> {
+        for pattern in &self.patterns {
+            Pattern::parse(pattern).map_err(ClientError::InvalidEvent)?;
+        }
+        for room in &self.rooms {
+            RoomName::new(room.as_str()).map_err(ClientError::InvalidEvent)?;
+        }
         let addr = addr.to_string();
         let listeners = Arc::new(self.listeners);
         let stream = task::dial(&addr, self.connect_timeout, &listeners).await?;
@@ -467,7 +579,13 @@ impl ClientBuilder {
         let (connected_tx, connected) = watch::channel(true);
         let closing = CancellationToken::new();
         let (done_tx, done) = watch::channel(false);
+        let state = Arc::new(Mutex::new(SessionState {
+            hello: (!self.hello.is_empty()).then(|| serde_json::Value::Object(self.hello)),
+            patterns: self.patterns,
+            rooms: self.rooms,
+        }));
         let session = task::Session {
+            state: Arc::clone(&state),
             addr,
             connect_timeout: self.connect_timeout,
             reconnect: self.reconnect,
@@ -488,6 +606,7 @@ impl ClientBuilder {
                 closing,
                 done,
                 buffer: self.buffer,
+                state,
             }),
         })
     }
@@ -507,6 +626,8 @@ struct Shared {
     /// Becomes `true` when the background task has ended.
     done: watch::Receiver<bool>,
     buffer: usize,
+    /// Subscriptions and rooms, restored after a reconnect.
+    state: Arc<Mutex<SessionState>>,
 }
 
 impl Drop for Shared {
@@ -667,6 +788,139 @@ impl Client {
                 })?;
         }
         Ok(Delivery { written })
+    }
+
+    /// Sends an event for the members of `room` only.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::emit`], and [`ClientError::InvalidEvent`] for a bad room name.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// client.emit_to("acme", "delivered", &serde_json::json!({"orderID": "42"})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn emit_to<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        name: &str,
+        payload: &T,
+    ) -> Result<(), ClientError> {
+        let event = Event::in_room(room, name, payload).map_err(ClientError::InvalidEvent)?;
+        self.send(&event).await
+    }
+
+    /// Hears only events matching `patterns` from now on (NATS rules: `*` one segment,
+    /// `>` one or more at the end). Kept across reconnects. The hub answers
+    /// `$subscribed` (a [`ClientEvent::Control`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidEvent`] for a pattern that breaks the rules (checked here,
+    /// before anything is sent); otherwise as [`Client::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// client.subscribe(&["order.*", "delivered"]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(&self, patterns: &[&str]) -> Result<(), ClientError> {
+        self.change_patterns(patterns, true).await
+    }
+
+    /// Stops hearing events through `patterns`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::subscribe`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// client.unsubscribe(&["order.*"]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn unsubscribe(&self, patterns: &[&str]) -> Result<(), ClientError> {
+        self.change_patterns(patterns, false).await
+    }
+
+    async fn change_patterns(&self, patterns: &[&str], add: bool) -> Result<(), ClientError> {
+        for pattern in patterns {
+            Pattern::parse(pattern).map_err(ClientError::InvalidEvent)?;
+        }
+        {
+            let mut state = self.lock_state();
+            for pattern in patterns {
+                state.patterns.retain(|p| p != pattern);
+                if add {
+                    state.patterns.push(pattern.to_string());
+                }
+            }
+        }
+        let name = if add { "$subscribe" } else { "$unsubscribe" };
+        self.emit(name, &serde_json::json!({ "events": patterns }))
+            .await
+    }
+
+    /// Joins `room`: events sent to it (see [`Client::emit_to`]) reach this client.
+    /// Kept across reconnects. The hub answers `$joined`.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidEvent`] for a bad room name; otherwise as [`Client::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// client.join("acme").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn join(&self, room: &str) -> Result<(), ClientError> {
+        self.change_room(room, true).await
+    }
+
+    /// Leaves `room`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::join`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// client.leave("acme").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
+        self.change_room(room, false).await
+    }
+
+    async fn change_room(&self, room: &str, join: bool) -> Result<(), ClientError> {
+        RoomName::new(room).map_err(ClientError::InvalidEvent)?;
+        {
+            let mut state = self.lock_state();
+            state.rooms.retain(|r| r != room);
+            if join {
+                state.rooms.push(room.to_string());
+            }
+        }
+        let name = if join { "$join" } else { "$leave" };
+        self.emit(name, &serde_json::json!({ "room": room })).await
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Calls `handler` for every event named `name` heard from now on.

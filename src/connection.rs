@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder};
-use crate::hub::{Client, CloseReason, Hub};
+use crate::hub::{Client, CloseReason, Hub, HubEvent};
 use crate::outbox::{Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::Event;
@@ -218,10 +218,13 @@ impl Connection<'_> {
             return;
         }
         match control::handle(self.hub, self.client, &mut self.liveness, &event) {
-            Ok(Some(reply)) => {
-                self.client.outbox.push(reply);
+            Ok(reply) => {
+                if let Some(reply) = reply {
+                    self.client.outbox.push(reply);
+                }
+                let client = self.client.id;
+                self.hub.emit(|| HubEvent::Control { client, event });
             }
-            Ok(None) => {}
             Err(error) => self.reject(error),
         }
     }

@@ -96,6 +96,13 @@ pub enum HubEvent {
         /// How many clients it was queued to.
         receivers: usize,
     },
+    /// A client's control event (`$hello`, `$subscribe`, `$join`, ...) was applied.
+    Control {
+        /// The client.
+        client: ClientId,
+        /// The control event as it sent it.
+        event: Event,
+    },
     /// A client sent a bad frame; it was told so with a `$error`.
     Rejected {
         /// The sender.

@@ -27,6 +27,7 @@ const BATCH: usize = 64;
 const MAX_LINE: usize = 64 << 20;
 
 pub(crate) struct Session {
+    pub(crate) state: Arc<std::sync::Mutex<super::SessionState>>,
     pub(crate) addr: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect: Option<Reconnect>,
@@ -153,8 +154,19 @@ impl Session {
 
     /// Runs one connection until it ends.
     async fn serve(&mut self, stream: TcpStream) -> Outcome {
-        self.connected.send_replace(true);
         let (mut reader, mut writer) = stream.into_split();
+        // Tell the hub again who we are and what we want, before anything else.
+        let restore = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .frames();
+        if !restore.is_empty() {
+            if let Err(e) = writer.write_all(&restore).await {
+                return self.lost(e).await;
+            }
+        }
+        self.connected.send_replace(true);
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let mut batch = Vec::with_capacity(BATCH);
         let mut inbound = Vec::new();
@@ -202,6 +214,11 @@ impl Session {
                             return Outcome::Lost { had_error: true };
                         }
                         for event in inbound.drain(..) {
+                            if let Some(pong) = pong_for(&event) {
+                                if let Err(e) = writer.write_all(&pong).await {
+                                    return self.lost(e).await;
+                                }
+                            }
                             self.listeners.dispatch(event).await;
                         }
                     }
@@ -291,6 +308,18 @@ fn complete_utf8_prefix(bytes: &[u8]) -> usize {
         Err(e) if e.error_len().is_none() => e.valid_up_to(),
         Err(_) => bytes.len(),
     }
+}
+
+/// The answer to the hub's heartbeat `$ping`.
+fn pong_for(event: &ClientEvent) -> Option<Bytes> {
+    let ClientEvent::Control(ping) = event else {
+        return None;
+    };
+    if ping.name().as_str() != "$ping" {
+        return None;
+    }
+    let payload = serde_json::value::RawValue::from_string(ping.payload().to_string()).ok()?;
+    Event::new("$pong", &payload).ok().map(|e| e.line().clone())
 }
 
 fn parse_line(line: Bytes) -> ClientEvent {

@@ -211,9 +211,11 @@ async fn pub_with_a_payload_argument_and_bad_arguments() {
 }
 
 #[tokio::test]
-async fn sub_filters_by_name_and_pretty_prints() {
+async fn sub_subscribes_to_patterns_and_pretty_prints() {
     let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
     let mut sub = join(&hub, &["sub", "keep", "--pretty"]).await;
+    hub.wait_for(|e| matches!(e, hubcast::HubEvent::Control { event, .. } if event.name().as_str() == "$subscribe"))
+        .await;
     let mut sender = hub.connect().await;
     sender.send(event("drop", json!(1))).await;
     sender.send(event("keep", json!({"n": 2}))).await;

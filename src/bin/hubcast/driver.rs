@@ -57,7 +57,13 @@ async fn try_deliver(
     pickup_delay: Duration,
     deliver_delay: Duration,
 ) -> anyhow::Result<()> {
-    let order_id = serde_json::from_str::<serde_json::Value>(pickup.payload())?
+    let order = serde_json::from_str::<serde_json::Value>(pickup.payload())?;
+    // Updates go to the store's room: only that store's vendor hears them.
+    let store = order
+        .get("store")
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+    let order_id = order
         .get("orderID")
         .map(|id| {
             id.as_str()
@@ -69,9 +75,23 @@ async fn try_deliver(
     let payload = RawValue::from_string(pickup.payload().to_string())?;
     tokio::time::sleep(pickup_delay).await;
     writeln!(std::io::stdout(), "DRIVER: picked up {order_id}")?;
-    client.emit("in-transit", &payload).await?;
+    announce(client, store.as_deref(), "in-transit", &payload).await?;
     tokio::time::sleep(deliver_delay).await;
     writeln!(std::io::stdout(), "DRIVER: delivered {order_id}")?;
-    client.emit("delivered", &payload).await?;
+    announce(client, store.as_deref(), "delivered", &payload).await?;
+    Ok(())
+}
+
+/// Sends to the store's room when the order names a store, else to everyone.
+async fn announce(
+    client: &Client,
+    store: Option<&str>,
+    name: &str,
+    payload: &RawValue,
+) -> anyhow::Result<()> {
+    match store.filter(|s| hubcast::RoomName::new(*s).is_ok()) {
+        Some(store) => client.emit_to(store, name, payload).await?,
+        None => client.emit(name, payload).await?,
+    }
     Ok(())
 }

@@ -121,10 +121,14 @@ fn log(event: &HubEvent, quiet: bool) {
             target: "hubcast::event",
             %client,
             receivers,
-            "EVENT {} {}",
+            "EVENT {} {}{}",
             event.name(),
+            event.room().map(|r| format!("room={r} ")).unwrap_or_default(),
             summary(event.payload())
         ),
+        HubEvent::Control { client, event } => {
+            info!(%client, "{} {}", event.name(), event.payload())
+        }
         HubEvent::Rejected { client, error } => {
             warn!(%client, code = %error.code, "rejected frame: {}", error.message)
         }

@@ -11,15 +11,24 @@ use crate::hub_client::HubAddr;
 pub struct Args {
     #[command(flatten)]
     hub: HubAddr,
-    /// Print only events with these names (default: all).
+    /// Print only events matching these patterns (default: all). Names split on '.';
+    /// '*' matches one segment, '>' at the end one or more: `order.*`, `order.>`.
+    #[arg(value_parser = parse_pattern)]
     events: Vec<String>,
+    /// Join this room, to also hear events sent to it (repeatable).
+    #[arg(long = "room", value_name = "ROOM")]
+    rooms: Vec<String>,
     /// Pretty-print each event over several lines, for people.
     #[arg(long)]
     pretty: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let builder = args.hub.builder();
+    let patterns: Vec<&str> = args.events.iter().map(String::as_str).collect();
+    let mut builder = args.hub.builder().subscribe(&patterns);
+    for room in &args.rooms {
+        builder = builder.join(room);
+    }
     let mut events = builder.events();
     let _client = args.hub.connect(builder).await?;
     let stdout_closed = crate::output::closed();
@@ -46,13 +55,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn parse_pattern(text: &str) -> Result<String, String> {
+    hubcast::routing::Pattern::parse(text)
+        .map(|p| p.to_string())
+        .map_err(|e| e.message)
+}
+
 fn print(out: &mut impl Write, next: &ClientEvent, args: &Args) -> anyhow::Result<()> {
     let ClientEvent::Event(event) = next else {
         return Ok(());
     };
-    if !args.events.is_empty() && !args.events.iter().any(|n| n == event.name().as_str()) {
-        return Ok(());
-    }
     if args.pretty {
         let value: serde_json::Value = serde_json::from_slice(event.line())?;
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;

@@ -71,15 +71,24 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let outstanding = Arc::new(Outstanding::default());
     let seen = Arc::clone(&outstanding);
     let store = args.store.clone();
-    let builder = args.hub.builder().on("delivered", move |event| {
+    let counting = args.count.is_some();
+    // Its own room, and only `delivered`: the driver sends deliveries to the store's room.
+    let builder = args
+        .hub
+        .builder()
+        .join(&args.store)
+        .subscribe(&["delivered"]);
+    let builder = builder.on("delivered", move |event| {
         let Ok(order) = serde_json::from_str::<Order>(event.payload()) else {
             return;
         };
         if order.store != store {
             return;
         }
-        // Thank once per order: a repeated `delivered` for it is ignored.
-        if seen.orders.lock().unwrap().remove(&order.order_id) {
+        // Thank once per order (a repeated `delivered` is ignored); without --count,
+        // thank for any order of this store.
+        let ours = seen.orders.lock().unwrap().remove(&order.order_id);
+        if ours || !counting {
             let _ = writeln!(
                 std::io::stdout(),
                 "Thank you for delivering order {}",
