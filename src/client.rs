@@ -580,7 +580,7 @@ impl ClientBuilder {
         let closing = CancellationToken::new();
         let (done_tx, done) = watch::channel(false);
         let state = Arc::new(Mutex::new(SessionState {
-            hello: (!self.hello.is_empty()).then(|| serde_json::Value::Object(self.hello)),
+            hello: (!self.hello.is_empty()).then_some(serde_json::Value::Object(self.hello)),
             patterns: self.patterns,
             rooms: self.rooms,
         }));

@@ -312,24 +312,39 @@ mod tests {
     use super::*;
     use crate::Config;
     use std::net::SocketAddr;
+    use std::time::Duration;
     use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::time::Instant;
+
+    /// Runs one connection of `hub` over an in-memory pipe; returns our end.
+    fn serve_pipe(
+        hub: &Hub,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<CloseReason>,
+    ) {
+        let (peer, server_side) = tokio::io::duplex(1024);
+        let client = hub.join(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let (tx, _rx) = mpsc::channel(1);
+        let hub = hub.clone();
+        let task = tokio::spawn(async move {
+            let (r, w) = tokio::io::split(server_side);
+            run(&hub, &client, r, w, &Phases::default(), tx).await
+        });
+        (peer, task)
+    }
+
+    async fn next_line(
+        lines: &mut tokio::io::Lines<BufReader<&mut tokio::io::DuplexStream>>,
+    ) -> String {
+        lines.next_line().await.unwrap().expect("closed")
+    }
 
     /// The connection logic over an in-memory pipe: no sockets involved.
     #[tokio::test]
     async fn serves_over_a_duplex_pipe() {
         let hub = Hub::new(Config::default());
-        let (mut peer, server_side) = tokio::io::duplex(1024);
-        let client = hub.join(SocketAddr::from(([127, 0, 0, 1], 1)));
-        let phases = Phases::default();
-        let (tx, _rx) = mpsc::channel(1);
-        let task = {
-            let hub = hub.clone();
-            let phases = phases.clone();
-            tokio::spawn(async move {
-                let (r, w) = tokio::io::split(server_side);
-                run(&hub, &client, r, w, &phases, tx).await
-            })
-        };
+        let (mut peer, task) = serve_pipe(&hub);
         peer.write_all(b"{\"event\":\"a\",\"payload\":1}garbage\n")
             .await
             .unwrap();
@@ -343,5 +358,87 @@ mod tests {
         drop(lines);
         peer.shutdown().await.unwrap();
         assert_eq!(task.await.unwrap(), CloseReason::PeerClosed);
+    }
+
+    /// Issue #4: `--idle-timeout` closes a silent connection (paused clock: no waiting).
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+        let hub = Hub::new(Config {
+            idle_timeout: Some(Duration::from_secs(30)),
+            ..Config::default()
+        });
+        let started = Instant::now();
+        let (mut peer, task) = serve_pipe(&hub);
+        let mut lines = BufReader::new(&mut peer).lines();
+        let error = next_line(&mut lines).await;
+        assert!(error.contains("idle_timeout"), "{error}");
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        assert_eq!(
+            task.await.unwrap(),
+            CloseReason::Protocol(ErrorCode::IdleTimeout)
+        );
+    }
+
+    /// Issue #4: activity resets the idle timer.
+    #[tokio::test(start_paused = true)]
+    async fn activity_keeps_a_connection_open() {
+        let hub = Hub::new(Config {
+            idle_timeout: Some(Duration::from_secs(30)),
+            ..Config::default()
+        });
+        let started = Instant::now();
+        let (mut peer, task) = serve_pipe(&hub);
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            peer.write_all(b"{\"event\":\"$ping\",\"payload\":null}")
+                .await
+                .unwrap();
+        }
+        let mut lines = BufReader::new(&mut peer).lines();
+        for _ in 0..3 {
+            assert!(next_line(&mut lines).await.contains("$pong"));
+        }
+        assert!(next_line(&mut lines).await.contains("idle_timeout"));
+        assert!(started.elapsed() >= Duration::from_secs(90));
+        task.await.unwrap();
+    }
+
+    /// Issue #4: a client that asked for heartbeats gets `$ping`s, stays while it
+    /// answers, and is closed two intervals after it stops.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_are_sent_and_silence_is_punished() {
+        let hub = Hub::new(Config::default());
+        let (mut peer, task) = serve_pipe(&hub);
+        peer.write_all(b"{\"event\":\"$hello\",\"payload\":{\"heartbeat\":10}}\n")
+            .await
+            .unwrap();
+        let (read, mut write) = tokio::io::split(&mut peer);
+        let mut lines = BufReader::new(read).lines();
+        assert!(lines
+            .next_line()
+            .await
+            .unwrap()
+            .unwrap()
+            .contains("$welcome"));
+        let started = Instant::now();
+        for _ in 0..3 {
+            let ping = lines.next_line().await.unwrap().unwrap();
+            assert_eq!(ping, r#"{"event":"$ping","payload":null}"#);
+            write
+                .write_all(b"{\"event\":\"$pong\",\"payload\":null}\n")
+                .await
+                .unwrap();
+        }
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        // Now silence: more pings, then the close.
+        let mut last = String::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            last = line;
+        }
+        assert!(last.contains("heartbeat_timeout"), "{last}");
+        assert_eq!(
+            task.await.unwrap(),
+            CloseReason::Protocol(ErrorCode::HeartbeatTimeout)
+        );
     }
 }

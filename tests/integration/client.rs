@@ -246,3 +246,65 @@ async fn sends_while_away_are_buffered_up_to_the_bound_then_refused() {
     );
     assert_eq!(queued.len(), 3, "all buffered sends reach the new hub");
 }
+
+/// Issue #4: subscriptions and rooms are told to the new hub after a reconnect.
+#[tokio::test]
+async fn subscriptions_and_rooms_are_restored_after_a_reconnect() {
+    let mut first = TestHub::start(Config::default()).await;
+    let addr = first.addr;
+    let builder = Client::builder()
+        .reconnect(quick_reconnect())
+        .subscribe(&["order.*"]);
+    let mut events = builder.events();
+    let client = builder.connect(addr).await.unwrap();
+    client.join("acme").await.unwrap();
+    first.begin_shutdown();
+    first.stopped().await;
+    let second = TestHub::start_on(addr, Config::default(), true).await;
+    while !matches!(
+        within(events.next()).await.unwrap(),
+        ClientEvent::Connect { .. }
+    ) {}
+    // The new hub has been told again: wait until it applied the join.
+    second
+        .wait_for(
+            |e| matches!(e, HubEvent::Control { event, .. } if event.name().as_str() == "$join"),
+        )
+        .await;
+    let mut sender = second.connect().await;
+    sender.send(r#"{"event":"pickup","payload":1}"#).await; // not subscribed
+    sender
+        .send(r#"{"event":"order.new","room":"zeta","payload":2}"#)
+        .await; // not a member
+    sender
+        .send(r#"{"event":"order.new","room":"acme","payload":3}"#)
+        .await;
+    sender.send(r#"{"event":"order.paid","payload":4}"#).await;
+    let first_heard = next_named(&mut events, "order.new").await;
+    assert_eq!(first_heard.payload(), "3");
+    assert_eq!(next_named(&mut events, "order.paid").await.payload(), "4");
+}
+
+#[tokio::test]
+async fn emit_to_reaches_only_the_room() {
+    let hub = TestHub::start(Config::default()).await;
+    let member = Client::builder()
+        .join("acme")
+        .connect(hub.addr)
+        .await
+        .unwrap();
+    hub.wait_for(|e| matches!(e, HubEvent::Control { .. }))
+        .await;
+    let mut outsider = hub.connect().await;
+    let mut heard = member.events();
+    let sender = Client::connect(hub.addr).await.unwrap();
+    sender.emit_to("acme", "delivered", &7).await.unwrap();
+    sender.emit("everyone", &8).await.unwrap();
+    let delivered = next_named(&mut heard, "delivered").await;
+    assert_eq!(delivered.room().unwrap().as_str(), "acme");
+    assert_eq!(outsider.json().await["event"], "everyone");
+    assert!(matches!(
+        sender.subscribe(&["bad..pattern"]).await,
+        Err(ClientError::InvalidEvent(_))
+    ));
+}

@@ -1,10 +1,10 @@
-//! The delivery demo end to end: `serve`, `driver` and `vendor` as three processes.
+//! The delivery demo end to end: `serve`, `driver` and `vendor`s as separate processes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::support::within;
@@ -21,84 +21,104 @@ fn hubcast(args: &[&str]) -> Command {
     cmd
 }
 
-/// Issue #3: the vendor thanks for all 20 orders and exits 0, and the hub's log shows
-/// every order going pickup → in-transit → delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vendor_and_driver_deliver_twenty_orders_through_the_hub() {
-    let mut serve = hubcast(&["serve", "--port", "0"]).spawn().unwrap();
-    let mut banner = BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first = within(banner.next_line()).await.unwrap().unwrap();
-    let port = first.rsplit(':').next().unwrap().to_string();
-    // Collect the hub's log as it is written, so its pipe never fills.
-    let (log_tx, mut log) = mpsc::unbounded_channel();
-    let mut stderr = BufReader::new(serve.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let _ = log_tx.send(line);
-        }
-    });
-    let mut hub_log = Vec::new();
-    let mut wait_log = async |needle: &str, hub_log: &mut Vec<String>| loop {
-        let line = within(log.recv()).await.expect("the hub exited");
-        let found = line.contains(needle);
-        hub_log.push(line);
-        if found {
-            return;
-        }
-    };
+/// A `hubcast serve` process and its log, read as it is written so its pipe never fills.
+struct HubProcess {
+    child: Child,
+    port: String,
+    log: mpsc::UnboundedReceiver<String>,
+    lines: Vec<String>,
+}
 
-    let driver = hubcast(&[
+impl HubProcess {
+    async fn start() -> HubProcess {
+        let mut child = hubcast(&["serve", "--port", "0"]).spawn().unwrap();
+        let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = within(banner.next_line()).await.unwrap().unwrap();
+        let port = first.rsplit(':').next().unwrap().to_string();
+        let (tx, log) = mpsc::unbounded_channel();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        HubProcess {
+            child,
+            port,
+            log,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Waits for the `n`-th log line containing `needle` (counting all seen so far).
+    async fn wait_log(&mut self, needle: &str, n: usize) {
+        while self.lines.iter().filter(|l| l.contains(needle)).count() < n {
+            let line = within(self.log.recv()).await.expect("the hub exited");
+            self.lines.push(line);
+        }
+    }
+
+    /// Stops the hub with SIGTERM and returns its whole log.
+    async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(within(self.child.wait()).await.unwrap().success());
+        while let Some(line) = self.log.recv().await {
+            self.lines.push(line);
+        }
+        self.lines
+    }
+}
+
+fn driver(port: &str) -> Child {
+    hubcast(&[
         "driver",
         "--port",
-        &port,
+        port,
         "--pickup-delay",
         "10ms",
         "--deliver-delay",
         "30ms",
     ])
     .spawn()
-    .unwrap();
-    // The driver is in the pool before the first order goes out.
-    wait_log("connection", &mut hub_log).await;
-    let vendor = hubcast(&[
+    .unwrap()
+}
+
+/// Runs a vendor to completion; returns the orders it thanked for.
+async fn vendor(port: &str, store: &str, count: &str) -> Vec<String> {
+    let output = hubcast(&[
         "vendor",
         "--port",
-        &port,
+        port,
         "--store",
-        "acme",
+        store,
         "--count",
-        "20",
+        count,
         "--interval",
         "50ms",
     ])
     .output();
-    let vendor = within(vendor).await.unwrap();
-    let stdout = String::from_utf8_lossy(&vendor.stdout);
+    let output = within(output).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        vendor.status.success(),
-        "vendor failed: {}",
-        String::from_utf8_lossy(&vendor.stderr)
+        output.status.success(),
+        "vendor {store} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
-    let thanks: Vec<&str> = stdout
+    stdout
         .lines()
         .filter_map(|l| l.strip_prefix("Thank you for delivering order "))
-        .collect();
-    assert_eq!(thanks.len(), 20, "{stdout}");
+        .map(str::to_string)
+        .collect()
+}
 
-    drop(driver);
-    let pid = serve.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(within(serve.wait()).await.unwrap().success());
-    while let Some(line) = log.recv().await {
-        hub_log.push(line);
-    }
-
-    // Each order's events, in the order the hub logged them.
-    let mut stages: HashMap<String, Vec<String>> = HashMap::new();
-    for line in &hub_log {
+/// Each order's events in the order the hub logged them, with their receiver counts.
+fn stages(log: &[String]) -> HashMap<String, Vec<(String, String)>> {
+    let mut stages: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for line in log {
         let Some(rest) = line.split("EVENT ").nth(1) else {
             continue;
         };
@@ -110,19 +130,57 @@ async fn vendor_and_driver_deliver_twenty_orders_through_the_hub() {
         else {
             continue;
         };
-        stages.entry(id.to_string()).or_default().push(name);
+        let receivers = rest.split("receivers=").nth(1).unwrap_or("?").to_string();
+        stages
+            .entry(id.to_string())
+            .or_default()
+            .push((name, receivers));
     }
+    stages
+}
+
+/// Issue #3: the vendor thanks for all 20 orders and exits 0, and the hub's log shows
+/// every order going pickup → in-transit → delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendor_and_driver_deliver_twenty_orders_through_the_hub() {
+    let mut hub = HubProcess::start().await;
+    let _driver = driver(&hub.port);
+    // The driver is in the pool before the first order goes out.
+    hub.wait_log("connection", 1).await;
+    let thanks = vendor(&hub.port, "acme", "20").await;
+    assert_eq!(thanks.len(), 20);
+    let stages = stages(&hub.stop().await);
     for id in thanks {
-        assert_eq!(
-            stages.get(id).map(Vec::as_slice),
-            Some(
-                &[
-                    "pickup".to_string(),
-                    "in-transit".to_string(),
-                    "delivered".to_string()
-                ][..]
-            ),
-            "order {id}"
-        );
+        let names: Vec<&str> = stages[&id].iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["pickup", "in-transit", "delivered"], "order {id}");
+    }
+}
+
+/// Issue #4: with rooms, two vendors each hear (and thank for) only their own orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vendors_each_hear_only_their_own_deliveries() {
+    let mut hub = HubProcess::start().await;
+    let _driver = driver(&hub.port);
+    hub.wait_log("connection", 1).await;
+    let port = hub.port.clone();
+    let (acme, zeta) = tokio::join!(vendor(&port, "acme", "8"), vendor(&port, "zeta", "8"));
+    assert_eq!(acme.len(), 8);
+    assert_eq!(zeta.len(), 8);
+    let acme: HashSet<String> = acme.into_iter().collect();
+    assert!(
+        zeta.iter().all(|id| !acme.contains(id)),
+        "a vendor thanked for the other's order"
+    );
+    let stages = stages(&hub.stop().await);
+    for id in acme.iter().chain(&zeta) {
+        let updates: Vec<&(String, String)> = stages[id].iter().skip(1).collect();
+        // Updates go to the store's room only. Its vendor subscribes to `delivered`
+        // alone, so `delivered` reaches exactly that vendor and `in-transit` no one.
+        let expected = [("in-transit", "0"), ("delivered", "1")];
+        let got: Vec<(&str, &str)> = updates
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_str()))
+            .collect();
+        assert_eq!(got, expected, "order {id}");
     }
 }

@@ -5,6 +5,7 @@
 
 mod cli;
 mod client;
+mod control;
 mod delivery;
 mod demo;
 mod node;

@@ -3,6 +3,7 @@
 use std::process::Stdio;
 
 use hubcast::{Config, HubEvent};
+use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
 
 use crate::support::{within, TestHub};
@@ -36,4 +37,44 @@ async fn lecture_style_node_clients_talk_through_the_hub() {
     assert!(hub
         .events_matching(|e| matches!(e, HubEvent::Rejected { .. }))
         .is_empty());
+}
+
+/// Issue #4: a class-style client that never says hello hears every event while the
+/// clients around it subscribe, join rooms and filter.
+#[tokio::test]
+async fn a_class_style_client_still_hears_everything_while_others_filter() {
+    let hub = TestHub::start(Config::default()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/plain-listener.js");
+    let mut node = Command::new("node")
+        .arg(script)
+        .arg(hub.addr.port().to_string())
+        .arg("4")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot run `node`");
+    let mut stdout = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
+    assert_eq!(within(stdout.next_line()).await.unwrap().unwrap(), "ready");
+    hub.wait_clients(1).await;
+    let mut filtering = hub.connect().await;
+    filtering
+        .send(r#"{"event":"$subscribe","payload":{"events":["order.*"]}}{"event":"$join","payload":{"room":"acme"}}"#)
+        .await;
+    assert_eq!(filtering.json().await["event"], "$subscribed");
+    assert_eq!(filtering.json().await["event"], "$joined");
+    filtering
+        .send(concat!(
+            r#"{"event":"pickup","payload":1}"#,
+            r#"{"event":"order.new","payload":2}"#,
+            r#"{"event":"status","payload":3}"#,
+            r#"{"event":"order.paid","payload":4}"#
+        ))
+        .await;
+    // The filtering client hears only its matches (its own echo included).
+    assert_eq!(filtering.json().await["event"], "order.new");
+    assert_eq!(filtering.json().await["event"], "order.paid");
+    let heard = within(stdout.next_line()).await.unwrap().unwrap();
+    assert_eq!(heard, "heard pickup,order.new,status,order.paid");
+    assert!(within(node.wait()).await.unwrap().success());
 }
