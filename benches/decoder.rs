@@ -13,7 +13,8 @@ use hubcast::frame::{Frame, FrameDecoder};
 fn stream(newline: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for i in 0..10_000u32 {
-        let head = format!(r#"{{"event":"order.created","payload":{{"id":{i:>6},"store":"acme","note":""#);
+        let head =
+            format!(r#"{{"event":"order.created","payload":{{"id":{i:>6},"store":"acme","note":""#);
         let tail = if newline { "\"}}\n" } else { "\"}}" };
         let pad = 128 - head.len() - tail.len() + usize::from(!newline);
         out.extend_from_slice(head.as_bytes());
