@@ -16,6 +16,15 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 /// The default limit on rooms per connection.
 pub const DEFAULT_MAX_ROOMS: usize = 100;
 
+/// The default limit on connected clients.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The default error budget: this many bad frames ...
+pub const DEFAULT_MAX_ERRORS: usize = 10;
+
+/// ... within this window.
+pub const DEFAULT_ERROR_WINDOW: Duration = Duration::from_secs(10);
+
 /// How a hub behaves.
 ///
 /// # Examples
@@ -41,6 +50,27 @@ pub struct Config {
     pub max_rooms: usize,
     /// Close connections that send nothing for this long (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// The most clients connected at once; more are answered `too_many_connections`.
+    pub max_connections: usize,
+    /// A connection that sends more than this many bad frames within `error_window`
+    /// is closed (`too_many_errors`).
+    pub max_errors: usize,
+    /// The window for `max_errors`.
+    pub error_window: Duration,
+    /// What to do with a client whose queue is full.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+/// What the hub does with a client that reads too slowly (its queue is full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SlowConsumerPolicy {
+    /// Send `$error` `slow_consumer` and disconnect it (the default).
+    #[default]
+    Disconnect,
+    /// Keep it, discard the events that do not fit, and tell it once per episode with
+    /// `$error` `events_dropped` and a count.
+    Drop,
 }
 
 impl Default for Config {
@@ -53,6 +83,10 @@ impl Default for Config {
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_rooms: DEFAULT_MAX_ROOMS,
             idle_timeout: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_errors: DEFAULT_MAX_ERRORS,
+            error_window: DEFAULT_ERROR_WINDOW,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
         }
     }
 }

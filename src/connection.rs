@@ -13,6 +13,8 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tokio::time::Instant;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -111,6 +113,10 @@ struct Connection<'a> {
     rbuf: BytesMut,
     batch: Batch,
     liveness: Liveness,
+    /// When the recent bad frames arrived, for the error budget.
+    errors: VecDeque<Instant>,
+    /// The error budget is spent: close after telling the client.
+    over_budget: bool,
 }
 
 /// Serves one client until it leaves, fails, or the hub shuts down; returns why it ended.
@@ -136,6 +142,8 @@ where
         rbuf: BytesMut::new(),
         batch: Batch::default(),
         liveness: Liveness::new(hub.config().idle_timeout),
+        errors: VecDeque::new(),
+        over_budget: false,
     };
     let mut reading = Some(reading);
     let reason = loop {
@@ -147,6 +155,9 @@ where
         };
         if closed == Some(Closed::Overflow) {
             break CloseReason::SlowConsumer;
+        }
+        if let Some(count) = client.outbox.take_dropped() {
+            conn.report_dropped(count);
         }
         let room = conn.decoder.room(&conn.rbuf);
         if reading.is_some() && conn.rbuf.capacity() - conn.rbuf.len() < READ_CHUNK / 8 {
@@ -186,6 +197,9 @@ where
                     if let Err(code) = conn.decode_all() {
                         break CloseReason::Protocol(code);
                     }
+                    if conn.over_budget {
+                        break CloseReason::Protocol(ErrorCode::TooManyErrors);
+                    }
                 }
                 Err(e) => break CloseReason::Io(e.to_string()),
             },
@@ -196,9 +210,9 @@ where
 }
 
 impl Connection<'_> {
-    /// Handles every complete frame in the read buffer.
+    /// Handles every complete frame in the read buffer (until the error budget is spent).
     fn decode_all(&mut self) -> Result<(), ErrorCode> {
-        loop {
+        while !self.over_budget {
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(Frame::Event(event))) => self.dispatch(event),
                 Ok(Some(Frame::Rejected(error))) => self.reject(error),
@@ -210,6 +224,24 @@ impl Connection<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Tells a client under the drop policy how many events it missed.
+    fn report_dropped(&self, count: usize) {
+        let notice = serde_json::json!({
+            "event": "$error",
+            "payload": {
+                "code": ErrorCode::EventsDropped,
+                "message": format!("{count} events did not fit in this client's queue and were dropped"),
+                "count": count,
+            }
+        });
+        let mut line = notice.to_string().into_bytes();
+        line.push(b'\n');
+        self.client.outbox.push_notice(Bytes::from(line));
+        let client = self.client.id;
+        self.hub.emit(|| HubEvent::EventsDropped { client, count });
     }
 
     fn dispatch(&mut self, event: Event) {
@@ -229,13 +261,36 @@ impl Connection<'_> {
         }
     }
 
-    /// Tells this client (and only it) what was wrong with its input.
-    fn reject(&self, error: ProtocolError) {
+    /// Tells this client (and only it) what was wrong with its input, and spends one
+    /// unit of its error budget.
+    fn reject(&mut self, error: ProtocolError) {
         self.client.outbox.push(error.to_frame());
         self.hub.rejected(self.client.id, error);
+        let config = self.hub.config();
+        let now = Instant::now();
+        self.errors.push_back(now);
+        while self
+            .errors
+            .front()
+            .is_some_and(|&at| now.duration_since(at) > config.error_window)
+        {
+            self.errors.pop_front();
+        }
+        if self.errors.len() > config.max_errors && !self.over_budget {
+            self.over_budget = true;
+            let error = ProtocolError::new(
+                ErrorCode::TooManyErrors,
+                format!(
+                    "more than {} bad frames within {:?}; closing the connection",
+                    config.max_errors, config.error_window
+                ),
+            );
+            self.client.outbox.push(error.to_frame());
+            self.hub.rejected(self.client.id, error);
+        }
     }
 
-    fn end_of_stream(&self) {
+    fn end_of_stream(&mut self) {
         if self.decoder.has_partial(&self.rbuf) {
             self.reject(ProtocolError::new(
                 ErrorCode::InvalidJson,

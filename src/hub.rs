@@ -14,7 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, SlowConsumerPolicy};
 use crate::event::{Event, RoomName};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -115,6 +115,19 @@ pub enum HubEvent {
         /// The slow client.
         client: ClientId,
     },
+    /// Events were dropped for a client that fell behind (`SlowConsumerPolicy::Drop`);
+    /// it has been told.
+    EventsDropped {
+        /// The client.
+        client: ClientId,
+        /// How many events it missed in this episode.
+        count: usize,
+    },
+    /// A connection was refused at the connection limit.
+    Refused {
+        /// Who tried to connect.
+        peer: SocketAddr,
+    },
     /// A client left the pool (`close`).
     Close {
         /// The client.
@@ -149,6 +162,9 @@ pub enum SendError {
     /// The client is closing.
     #[error("client {0} is closing")]
     Closing(ClientId),
+    /// The client's queue was full and the policy is to drop: this event was discarded.
+    #[error("client {0} is behind; the event was dropped")]
+    Dropped(ClientId),
 }
 
 /// A connected client as the pool holds it.
@@ -202,6 +218,10 @@ pub struct Stats {
     pub rejected: u64,
     /// Clients disconnected as slow consumers.
     pub slow_consumers: u64,
+    /// Deliveries discarded under `SlowConsumerPolicy::Drop`.
+    pub dropped: u64,
+    /// Connections refused at the connection limit.
+    pub refused: u64,
 }
 
 #[derive(Default)]
@@ -210,6 +230,8 @@ struct Counters {
     deliveries: AtomicU64,
     rejected: AtomicU64,
     slow_consumers: AtomicU64,
+    dropped: AtomicU64,
+    refused: AtomicU64,
 }
 
 struct Shared {
@@ -328,6 +350,8 @@ impl Hub {
             deliveries: c.deliveries.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
             slow_consumers: c.slow_consumers.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -349,6 +373,10 @@ impl Hub {
                 Ok(())
             }
             Push::Overflow => Err(SendError::SlowConsumer(client)),
+            Push::Dropped => {
+                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                Err(SendError::Dropped(client))
+            }
             Push::Closed => Err(SendError::Closing(client)),
         }
     }
@@ -380,10 +408,15 @@ impl Hub {
                 .get(id)
                 .is_some_and(|c| !c.echo.load(Ordering::Relaxed))
         });
-        let mut queued = 0;
+        let (mut queued, mut dropped) = (0, 0);
         let mut deliver = |client: &Client| {
-            if Some(client.id) != skip && client.outbox.push(line.clone()) == Push::Queued {
-                queued += 1;
+            if Some(client.id) == skip {
+                return;
+            }
+            match client.outbox.push(line.clone()) {
+                Push::Queued => queued += 1,
+                Push::Dropped => dropped += 1,
+                Push::Overflow | Push::Closed => {}
             }
         };
         if let Some(room) = event.room() {
@@ -407,10 +440,13 @@ impl Hub {
             }
         }
         drop(pool);
-        self.shared
-            .counters
+        let counters = &self.shared.counters;
+        counters
             .deliveries
             .fetch_add(queued as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
         queued
     }
 
@@ -503,7 +539,10 @@ impl Hub {
         let id = ClientId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let client = Arc::new(Client {
             id,
-            outbox: Outbox::new(self.shared.config.max_pending),
+            outbox: Outbox::new(
+                self.shared.config.max_pending,
+                self.shared.config.slow_consumer == SlowConsumerPolicy::Drop,
+            ),
             echo: AtomicBool::new(self.shared.config.echo),
         });
         {
@@ -546,6 +585,11 @@ impl Hub {
             .rejected
             .fetch_add(1, Ordering::Relaxed);
         self.emit(|| HubEvent::Rejected { client, error });
+    }
+
+    pub(crate) fn refused(&self, peer: SocketAddr) {
+        self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        self.emit(|| HubEvent::Refused { peer });
     }
 
     pub(crate) fn slow_consumer(&self, client: ClientId) {

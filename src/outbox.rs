@@ -21,6 +21,8 @@ pub(crate) enum Push {
     Queued,
     /// This push overflowed the queue: the client is now a slow consumer.
     Overflow,
+    /// The queue is full and the policy is to drop: this push was discarded.
+    Dropped,
     /// The client is closing; nothing more is accepted.
     Closed,
 }
@@ -41,6 +43,10 @@ pub(crate) struct Outbox {
     pending: AtomicUsize,
     notify: Notify,
     max_pending: usize,
+    /// Discard what does not fit instead of marking the client a slow consumer.
+    drop_when_full: bool,
+    /// Pushes discarded since the client was last told.
+    dropped: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -50,12 +56,14 @@ struct State {
 }
 
 impl Outbox {
-    pub(crate) fn new(max_pending: usize) -> Self {
+    pub(crate) fn new(max_pending: usize, drop_when_full: bool) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             pending: AtomicUsize::new(0),
             notify: Notify::new(),
             max_pending,
+            drop_when_full,
+            dropped: AtomicUsize::new(0),
         }
     }
 
@@ -71,6 +79,10 @@ impl Outbox {
             return Push::Closed;
         }
         if self.pending.load(Ordering::Acquire) + len > self.max_pending {
+            if self.drop_when_full {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return Push::Dropped;
+            }
             state.closed = Some(Closed::Overflow);
             state.queue = VecDeque::new();
             drop(state);
@@ -97,6 +109,33 @@ impl Outbox {
             batch.append(&mut state.queue);
         }
         state.closed
+    }
+
+    /// Queues a notice from the hub itself, past the byte limit: it is small and rare.
+    pub(crate) fn push_notice(&self, bytes: Bytes) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        self.pending.fetch_add(bytes.len(), Ordering::AcqRel);
+        let was_empty = state.queue.is_empty();
+        state.queue.push_back(bytes);
+        drop(state);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// How many pushes were dropped since the last call, once the queue has drained
+    /// to half its limit (so the notice is not itself dropped, and an episode of
+    /// drops is reported once).
+    pub(crate) fn take_dropped(&self) -> Option<usize> {
+        if self.dropped.load(Ordering::Relaxed) == 0
+            || self.pending.load(Ordering::Acquire) > self.max_pending / 2
+        {
+            return None;
+        }
+        Some(self.dropped.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     /// Whether (and why) the queue stopped accepting.
@@ -133,7 +172,7 @@ mod tests {
 
     #[test]
     fn bounded_in_bytes_and_overflow_frees_the_queue() {
-        let outbox = Outbox::new(10);
+        let outbox = Outbox::new(10, false);
         assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
         assert_eq!(outbox.pending(), 10);
@@ -146,7 +185,7 @@ mod tests {
 
     #[test]
     fn writes_make_room() {
-        let outbox = Outbox::new(10);
+        let outbox = Outbox::new(10, false);
         outbox.push(Bytes::from_static(b"1234567890"));
         let mut batch = VecDeque::new();
         assert_eq!(outbox.take(&mut batch), None);
@@ -156,5 +195,24 @@ mod tests {
         outbox.close();
         assert_eq!(outbox.take(&mut batch), Some(Closed::Closing));
         assert_eq!(batch.len(), 2);
+    }
+
+    #[test]
+    fn the_drop_policy_discards_and_reports_once_drained() {
+        let outbox = Outbox::new(10, true);
+        assert_eq!(outbox.push(Bytes::from_static(b"1234567890")), Push::Queued);
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
+        assert_eq!(
+            outbox.take_dropped(),
+            None,
+            "reported only once there is room"
+        );
+        let mut batch = VecDeque::new();
+        assert_eq!(outbox.take(&mut batch), None, "still open");
+        outbox.written(10);
+        assert_eq!(outbox.take_dropped(), Some(2));
+        assert_eq!(outbox.take_dropped(), None);
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Queued);
     }
 }

@@ -45,6 +45,12 @@ pub enum ErrorCode {
     IdleTimeout,
     /// The client asked for heartbeats and stopped answering them; it is closed.
     HeartbeatTimeout,
+    /// The hub is at `--max-connections`; the new connection is closed.
+    TooManyConnections,
+    /// More bad frames than the error budget allows; the connection is closed.
+    TooManyErrors,
+    /// Events did not fit in the client's queue and were discarded (`--slow-consumer drop`).
+    EventsDropped,
     /// A code this version does not know (from a newer hub); the hub never sends it.
     #[serde(other)]
     Unknown,
@@ -72,6 +78,9 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::HeartbeatTimeout => "heartbeat_timeout",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooManyErrors => "too_many_errors",
+            ErrorCode::EventsDropped => "events_dropped",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -6,17 +6,19 @@
 //! reading (no new events can enter), then, once none reads, all flush their queues
 //! within the drain deadline and close.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::connection::{self, Phases};
 use crate::hub::{CloseReason, Hub, HubEvent};
+use crate::protocol::{ErrorCode, ProtocolError};
 
 /// The longest pause between retries when `accept` keeps failing (for example
 /// when the process is out of file descriptors).
@@ -92,6 +94,8 @@ impl Server {
         // all of them (and ours) are gone.
         let (reading, mut all_stopped) = mpsc::channel::<()>(1);
         let mut backoff = Duration::ZERO;
+        // One permit per connection: taken at accept, given back when it closes.
+        let slots = Arc::new(Semaphore::new(hub.config().max_connections));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -100,8 +104,15 @@ impl Server {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::ZERO;
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        refuse(&hub, stream, peer);
+                        continue;
+                    };
                     let task = serve(hub.clone(), stream, peer, phases.clone(), reading.clone());
-                    tracker.spawn(task);
+                    tracker.spawn(async move {
+                        task.await;
+                        drop(slot);
+                    });
                 }
                 Err(e) if is_per_connection(&e) => continue,
                 Err(e) => {
@@ -127,6 +138,22 @@ impl Server {
         tracker.wait().await;
         hub.emit(|| HubEvent::Shutdown);
     }
+}
+
+/// Tells a connection over the limit why it is closed, without waiting on it: the
+/// socket is new, so its send buffer has room for one short line.
+fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr) {
+    let error = ProtocolError::new(
+        ErrorCode::TooManyConnections,
+        format!(
+            "the hub is at its limit of {} connections; try again later",
+            hub.config().max_connections
+        ),
+    );
+    if let Ok(stream) = stream.into_std() {
+        let _ = (&stream).write(&error.to_frame());
+    }
+    hub.refused(peer);
 }
 
 /// Errors that concern one incoming connection only, not the listener.

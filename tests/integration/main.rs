@@ -8,6 +8,7 @@ mod client;
 mod control;
 mod delivery;
 mod demo;
+mod faults;
 mod node;
 mod pool;
 mod protocol;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use hubcast::{Config, Hub, HubEvent, Server};
+use hubcast::{Config, Hub, HubEvent, Server, SlowConsumerPolicy};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -42,9 +42,39 @@ pub struct Args {
     /// Close connections that send nothing for this long (e.g. 5m); off by default.
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Most clients connected at once; more are told `too_many_connections` and closed.
+    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_CONNECTIONS)]
+    max_conns: usize,
+    /// What to do with a client that reads too slowly: disconnect it, or drop what
+    /// does not fit in its queue (and tell it how many were dropped).
+    #[arg(long, value_enum, default_value = "disconnect")]
+    slow_consumer: SlowConsumer,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SlowConsumer {
+    Disconnect,
+    Drop,
+}
+
+/// Descriptors kept aside for the listener, logs and the rest of the process.
+const SPARE_FILES: u64 = 64;
+
+/// Raises the soft open-files limit to what `max_conns` needs (up to the hard limit),
+/// and says so when the hard limit is too low.
+fn raise_open_files_limit(max_conns: usize) {
+    let wanted = max_conns as u64 + SPARE_FILES;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => warn!(
+            "the open-files limit is {got}: at most about {} clients can connect, not {max_conns}; raise the hard limit (ulimit -Hn) to serve more",
+            got.saturating_sub(SPARE_FILES)
+        ),
+        Ok(got) => tracing::debug!(limit = got, "open-files limit"),
+        Err(e) => warn!("cannot read or raise the open-files limit: {e}"),
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -56,7 +86,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_subscriptions: args.max_subscriptions,
         max_rooms: args.max_rooms,
         idle_timeout: args.idle_timeout,
+        max_connections: args.max_conns,
+        slow_consumer: match args.slow_consumer {
+            SlowConsumer::Disconnect => SlowConsumerPolicy::Disconnect,
+            SlowConsumer::Drop => SlowConsumerPolicy::Drop,
+        },
+        ..Config::default()
     };
+    raise_open_files_limit(config.max_connections);
     let quiet = args.quiet;
     let signals = Signals::install()?;
     let hub = Hub::with_observer(config, move |event| log(event, quiet));
@@ -133,6 +170,10 @@ fn log(event: &HubEvent, quiet: bool) {
             warn!(%client, code = %error.code, "rejected frame: {}", error.message)
         }
         HubEvent::SlowConsumer { client } => warn!(%client, "slow consumer: disconnecting"),
+        HubEvent::EventsDropped { client, count } => {
+            warn!(%client, count, "slow consumer: events dropped")
+        }
+        HubEvent::Refused { peer } => warn!(%peer, "refused: at the connection limit"),
         HubEvent::Close {
             client,
             had_error,

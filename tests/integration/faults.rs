@@ -1,0 +1,288 @@
+//! Limits and faults (issue #5): the hub keeps serving everyone else.
+
+use std::time::Duration;
+
+use hubcast::{CloseReason, Config, HubEvent, SlowConsumerPolicy};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::support::{event, within, TestHub};
+
+/// Sends an event from `from` and checks that `to` hears it: the hub still works.
+async fn still_serving(hub: &TestHub, tag: &str) {
+    let mut from = hub.connect().await;
+    let mut to = hub.connect().await;
+    from.send(event("alive", json!(tag))).await;
+    assert_eq!(to.json().await["payload"], tag);
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_and_closed() {
+    let hub = TestHub::start(Config {
+        max_connections: 3,
+        ..Config::default()
+    })
+    .await;
+    let mut a = hub.connect().await;
+    let mut b = hub.connect().await;
+    let c = hub.connect().await;
+    let extra = TcpStream::connect(hub.addr).await.unwrap();
+    let mut lines = BufReader::new(extra).lines();
+    let refusal = within(lines.next_line()).await.unwrap().unwrap();
+    assert!(refusal.contains("too_many_connections"), "{refusal}");
+    assert_eq!(within(lines.next_line()).await.unwrap(), None);
+    hub.wait_for(|e| matches!(e, HubEvent::Refused { .. }))
+        .await;
+    // The three already in are unaffected.
+    a.send(event("x", json!(1))).await;
+    assert_eq!(b.json().await["event"], "x");
+    assert_eq!(hub.hub.stats().refused, 1);
+    // A slot frees up when one leaves.
+    let c_id = c.id;
+    drop(c);
+    hub.wait_close(c_id).await;
+    let mut d = hub.connect().await;
+    a.send(event("y", json!(2))).await;
+    assert_eq!(d.json().await["event"], "y");
+}
+
+#[tokio::test]
+async fn the_error_budget_tolerates_ten_bad_frames_and_closes_on_the_eleventh() {
+    let hub = TestHub::start(Config::default()).await;
+    let mut client = hub.connect().await;
+    client.send("bad\n".repeat(10)).await;
+    for _ in 0..10 {
+        client.expect_error("invalid_json").await;
+    }
+    client.send(event("fine", json!(1))).await;
+    assert_eq!(client.json().await["event"], "fine");
+    client.send("bad\n").await;
+    client.expect_error("invalid_json").await;
+    client.expect_error("too_many_errors").await;
+    client.expect_eof().await;
+    let close = hub.wait_close(client.id).await;
+    assert!(
+        matches!(
+            close,
+            HubEvent::Close {
+                reason: CloseReason::Protocol(hubcast::ErrorCode::TooManyErrors),
+                ..
+            }
+        ),
+        "{close:?}"
+    );
+    still_serving(&hub, "after the garbage").await;
+}
+
+/// `--slow-consumer drop`: the slow client stays, misses what did not fit, and is told
+/// exactly how many it missed: nothing is dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drop_policy_keeps_the_client_and_accounts_for_every_event() {
+    let hub = TestHub::start_with(
+        Config {
+            max_pending: 64 << 10,
+            slow_consumer: SlowConsumerPolicy::Drop,
+            echo: false,
+            ..Config::default()
+        },
+        true,
+    )
+    .await;
+    let mut slow = hub.connect_small_window().await;
+    let mut publisher = hub.connect().await;
+    let padding = "z".repeat(1000);
+    let burst: String = (0..3000)
+        .map(|seq| event("bulk", json!({"seq": seq, "pad": padding})))
+        .collect();
+    publisher.send(burst).await;
+    hub.wait_accepted(3000).await;
+    let (mut received, mut dropped, mut last_seq) = (0u64, 0u64, -1i64);
+    while received + dropped < 3000 {
+        let frame = slow.json().await;
+        if frame["event"] == "$error" {
+            assert_eq!(frame["payload"]["code"], "events_dropped", "{frame}");
+            dropped += frame["payload"]["count"].as_u64().unwrap();
+        } else {
+            let seq = frame["payload"]["seq"].as_i64().unwrap();
+            assert!(seq > last_seq, "out of order: {seq} after {last_seq}");
+            last_seq = seq;
+            received += 1;
+        }
+    }
+    assert!(dropped > 0, "the test must overflow the queue");
+    assert_eq!(received + dropped, 3000);
+    assert_eq!(hub.hub.stats().dropped, dropped);
+    assert_eq!(hub.hub.clients(), 2, "the slow client is still connected");
+}
+
+#[tokio::test]
+async fn a_client_killed_mid_frame_or_reset_leaves_no_trace() {
+    let hub = TestHub::start(Config::default()).await;
+    let mut half = hub.connect().await;
+    half.send(r#"{"event":"pickup","payload":{"sto"#).await;
+    let half_id = half.id;
+    drop(half);
+    hub.wait_close(half_id).await;
+
+    let reset = hub.connect().await;
+    let reset_id = reset.id;
+    let stream = reset.reader.into_inner().reunite(reset.writer).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream); // linger 0: the kernel sends RST, not FIN
+    hub.wait_close(reset_id).await;
+    hub.wait_clients(0).await;
+    still_serving(&hub, "after the crashes").await;
+    assert!(hub
+        .events_matching(|e| matches!(e, HubEvent::Event { .. }))
+        .iter()
+        .all(|e| matches!(e, HubEvent::Event { event, .. } if event.name().as_str() == "alive")));
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_closed_by_the_idle_timeout() {
+    let hub = TestHub::start(Config {
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..Config::default()
+    })
+    .await;
+    let mut silent = hub.connect().await;
+    silent.expect_error("idle_timeout").await;
+    silent.expect_eof().await;
+    let close = hub.wait_close(silent.id).await;
+    assert!(
+        matches!(
+            close,
+            HubEvent::Close {
+                had_error: true,
+                ..
+            }
+        ),
+        "{close:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_stays_and_hears_everything() {
+    let hub = TestHub::start(Config::default()).await;
+    let mut mute = hub.connect().await;
+    for round in 0..3 {
+        still_serving(&hub, &format!("round {round}")).await;
+    }
+    for round in 0..3 {
+        assert_eq!(mute.json().await["payload"], format!("round {round}"));
+    }
+    assert!(hub.hub.client_ids().contains(&mute.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_connecting_at_once_all_get_served() {
+    // Each connection here costs two descriptors: the client's and the hub's.
+    rlimit::increase_nofile_limit(4096).unwrap();
+    let hub = TestHub::start_with(Config::default(), false).await;
+    let mut connecting = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let addr = hub.addr;
+        connecting.spawn(async move { TcpStream::connect(addr).await.unwrap() });
+    }
+    let mut clients = Vec::new();
+    while let Some(stream) = connecting.join_next().await {
+        clients.push(BufReader::new(stream.unwrap()));
+    }
+    hub.wait_clients(1000).await;
+    let reached = hub
+        .hub
+        .broadcast(&hubcast::Event::new("all", &"hands").unwrap());
+    assert_eq!(reached, 1000);
+    for client in &mut clients {
+        let mut line = String::new();
+        within(client.read_line(&mut line)).await.unwrap();
+        assert_eq!(line, "{\"event\":\"all\",\"payload\":\"hands\"}\n");
+    }
+    drop(clients);
+    hub.wait_clients(0).await;
+}
+
+/// Descriptor exhaustion: a hub limited to 48 open files keeps serving the clients it
+/// has while accept fails, and recovers once descriptors free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_survives_running_out_of_descriptors() {
+    let exe = env!("CARGO_BIN_EXE_hubcast");
+    let mut serve = tokio::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!("ulimit -n 48 && exec '{exe}' serve --port 0 --quiet"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut banner = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first = within(banner.next_line()).await.unwrap().unwrap();
+    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
+    let (log_tx, mut log) = tokio::sync::mpsc::unbounded_channel();
+    let mut stderr = BufReader::new(serve.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = log_tx.send(line);
+        }
+    });
+    let connect = || async move { TcpStream::connect(("127.0.0.1", port)).await.unwrap() };
+    // Two clients the hub surely has, then far more than its descriptors allow.
+    let (mut talker, mut listener) = (connect().await, BufReader::new(connect().await));
+    let mut crowd = Vec::new();
+    for _ in 0..80 {
+        crowd.push(connect().await);
+    }
+    loop {
+        let line = within(log.recv()).await.expect("hub log ended");
+        if line.contains("accept failed") {
+            assert!(
+                line.contains("Too many open files") || line.contains("os error 24"),
+                "{line}"
+            );
+            break;
+        }
+    }
+    // Existing clients are still served while accept fails.
+    talker
+        .write_all(event("during", json!(1)).as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        within(listener.read_line(&mut line)).await.unwrap();
+        if line.contains("during") {
+            break;
+        }
+    }
+    // Free the descriptors: the hub recovers and serves new clients.
+    drop(crowd);
+    let mut late = BufReader::new(connect().await);
+    within(async {
+        let mut late_line = String::new();
+        loop {
+            // Until the hub has accepted `late`, these go to the others only.
+            talker
+                .write_all(event("after", json!(2)).as_bytes())
+                .await
+                .unwrap();
+            late_line.clear();
+            let read =
+                tokio::time::timeout(Duration::from_millis(500), late.read_line(&mut late_line))
+                    .await;
+            if matches!(read, Ok(Ok(n)) if n > 0) && late_line.contains("after") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "the hub must still be running"
+    );
+}
