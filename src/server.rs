@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +23,10 @@ use crate::protocol::{ErrorCode, ProtocolError};
 /// The longest pause between retries when `accept` keeps failing (for example
 /// when the process is out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Connections the kernel may hold for us before `accept` (it caps this at
+/// `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// TCP keepalive for every client socket: first probe after 60 s of silence, then
 /// every 10 s; 5 unanswered probes and the kernel reports the connection dead.
@@ -58,7 +62,19 @@ impl Server {
     ///
     /// The bind error, such as the address being in use.
     pub async fn bind(addr: impl ToSocketAddrs, hub: Hub) -> io::Result<Self> {
-        Ok(Self::from_listener(TcpListener::bind(addr).await?, hub))
+        let mut last_error = None;
+        for addr in tokio::net::lookup_host(addr).await? {
+            match listen(addr) {
+                Ok(listener) => return Ok(Self::from_listener(listener, hub)),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the address resolved to nothing",
+            )
+        }))
     }
 
     /// Serves on a listener the caller already bound.
@@ -138,6 +154,21 @@ impl Server {
         tracker.wait().await;
         hub.emit(|| HubEvent::Shutdown);
     }
+}
+
+/// Binds and listens with a backlog for bursts of connections. (`TcpListener::bind`
+/// uses 128, like std: 1,000 clients connecting at once overflow it, and with SYN
+/// cookies the ones that overflow believe they are connected while the hub never
+/// sees them.)
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Tells a connection over the limit why it is closed, without waiting on it: the

@@ -177,6 +177,8 @@ async fn a_client_that_never_sends_stays_and_hears_everything() {
     assert!(hub.hub.client_ids().contains(&mute.id));
 }
 
+/// Also a regression test: with the default listen backlog of 128, about a tenth of
+/// these were silently lost (issue #5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clients_connecting_at_once_all_get_served() {
     // Each connection here costs two descriptors: the client's and the hub's.
@@ -284,5 +286,114 @@ async fn the_hub_survives_running_out_of_descriptors() {
     assert!(
         serve.try_wait().unwrap().is_none(),
         "the hub must still be running"
+    );
+}
+
+/// SIGTERM while 100 clients receive a stream: every event the hub accepted before the
+/// signal reaches every client still reading, then the hub exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_stream_delivers_everything_accepted_to_every_reader() {
+    let exe = env!("CARGO_BIN_EXE_hubcast");
+    let mut serve = tokio::process::Command::new(exe)
+        .args(["serve", "--port", "0", "--no-echo", "--quiet"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut banner = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first = within(banner.next_line()).await.unwrap().unwrap();
+    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
+    let (log_tx, mut log) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut stderr = BufReader::new(serve.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = log_tx.send(line);
+        }
+    });
+    let mut log_lines = Vec::new();
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0u64);
+    let mut readers = tokio::task::JoinSet::new();
+    for r in 0..100 {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let progress_tx = progress_tx.clone();
+        readers.spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            let mut next = 0u64;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let seq: u64 = line
+                    .trim_start_matches(r#"{"event":"n","payload":"#)
+                    .trim_end_matches('}')
+                    .parse()
+                    .unwrap_or_else(|_| panic!("reader {r}: unexpected line {line}"));
+                assert_eq!(seq, next, "reader {r}: a gap in the stream");
+                next += 1;
+                if r == 0 {
+                    progress_tx.send_replace(next);
+                }
+            }
+            next
+        });
+    }
+    // All 100 readers are in the pool before the stream starts.
+    while log_lines
+        .iter()
+        .filter(|l: &&String| l.contains("connection client"))
+        .count()
+        < 100
+    {
+        log_lines.push(within(log.recv()).await.unwrap());
+    }
+    let mut publisher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let publishing = tokio::spawn(async move {
+        let mut seq = 0u64;
+        // A paced stream (about 4,000 events/s, 400,000 deliveries/s), bounded.
+        while seq < 1_000_000 {
+            let batch: String = (seq..seq + 20)
+                .map(|i| format!(r#"{{"event":"n","payload":{i}}}"#))
+                .collect();
+            if publisher.write_all(batch.as_bytes()).await.is_err() {
+                break;
+            }
+            seq += 20;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    within(progress.wait_for(|&n| n >= 1000)).await.unwrap();
+    let pid = serve.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(within(serve.wait()).await.unwrap().code(), Some(0));
+    let mut counts = Vec::new();
+    while let Some(count) = within(readers.join_next()).await {
+        counts.push(count.unwrap());
+    }
+    publishing.abort();
+    while let Some(line) = log.recv().await {
+        log_lines.push(line);
+    }
+    let totals = log_lines
+        .iter()
+        .find(|l| l.contains("totals"))
+        .expect("no totals line");
+    let accepted: u64 = totals
+        .split("events=")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("events=N in the totals line");
+    assert!(accepted >= 1000, "{totals}");
+    assert!(
+        counts.iter().all(|&c| c == accepted),
+        "the hub accepted {accepted} events; readers got {:?}",
+        counts
+            .iter()
+            .filter(|&&c| c != accepted)
+            .take(5)
+            .collect::<Vec<_>>()
     );
 }

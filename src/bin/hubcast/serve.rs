@@ -98,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let signals = Signals::install()?;
     let hub = Hub::with_observer(config, move |event| log(event, quiet));
     let host = args.host.trim_start_matches('[').trim_end_matches(']');
-    let server = Server::bind((host, args.port), hub)
+    let server = Server::bind((host, args.port), hub.clone())
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = server.local_addr()?;
@@ -110,6 +110,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.watch(shutdown.clone()));
     server.run(shutdown).await;
+    let stats = hub.stats();
+    info!(
+        events = stats.events,
+        deliveries = stats.deliveries,
+        rejected = stats.rejected,
+        slow_consumers = stats.slow_consumers,
+        dropped = stats.dropped,
+        refused = stats.refused,
+        "totals"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
