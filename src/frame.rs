@@ -217,31 +217,33 @@ impl FrameDecoder {
     fn scan_nested(&mut self, buf: &[u8]) -> Step {
         let s = &mut self.scan;
         let mut i = s.pos;
-        while i < buf.len() {
+        // `get` rather than indexing: no panic path on network bytes, by construction.
+        while let Some(&byte) = buf.get(i) {
             if s.in_string {
                 if s.escaped {
                     s.escaped = false;
-                    if buf[i] == b'\n' {
+                    if byte == b'\n' {
                         return Step::BrokenString(i);
                     }
                     i += 1;
                     continue;
                 }
                 // Skip plain string bytes in bulk.
-                let Some(at) = memchr::memchr3(b'"', b'\\', b'\n', &buf[i..]) else {
+                let rest = buf.get(i..).unwrap_or_default();
+                let Some(at) = memchr::memchr3(b'"', b'\\', b'\n', rest) else {
                     i = buf.len();
                     break;
                 };
                 i += at;
-                match buf[i] {
-                    b'"' => s.in_string = false,
-                    b'\\' => s.escaped = true,
+                match rest.get(at) {
+                    Some(b'"') => s.in_string = false,
+                    Some(b'\\') => s.escaped = true,
                     _ => return Step::BrokenString(i),
                 }
                 i += 1;
                 continue;
             }
-            match buf[i] {
+            match byte {
                 b'"' => s.in_string = true,
                 b'{' | b'[' => s.depth += 1,
                 b'}' | b']' => {

@@ -11,5 +11,6 @@ mod demo;
 mod faults;
 mod node;
 mod pool;
+mod properties;
 mod protocol;
 mod support;

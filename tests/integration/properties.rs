@@ -1,0 +1,138 @@
+//! Property tests of the frame decoder (issue #5): splits, garbage, round trips.
+
+use bytes::BytesMut;
+use hubcast::frame::{Frame, FrameDecoder};
+use hubcast::Event;
+use proptest::prelude::*;
+use serde_json::Value;
+
+/// Decodes `chunks` in order; returns each frame as `Ok(line)` or `Err(code)`, and the
+/// fatal error if the stream ended in one.
+fn decode(max: usize, chunks: &[&[u8]]) -> (Vec<Result<Vec<u8>, String>>, Option<String>) {
+    let mut decoder = FrameDecoder::new(max);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for chunk in chunks {
+        let room = decoder.room(&buf);
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(Frame::Event(e))) => out.push(Ok(e.line().to_vec())),
+                Ok(Some(Frame::Rejected(e))) => out.push(Err(e.code.to_string())),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e.code.to_string())),
+            }
+        }
+        assert!(
+            buf.len() <= max + 1,
+            "buffered {} bytes past a {max} limit",
+            buf.len()
+        );
+    }
+    (out, None)
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        "[ -~é\\n\"\\\\{}]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z{}\"]{1,4}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn event_name() -> impl Strategy<Value = String> {
+    "[a-zé-][a-z0-9é-]{0,8}(\\.[a-z*>]{1,5}){0,2}"
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any split of a valid stream, with any separators, decodes to the same events.
+    #[test]
+    fn any_split_decodes_to_the_same_events(
+        events in prop::collection::vec((event_name(), json_value()), 1..6),
+        separators in prop::collection::vec(prop::sample::select(vec!["", "\n", "\r\n", " \t", "\n\n"]), 6),
+        pretty in any::<bool>(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let mut stream = Vec::new();
+        for (i, (name, payload)) in events.iter().enumerate() {
+            let object = serde_json::json!({"event": name, "payload": payload});
+            let text = if pretty { serde_json::to_string_pretty(&object) } else { serde_json::to_string(&object) };
+            stream.extend_from_slice(text.unwrap().as_bytes());
+            stream.extend_from_slice(separators[i].as_bytes());
+        }
+        let (whole, fatal) = decode(1 << 20, &[&stream]);
+        prop_assert_eq!(fatal, None);
+        prop_assert_eq!(whole.len(), events.len());
+        for (line, (name, payload)) in whole.iter().zip(&events) {
+            let line = line.as_ref().expect("a valid event was rejected");
+            let parsed: Value = serde_json::from_slice(line).unwrap();
+            prop_assert_eq!(&parsed["event"], &Value::from(name.as_str()));
+            prop_assert_eq!(&parsed["payload"], payload);
+        }
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+        points.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut from = 0;
+        for point in points {
+            chunks.push(&stream[from..point]);
+            from = point;
+        }
+        chunks.push(&stream[from..]);
+        let (split, fatal) = decode(1 << 20, &chunks);
+        prop_assert_eq!(fatal, None);
+        prop_assert_eq!(split, whole);
+    }
+
+    /// Any bytes, in any chunks, give events or errors: never a panic, never more
+    /// buffered than the limit, and every event line parses back.
+    #[test]
+    fn any_bytes_give_events_or_errors(
+        bytes in prop::collection::vec(any::<u8>(), 0..2048),
+        chunk in 1usize..64,
+    ) {
+        let chunks: Vec<&[u8]> = bytes.chunks(chunk).collect();
+        let (frames, _) = decode(256, &chunks);
+        for frame in frames.into_iter().flatten() {
+            prop_assert_eq!(frame.last(), Some(&b'\n'));
+            prop_assert!(Event::from_line(frame.into()).is_ok());
+        }
+    }
+
+    /// Garbage built from JSON's own characters (more likely to get far) is handled too.
+    #[test]
+    fn json_like_garbage_gives_events_or_errors(
+        text in "[{}\\[\\]\":,\\\\ \\nae0-9$]{0,400}",
+        chunk in 1usize..32,
+    ) {
+        let chunks: Vec<&[u8]> = text.as_bytes().chunks(chunk).collect();
+        let (frames, _) = decode(128, &chunks);
+        for frame in frames.into_iter().flatten() {
+            prop_assert!(Event::from_line(frame.into()).is_ok());
+        }
+    }
+
+    /// Encoding an event and decoding its line gives the same name and payload.
+    #[test]
+    fn encode_then_decode_is_identity(name in event_name(), payload in json_value()) {
+        let event = Event::new(&name, &payload).unwrap();
+        let (frames, fatal) = decode(1 << 20, &[event.line()]);
+        prop_assert_eq!(fatal, None);
+        prop_assert_eq!(frames.len(), 1);
+        let line = frames[0].clone().unwrap();
+        prop_assert_eq!(&line[..], &event.line()[..]);
+        let again = Event::from_line(line.into()).unwrap();
+        prop_assert_eq!(again.name().as_str(), name.as_str());
+        let decoded: Value = serde_json::from_str(again.payload()).unwrap();
+        prop_assert_eq!(decoded, payload);
+    }
+}
