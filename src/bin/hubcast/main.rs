@@ -4,14 +4,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: gives freed memory back to the system after load drops (glibc's malloc
-/// kept the soak's peak); see ARCHITECTURE.md.
+/// mimalloc: steadier memory than glibc's malloc under churn, and it can hand cached
+/// memory back when the hub goes idle (`memory.rs`); see docs/testing.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod args;
 mod driver;
 mod hub_client;
+mod memory;
 mod output;
 mod publish;
 mod serve;
@@ -58,6 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(memory::on_park)
         .build()?;
     runtime.block_on(async {
         match cli.command {

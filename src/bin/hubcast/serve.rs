@@ -109,6 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.watch(shutdown.clone()));
+    tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
     server.run(shutdown).await;
     let stats = hub.stats();
     info!(
