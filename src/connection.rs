@@ -156,8 +156,9 @@ where
         if closed == Some(Closed::Overflow) {
             break CloseReason::SlowConsumer;
         }
-        if let Some(count) = client.outbox.take_dropped() {
-            conn.report_dropped(count);
+        if let Some(count) = client.outbox.end_drops_if_drained() {
+            let id = client.id;
+            hub.emit(|| HubEvent::EventsDropped { client: id, count });
         }
         let room = conn.decoder.room(&conn.rbuf);
         if reading.is_some() && conn.rbuf.capacity() - conn.rbuf.len() < READ_CHUNK / 8 {
@@ -225,23 +226,6 @@ impl Connection<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Tells a client under the drop policy how many events it missed.
-    fn report_dropped(&self, count: usize) {
-        let notice = serde_json::json!({
-            "event": "$error",
-            "payload": {
-                "code": ErrorCode::EventsDropped,
-                "message": format!("{count} events did not fit in this client's queue and were dropped"),
-                "count": count,
-            }
-        });
-        let mut line = notice.to_string().into_bytes();
-        line.push(b'\n');
-        self.client.outbox.push_notice(Bytes::from(line));
-        let client = self.client.id;
-        self.hub.emit(|| HubEvent::EventsDropped { client, count });
     }
 
     fn dispatch(&mut self, event: Event) {

@@ -115,8 +115,8 @@ pub enum HubEvent {
         /// The slow client.
         client: ClientId,
     },
-    /// Events were dropped for a client that fell behind (`SlowConsumerPolicy::Drop`);
-    /// it has been told.
+    /// A client that fell behind (`SlowConsumerPolicy::Drop`) has caught up to half its
+    /// queue and was told, at the gap, how many events it missed.
     EventsDropped {
         /// The client.
         client: ClientId,
@@ -365,7 +365,7 @@ impl Hub {
         let target = self.read_pool().clients.get(&client).cloned();
         let target = target.ok_or(SendError::NoSuchClient(client))?;
         match target.outbox.push(event.line().clone()) {
-            Push::Queued => {
+            Push::Queued | Push::Resumed(_) => {
                 self.shared
                     .counters
                     .deliveries
@@ -409,12 +409,17 @@ impl Hub {
                 .is_some_and(|c| !c.echo.load(Ordering::Relaxed))
         });
         let (mut queued, mut dropped) = (0, 0);
+        let mut resumed = Vec::new();
         let mut deliver = |client: &Client| {
             if Some(client.id) == skip {
                 return;
             }
             match client.outbox.push(line.clone()) {
                 Push::Queued => queued += 1,
+                Push::Resumed(count) => {
+                    queued += 1;
+                    resumed.push((client.id, count));
+                }
                 Push::Dropped => dropped += 1,
                 Push::Overflow | Push::Closed => {}
             }
@@ -440,6 +445,9 @@ impl Hub {
             }
         }
         drop(pool);
+        for (client, count) in resumed {
+            self.emit(|| HubEvent::EventsDropped { client, count });
+        }
         let counters = &self.shared.counters;
         counters
             .deliveries

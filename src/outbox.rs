@@ -15,6 +15,8 @@ use bytes::Bytes;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
+use crate::protocol::events_dropped_frame;
+
 /// The outcome of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Push {
@@ -23,6 +25,9 @@ pub(crate) enum Push {
     Overflow,
     /// The queue is full and the policy is to drop: this push was discarded.
     Dropped,
+    /// Queued, right after an `events_dropped` notice ending a drop episode of this
+    /// many events.
+    Resumed(usize),
     /// The client is closing; nothing more is accepted.
     Closed,
 }
@@ -45,14 +50,16 @@ pub(crate) struct Outbox {
     max_pending: usize,
     /// Discard what does not fit instead of marking the client a slow consumer.
     drop_when_full: bool,
-    /// Pushes discarded since the client was last told.
-    dropped: AtomicUsize,
 }
 
 #[derive(Default)]
 struct State {
     queue: VecDeque<Bytes>,
     closed: Option<Closed>,
+    /// Events discarded in the current drop episode (drop policy only). While it is
+    /// non-zero the client gets nothing new until its queue drains to half; then the
+    /// `events_dropped` notice goes in first, exactly where the gap is.
+    dropped: usize,
 }
 
 impl Outbox {
@@ -63,7 +70,6 @@ impl Outbox {
             notify: Notify::new(),
             max_pending,
             drop_when_full,
-            dropped: AtomicUsize::new(0),
         }
     }
 
@@ -78,9 +84,18 @@ impl Outbox {
         if state.closed.is_some() {
             return Push::Closed;
         }
-        if self.pending.load(Ordering::Acquire) + len > self.max_pending {
+        let pending = self.pending.load(Ordering::Acquire);
+        let mut resumed = None;
+        if state.dropped > 0 {
+            if pending > self.max_pending / 2 {
+                state.dropped += 1;
+                return Push::Dropped;
+            }
+            resumed = Some(self.end_drops(&mut state));
+        }
+        if pending + len > self.max_pending {
             if self.drop_when_full {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                state.dropped += 1;
                 return Push::Dropped;
             }
             state.closed = Some(Closed::Overflow);
@@ -89,15 +104,43 @@ impl Outbox {
             self.notify.notify_one();
             return Push::Overflow;
         }
-        self.pending.fetch_add(len, Ordering::AcqRel);
-        let was_empty = state.queue.is_empty();
-        state.queue.push_back(bytes);
+        self.enqueue(&mut state, bytes);
         drop(state);
-        if was_empty {
+        match resumed {
+            Some(count) => Push::Resumed(count),
+            None => Push::Queued,
+        }
+    }
+
+    /// Appends to the queue, waking the writer if it was empty. The caller holds the lock.
+    fn enqueue(&self, state: &mut MutexGuard<'_, State>, bytes: Bytes) {
+        self.pending.fetch_add(bytes.len(), Ordering::AcqRel);
+        if state.queue.is_empty() {
             // The writer drains the whole queue each time, so one wake-up per batch is enough.
             self.notify.notify_one();
         }
-        Push::Queued
+        state.queue.push_back(bytes);
+    }
+
+    /// Ends a drop episode: queues the notice (past the byte limit: it is small, and
+    /// one per episode); returns how many events the client missed.
+    fn end_drops(&self, state: &mut MutexGuard<'_, State>) -> usize {
+        let count = std::mem::take(&mut state.dropped);
+        self.enqueue(state, events_dropped_frame(count));
+        count
+    }
+
+    /// Ends a drop episode that no new event ended, once the queue has drained to
+    /// half: for a client that missed the last events sent. Returns the count.
+    pub(crate) fn end_drops_if_drained(&self) -> Option<usize> {
+        let mut state = self.lock();
+        if state.dropped == 0
+            || state.closed.is_some()
+            || self.pending.load(Ordering::Acquire) > self.max_pending / 2
+        {
+            return None;
+        }
+        Some(self.end_drops(&mut state))
     }
 
     /// Moves everything queued to the back of `batch`, and says whether the queue is closed.
@@ -109,33 +152,6 @@ impl Outbox {
             batch.append(&mut state.queue);
         }
         state.closed
-    }
-
-    /// Queues a notice from the hub itself, past the byte limit: it is small and rare.
-    pub(crate) fn push_notice(&self, bytes: Bytes) {
-        let mut state = self.lock();
-        if state.closed.is_some() {
-            return;
-        }
-        self.pending.fetch_add(bytes.len(), Ordering::AcqRel);
-        let was_empty = state.queue.is_empty();
-        state.queue.push_back(bytes);
-        drop(state);
-        if was_empty {
-            self.notify.notify_one();
-        }
-    }
-
-    /// How many pushes were dropped since the last call, once the queue has drained
-    /// to half its limit (so the notice is not itself dropped, and an episode of
-    /// drops is reported once).
-    pub(crate) fn take_dropped(&self) -> Option<usize> {
-        if self.dropped.load(Ordering::Relaxed) == 0
-            || self.pending.load(Ordering::Acquire) > self.max_pending / 2
-        {
-            return None;
-        }
-        Some(self.dropped.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     /// Whether (and why) the queue stopped accepting.
@@ -198,21 +214,35 @@ mod tests {
     }
 
     #[test]
-    fn the_drop_policy_discards_and_reports_once_drained() {
+    fn the_drop_policy_reports_each_gap_where_it_is() {
         let outbox = Outbox::new(10, true);
         assert_eq!(outbox.push(Bytes::from_static(b"1234567890")), Push::Queued);
         assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
+        outbox.written(4); // 6 pending: more than half, so still dropping
         assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
-        assert_eq!(
-            outbox.take_dropped(),
-            None,
-            "reported only once there is room"
-        );
+        assert_eq!(outbox.end_drops_if_drained(), None);
         let mut batch = VecDeque::new();
         assert_eq!(outbox.take(&mut batch), None, "still open");
+        outbox.written(6);
+        // Drained: the next event goes out right after the notice for the gap.
+        assert_eq!(outbox.push(Bytes::from_static(b"next")), Push::Resumed(2));
+        outbox.take(&mut batch);
+        let notice = String::from_utf8(batch[1].to_vec()).unwrap();
+        assert!(
+            notice.contains("events_dropped") && notice.contains("\"count\":2"),
+            "{notice}"
+        );
+        assert_eq!(&batch[2][..], b"next");
+    }
+
+    #[test]
+    fn a_gap_at_the_end_is_reported_once_drained() {
+        let outbox = Outbox::new(10, true);
+        outbox.push(Bytes::from_static(b"1234567890"));
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
+        assert_eq!(outbox.end_drops_if_drained(), None);
         outbox.written(10);
-        assert_eq!(outbox.take_dropped(), Some(2));
-        assert_eq!(outbox.take_dropped(), None);
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Queued);
+        assert_eq!(outbox.end_drops_if_drained(), Some(1));
+        assert_eq!(outbox.end_drops_if_drained(), None);
     }
 }

@@ -147,3 +147,12 @@ impl ProtocolError {
         Bytes::from(line)
     }
 }
+
+/// The `$error` `events_dropped` notice: `count` events did not fit in this client's
+/// queue and were discarded (`--slow-consumer drop`).
+pub(crate) fn events_dropped_frame(count: usize) -> Bytes {
+    let line = format!(
+        "{{\"event\":\"$error\",\"payload\":{{\"code\":\"events_dropped\",\"message\":\"{count} events did not fit in this client's queue and were dropped\",\"count\":{count}}}}}\n"
+    );
+    Bytes::from(line)
+}
