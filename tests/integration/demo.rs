@@ -3,11 +3,9 @@
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 
-use crate::support::within;
+use crate::support::{within, HubProcess};
 
 fn hubcast(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubcast"));
@@ -19,58 +17,6 @@ fn hubcast(args: &[&str]) -> Command {
         .env_remove("PORT")
         .kill_on_drop(true);
     cmd
-}
-
-/// A `hubcast serve` process and its log, read as it is written so its pipe never fills.
-struct HubProcess {
-    child: Child,
-    port: String,
-    log: mpsc::UnboundedReceiver<String>,
-    lines: Vec<String>,
-}
-
-impl HubProcess {
-    async fn start() -> HubProcess {
-        let mut child = hubcast(&["serve", "--port", "0"]).spawn().unwrap();
-        let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = within(banner.next_line()).await.unwrap().unwrap();
-        let port = first.rsplit(':').next().unwrap().to_string();
-        let (tx, log) = mpsc::unbounded_channel();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        HubProcess {
-            child,
-            port,
-            log,
-            lines: Vec::new(),
-        }
-    }
-
-    /// Waits for the `n`-th log line containing `needle` (counting all seen so far).
-    async fn wait_log(&mut self, needle: &str, n: usize) {
-        while self.lines.iter().filter(|l| l.contains(needle)).count() < n {
-            let line = within(self.log.recv()).await.expect("the hub exited");
-            self.lines.push(line);
-        }
-    }
-
-    /// Stops the hub with SIGTERM and returns its whole log.
-    async fn stop(mut self) -> Vec<String> {
-        let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(within(self.child.wait()).await.unwrap().success());
-        while let Some(line) = self.log.recv().await {
-            self.lines.push(line);
-        }
-        self.lines
-    }
 }
 
 fn driver(port: &str) -> Child {
@@ -143,11 +89,12 @@ fn stages(log: &[String]) -> HashMap<String, Vec<(String, String)>> {
 /// every order going pickup → in-transit → delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vendor_and_driver_deliver_twenty_orders_through_the_hub() {
-    let mut hub = HubProcess::start().await;
-    let _driver = driver(&hub.port);
+    let mut hub = HubProcess::spawn(HubProcess::command(&["serve", "--port", "0"])).await;
+    let port = hub.port.to_string();
+    let _driver = driver(&port);
     // The driver is in the pool before the first order goes out.
     hub.wait_log("connection", 1).await;
-    let thanks = vendor(&hub.port, "acme", "20").await;
+    let thanks = vendor(&port, "acme", "20").await;
     assert_eq!(thanks.len(), 20);
     let stages = stages(&hub.stop().await);
     for id in thanks {
@@ -159,10 +106,10 @@ async fn vendor_and_driver_deliver_twenty_orders_through_the_hub() {
 /// Issue #4: with rooms, two vendors each hear (and thank for) only their own orders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vendors_each_hear_only_their_own_deliveries() {
-    let mut hub = HubProcess::start().await;
-    let _driver = driver(&hub.port);
+    let mut hub = HubProcess::spawn(HubProcess::command(&["serve", "--port", "0"])).await;
+    let port = hub.port.to_string();
+    let _driver = driver(&port);
     hub.wait_log("connection", 1).await;
-    let port = hub.port.clone();
     let (acme, zeta) = tokio::join!(vendor(&port, "acme", "8"), vendor(&port, "zeta", "8"));
     assert_eq!(acme.len(), 8);
     assert_eq!(zeta.len(), 8);

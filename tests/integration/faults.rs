@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::support::{event, within, TestHub};
+use crate::support::{event, within, HubProcess, TestHub};
 
 /// Sends an event from `from` and checks that `to` hears it: the hub still works.
 async fn still_serving(hub: &TestHub, tag: &str) {
@@ -219,43 +219,35 @@ async fn a_thousand_clients_connecting_at_once_all_get_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_survives_running_out_of_descriptors() {
     let exe = env!("CARGO_BIN_EXE_hubcast");
-    let mut serve = tokio::process::Command::new("bash")
-        .args([
-            "-c",
-            &format!("ulimit -n 48 && exec '{exe}' serve --port 0 --quiet"),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut banner = BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first = within(banner.next_line()).await.unwrap().unwrap();
-    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
-    let (log_tx, mut log) = tokio::sync::mpsc::unbounded_channel();
-    let mut stderr = BufReader::new(serve.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let _ = log_tx.send(line);
-        }
-    });
+    let mut shell = tokio::process::Command::new("bash");
+    shell.args([
+        "-c",
+        &format!("ulimit -n 48 && exec '{exe}' serve --port 0 --quiet"),
+    ]);
+    let mut hub = HubProcess::spawn(shell).await;
+    let port = hub.port;
     let connect = || async move { TcpStream::connect(("127.0.0.1", port)).await.unwrap() };
-    // Two clients the hub surely has, then far more than its descriptors allow.
+    // Two clients the hub has (proven by a round trip), then far more than its
+    // descriptors allow.
     let (mut talker, mut listener) = (connect().await, BufReader::new(connect().await));
+    talker
+        .write_all(event("hello", json!(0)).as_bytes())
+        .await
+        .unwrap();
+    let mut hello = String::new();
+    within(listener.read_line(&mut hello)).await.unwrap();
+    assert!(hello.contains("hello"), "{hello}");
     let mut crowd = Vec::new();
     for _ in 0..80 {
         crowd.push(connect().await);
     }
-    loop {
-        let line = within(log.recv()).await.expect("hub log ended");
-        if line.contains("accept failed") {
-            assert!(
-                line.contains("Too many open files") || line.contains("os error 24"),
-                "{line}"
-            );
-            break;
-        }
-    }
+    hub.wait_log("accept failed", 1).await;
+    let failure = hub
+        .lines
+        .iter()
+        .find(|l| l.contains("accept failed"))
+        .unwrap();
+    assert!(failure.contains("Too many open files"), "{failure}");
     // Existing clients are still served while accept fails.
     talker
         .write_all(event("during", json!(1)).as_bytes())
@@ -290,36 +282,22 @@ async fn the_hub_survives_running_out_of_descriptors() {
         }
     })
     .await;
-    assert!(
-        serve.try_wait().unwrap().is_none(),
-        "the hub must still be running"
-    );
+    assert!(hub.is_running(), "the hub must still be running");
 }
 
 /// SIGTERM while 100 clients receive a stream: every event the hub accepted before the
 /// signal reaches every client still reading, then the hub exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_stream_delivers_everything_accepted_to_every_reader() {
-    let exe = env!("CARGO_BIN_EXE_hubcast");
-    let mut serve = tokio::process::Command::new(exe)
-        .args(["serve", "--port", "0", "--no-echo", "--quiet"])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut banner = BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first = within(banner.next_line()).await.unwrap().unwrap();
-    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
-    let (log_tx, mut log) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut stderr = BufReader::new(serve.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            let _ = log_tx.send(line);
-        }
-    });
-    let mut log_lines = Vec::new();
+    let mut hub = HubProcess::spawn(HubProcess::command(&[
+        "serve",
+        "--port",
+        "0",
+        "--no-echo",
+        "--quiet",
+    ]))
+    .await;
+    let port = hub.port;
     let (progress_tx, mut progress) = tokio::sync::watch::channel(0u64);
     let mut readers = tokio::task::JoinSet::new();
     for r in 0..100 {
@@ -344,14 +322,7 @@ async fn sigterm_during_a_stream_delivers_everything_accepted_to_every_reader() 
         });
     }
     // All 100 readers are in the pool before the stream starts.
-    while log_lines
-        .iter()
-        .filter(|l: &&String| l.contains("connection client"))
-        .count()
-        < 100
-    {
-        log_lines.push(within(log.recv()).await.unwrap());
-    }
+    hub.wait_log("connection client", 100).await;
     let mut publisher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let publishing = tokio::spawn(async move {
         let mut seq = 0u64;
@@ -368,21 +339,12 @@ async fn sigterm_during_a_stream_delivers_everything_accepted_to_every_reader() 
         }
     });
     within(progress.wait_for(|&n| n >= 1000)).await.unwrap();
-    let pid = serve.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(within(serve.wait()).await.unwrap().code(), Some(0));
+    let log_lines = hub.stop().await;
     let mut counts = Vec::new();
     while let Some(count) = within(readers.join_next()).await {
         counts.push(count.unwrap());
     }
     publishing.abort();
-    while let Some(line) = log.recv().await {
-        log_lines.push(line);
-    }
     let totals = log_lines
         .iter()
         .find(|l| l.contains("totals"))

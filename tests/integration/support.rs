@@ -254,3 +254,78 @@ pub async fn within<F: std::future::Future>(fut: F) -> F::Output {
 pub fn event(name: &str, payload: Value) -> String {
     serde_json::json!({ "event": name, "payload": payload }).to_string()
 }
+
+/// A `hubcast serve` process (or a shell that `exec`s one), its port, and its log,
+/// read as it is written so that its pipe never fills.
+pub struct HubProcess {
+    child: tokio::process::Child,
+    pub port: u16,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Log lines seen so far.
+    pub lines: Vec<String>,
+}
+
+impl HubProcess {
+    /// `hubcast ARGS`, logging at `info`, without `$PORT` from the environment.
+    pub fn command(args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcast"));
+        cmd.args(args).env("RUST_LOG", "info").env_remove("PORT");
+        cmd
+    }
+
+    /// Starts `cmd` (which must print hubcast's "Server up on ..." banner).
+    pub async fn spawn(mut cmd: tokio::process::Command) -> HubProcess {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = within(banner.next_line()).await.unwrap().unwrap();
+        let port = first.rsplit(':').next().unwrap().parse().unwrap();
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        HubProcess {
+            child,
+            port,
+            log,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Waits until `n` log lines in all contain `needle`.
+    pub async fn wait_log(&mut self, needle: &str, n: usize) {
+        while self.lines.iter().filter(|l| l.contains(needle)).count() < n {
+            let line = within(self.log.recv()).await.expect("the hub exited");
+            self.lines.push(line);
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Stops the hub with SIGTERM, checks it exits 0, and returns its whole log.
+    pub async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap().to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        assert!(kill.unwrap().success());
+        let status = within(self.child.wait()).await.unwrap();
+        assert_eq!(status.code(), Some(0), "the hub must exit 0 after SIGTERM");
+        while let Some(line) = self.log.recv().await {
+            self.lines.push(line);
+        }
+        self.lines
+    }
+}
