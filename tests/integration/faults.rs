@@ -227,16 +227,22 @@ async fn the_hub_survives_running_out_of_descriptors() {
     let mut hub = HubProcess::spawn(shell).await;
     let port = hub.port;
     let connect = || async move { TcpStream::connect(("127.0.0.1", port)).await.unwrap() };
-    // Two clients the hub has (proven by a round trip), then far more than its
+    // Two clients the hub has (each proven by a `$ping` round trip: a finished TCP
+    // handshake does not mean the hub has accepted yet), then far more than its
     // descriptors allow.
     let (mut talker, mut listener) = (connect().await, BufReader::new(connect().await));
-    talker
-        .write_all(event("hello", json!(0)).as_bytes())
-        .await
-        .unwrap();
-    let mut hello = String::new();
-    within(listener.read_line(&mut hello)).await.unwrap();
-    assert!(hello.contains("hello"), "{hello}");
+    for client in [&mut talker, listener.get_mut()] {
+        client
+            .write_all(b"{\"event\":\"$ping\",\"payload\":null}\n")
+            .await
+            .unwrap();
+    }
+    let mut talker_lines = BufReader::new(&mut talker);
+    let mut pong = String::new();
+    within(talker_lines.read_line(&mut pong)).await.unwrap();
+    pong.clear();
+    within(listener.read_line(&mut pong)).await.unwrap();
+    assert!(pong.contains("$pong"), "{pong}");
     let mut crowd = Vec::new();
     for _ in 0..80 {
         crowd.push(connect().await);
