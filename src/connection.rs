@@ -37,8 +37,10 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Free space kept in the read buffer before each read.
-const READ_CHUNK: usize = 8 * 1024;
+/// The first read size: small, so idle connections hold little memory.
+const MIN_READ: usize = 512;
+/// Reads grow (doubling each time one fills the space offered) up to this size.
+const MAX_READ: usize = 64 * 1024;
 /// Most frames handed to one `writev`.
 const MAX_IOV: usize = 64;
 
@@ -117,6 +119,8 @@ struct Connection<'a> {
     errors: VecDeque<Instant>,
     /// The error budget is spent: close after telling the client.
     over_budget: bool,
+    /// How much to offer the next read: grows with the client's traffic.
+    read_size: usize,
 }
 
 /// Serves one client until it leaves, fails, or the hub shuts down; returns why it ended.
@@ -144,6 +148,7 @@ where
         liveness: Liveness::new(hub.config().idle_timeout),
         errors: VecDeque::new(),
         over_budget: false,
+        read_size: MIN_READ,
     };
     let mut reading = Some(reading);
     let reason = loop {
@@ -161,9 +166,10 @@ where
             hub.emit(|| HubEvent::EventsDropped { client: id, count });
         }
         let room = conn.decoder.room(&conn.rbuf);
-        if reading.is_some() && conn.rbuf.capacity() - conn.rbuf.len() < READ_CHUNK / 8 {
-            conn.rbuf.reserve(READ_CHUNK.min(room));
+        if reading.is_some() && conn.rbuf.capacity() - conn.rbuf.len() < conn.read_size / 4 {
+            conn.rbuf.reserve(conn.read_size.min(room));
         }
+        let offered = (conn.rbuf.capacity() - conn.rbuf.len()).min(room);
         let writing = !conn.batch.is_empty();
         let due_at = conn.liveness.deadline().filter(|_| reading.is_some());
         let mut read_into = (&mut conn.rbuf).limit(room);
@@ -193,7 +199,10 @@ where
                     conn.end_of_stream();
                     break CloseReason::PeerClosed;
                 }
-                Ok(_) => {
+                Ok(n) => {
+                    if n >= offered {
+                        conn.read_size = (conn.read_size * 2).min(MAX_READ);
+                    }
                     conn.liveness.heard();
                     if let Err(code) = conn.decode_all() {
                         break CloseReason::Protocol(code);
