@@ -81,6 +81,13 @@ async fn bad_flags_exit_2_naming_the_problem() {
         (&["serve", "--max-frame", "lots"], "--max-frame"),
         (&["serve", "--drain-timeout", "soon"], "--drain-timeout"),
         (&["serve", "--frobnicate"], "--frobnicate"),
+        (&["serve", "--max-conns", "0"], "--max-conns"),
+        (
+            &["serve", "--slow-consumer", "sometimes"],
+            "--slow-consumer",
+        ),
+        (&["pub"], "EVENT"),
+        (&["vendor"], "--store"),
         (&["launch"], "launch"),
     ] {
         let output = within(hubcast().args(args).output()).await.unwrap();

@@ -32,6 +32,15 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     Ok(size)
 }
 
+/// Parses a count that must be at least 1.
+pub fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
 /// Parses a human duration: `100ms`, `5s`, `1m 30s`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
@@ -50,6 +59,13 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn positive_counts() {
+        assert_eq!(parse_positive("10"), Ok(10));
+        assert!(parse_positive("0").is_err());
+        assert!(parse_positive("-1").is_err());
     }
 
     #[test]

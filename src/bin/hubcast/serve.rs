@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::args::{parse_duration, parse_size};
+use crate::args::{parse_duration, parse_positive, parse_size};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
     /// Most clients connected at once; more are told `too_many_connections` and closed.
-    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_conns: usize,
     /// What to do with a client that reads too slowly: disconnect it, or drop what
     /// does not fit in its queue (and tell it how many were dropped).
