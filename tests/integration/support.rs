@@ -173,10 +173,17 @@ impl TestHub {
         within(count.wait_for(|&c| c == n)).await.unwrap();
     }
 
-    /// Waits for the hub to report that `client` left, and returns the report.
-    pub async fn wait_close(&self, client: ClientId) -> HubEvent {
-        self.wait_for(|e| matches!(e, HubEvent::Close { client: c, .. } if *c == client))
-            .await
+    /// Waits for the hub to report that `client` left; returns `(had_error, reason)`.
+    pub async fn wait_close(&self, client: ClientId) -> (bool, hubcast::CloseReason) {
+        let close = self
+            .wait_for(|e| matches!(e, HubEvent::Close { client: c, .. } if *c == client))
+            .await;
+        match close {
+            HubEvent::Close {
+                had_error, reason, ..
+            } => (had_error, reason),
+            other => unreachable!("{other:?}"),
+        }
     }
 }
 
