@@ -133,6 +133,11 @@ impl Outbox {
     /// Ends a drop episode that no new event ended, once the queue has drained to
     /// half: for a client that missed the last events sent. Returns the count.
     pub(crate) fn end_drops_if_drained(&self) -> Option<usize> {
+        // Called on every turn of the connection loop: without the drop policy there is
+        // never an episode, so skip the lock.
+        if !self.drop_when_full {
+            return None;
+        }
         let mut state = self.lock();
         if state.dropped == 0
             || state.closed.is_some()
