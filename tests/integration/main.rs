@@ -3,6 +3,7 @@
 //! One test binary (faster to build and link than one per file); `support` holds the
 //! shared helper that starts a hub and watches what it reports.
 
+mod bench;
 mod cli;
 mod client;
 mod control;

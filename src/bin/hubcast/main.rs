@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod args;
+mod bench;
 mod driver;
 mod hub_client;
 mod memory;
@@ -39,6 +40,8 @@ enum Command {
     Vendor(vendor::Args),
     /// The delivery demo's driver: pick up and deliver every order.
     Driver(driver::Args),
+    /// Measure fan-out throughput and latency (against a hub, nats-server or Redis).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Pub(args) => publish::run(args).await,
             Command::Vendor(args) => vendor::run(args).await,
             Command::Driver(args) => driver::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     })
 }

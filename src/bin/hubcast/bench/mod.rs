@@ -1,0 +1,66 @@
+//! `hubcast bench`: fan-out throughput and latency against a hub, nats-server or Redis.
+//!
+//! N subscribers and P publishers connect; the publishers send K messages of S bytes
+//! (as fast as the window allows, or at `--rate`); every subscriber checks it got every
+//! message of every publisher, in order, and records each one's latency. Publishers stay
+//! at most `--window` messages ahead of the slowest subscriber, so no target is pushed
+//! into dropping messages and every run measures sustained, loss-free delivery.
+
+mod report;
+mod run;
+mod tally;
+mod wire;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::args::{parse_duration, parse_positive, parse_size};
+use wire::Target;
+
+pub use run::run;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The server: hubcast://HOST:PORT, nats://HOST:PORT, redis://HOST:PORT, or a bare
+    /// HOST:PORT (a hub).
+    #[arg(
+        long,
+        short,
+        default_value = "hubcast://127.0.0.1:3000",
+        conflicts_with = "embedded"
+    )]
+    target: Target,
+    /// Start a hub inside the bench (on 127.0.0.1, a free port) and measure that.
+    #[arg(long)]
+    embedded: bool,
+    /// Subscribers: connections that receive every message.
+    #[arg(long, short = 'n', default_value = "10", value_parser = parse_positive)]
+    subs: usize,
+    /// Publishers: connections that send the messages, each its share.
+    #[arg(long, short = 'p', default_value = "1", value_parser = parse_positive)]
+    pubs: usize,
+    /// Messages to publish in all (split evenly between publishers).
+    #[arg(long, short = 'k', default_value = "100000", value_parser = parse_positive)]
+    events: usize,
+    /// Size of each message's body in bytes (a JSON event, at least 83 B): 128, 4KiB.
+    #[arg(long, short, default_value = "128", value_parser = parse_size)]
+    size: usize,
+    /// Publish at this many messages per second in all (default: as fast as the window
+    /// allows). Latency is meaningful at a rate the server sustains.
+    #[arg(long, value_parser = parse_positive)]
+    rate: Option<usize>,
+    /// Most messages a publisher may be ahead of its slowest subscriber.
+    #[arg(long, default_value = "1000", value_parser = parse_positive)]
+    window: usize,
+    /// Stop and report when no message has arrived for this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    stall_timeout: Duration,
+    /// Print the result as one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn usage(message: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("hubcast: error: {message}");
+    Ok(ExitCode::from(2))
+}

@@ -1,0 +1,539 @@
+//! Running one benchmark: connect everyone, publish, count, report.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::report::{Report, SubscriberGap};
+use super::tally::{micros_since, read_stamp, write_body, Flow, Stamp, Tally, MIN_SIZE};
+use super::wire::{Inbound, Kind, Reply, Target};
+use super::{usage, Args};
+
+/// A publisher writes up to this much per `write` call (pipelining, the same for every
+/// target).
+const BATCH_BYTES: usize = 64 * 1024;
+/// Each connection's read buffer (grown when one message is larger).
+const READ_BUFFER: usize = 64 * 1024;
+
+/// What every task of one run shares.
+struct Shared {
+    kind: Kind,
+    size: usize,
+    subscribers: usize,
+    /// Messages each publisher sends.
+    counts: Vec<u64>,
+    flows: Vec<Flow>,
+    /// The clock all stamps are relative to.
+    clock: Instant,
+    /// Deliveries so far, for the progress bar and stall detection.
+    delivered: AtomicU64,
+    /// Errors the servers reported (first few kept), and how many in all.
+    errors: Mutex<(Vec<String>, u64)>,
+    /// Redis `PUBLISH` replies that counted fewer receivers than subscribers.
+    short_publishes: AtomicU64,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn error(&self, text: String) {
+        let mut errors = self.errors.lock().expect("errors lock");
+        if errors.0.len() < 5 {
+            errors.0.push(text);
+        }
+        errors.1 += 1;
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.size < MIN_SIZE {
+        return usage(&format!(
+            "--size must be at least {MIN_SIZE} bytes (a message carries a {MIN_SIZE}-byte stamp)"
+        ));
+    }
+    if args.events < args.pubs {
+        return usage("--events must be at least --pubs (every publisher sends one or more)");
+    }
+    raise_open_files_limit(args.subs + args.pubs);
+    let (target, embedded) = if args.embedded {
+        let (target, token) = start_embedded().await?;
+        (target, Some(token))
+    } else {
+        (args.target.clone(), None)
+    };
+    let counts = (0..args.pubs)
+        .map(|p| (args.events / args.pubs + usize::from(p < args.events % args.pubs)) as u64)
+        .collect();
+    let shared = Arc::new(Shared {
+        kind: target.kind,
+        size: args.size,
+        subscribers: args.subs,
+        counts,
+        flows: (0..args.pubs)
+            .map(|_| Flow::new(args.window, args.subs))
+            .collect(),
+        clock: Instant::now(),
+        delivered: AtomicU64::new(0),
+        errors: Mutex::new((Vec::new(), 0)),
+        short_publishes: AtomicU64::new(0),
+        stop: CancellationToken::new(),
+    });
+    let report = measure(&args, &target, &shared).await;
+    if let Some(token) = embedded {
+        token.cancel();
+    }
+    let report = report?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::Result<Report> {
+    let connecting = Instant::now();
+    let mut subscribers = Vec::with_capacity(args.subs);
+    for index in 0..args.subs {
+        let ready = handshake(target, &target.kind.subscribe())
+            .await
+            .with_context(|| format!("subscriber {} of {}", index + 1, args.subs))?;
+        subscribers.push(ready);
+    }
+    let mut publishers = Vec::with_capacity(args.pubs);
+    for index in 0..args.pubs {
+        let ready = match target.kind.publisher_hello() {
+            Some(hello) => handshake(target, &hello).await,
+            None => connect(target).await.map(|stream| (stream, Vec::new())),
+        }
+        .with_context(|| format!("publisher {} of {}", index + 1, args.pubs))?;
+        publishers.push(ready);
+    }
+    let connect_time = connecting.elapsed();
+
+    let mut subscriber_tasks = JoinSet::new();
+    for (index, (stream, leftover)) in subscribers.into_iter().enumerate() {
+        let shared = Arc::clone(shared);
+        subscriber_tasks.spawn(async move { (index, subscribe(&shared, stream, leftover).await) });
+    }
+    let started_us = micros_since(shared.clock);
+    let rate = args.rate.map(|rate| rate as f64 / args.pubs as f64);
+    let mut publisher_tasks = JoinSet::new();
+    for (id, (stream, _)) in publishers.into_iter().enumerate() {
+        let shared = Arc::clone(shared);
+        publisher_tasks.spawn(async move { publish(&shared, id, stream, rate).await });
+    }
+
+    let outcomes = watch(args, shared, &mut subscriber_tasks).await;
+    shared.stop.cancel();
+    let mut published = 0;
+    while let Some(result) = publisher_tasks.join_next().await {
+        match result.context("a publisher task failed")? {
+            Ok(sent) => published += sent,
+            Err(e) => shared.error(format!("publisher: {e:#}")),
+        }
+    }
+    Ok(summarise(
+        args,
+        target,
+        shared,
+        outcomes,
+        published,
+        started_us,
+        connect_time,
+    ))
+}
+
+/// Waits for every subscriber to finish, showing progress; stops the run when nothing
+/// arrives for `--stall-timeout` or on Ctrl-C.
+async fn watch(
+    args: &Args,
+    shared: &Shared,
+    tasks: &mut JoinSet<(usize, SubscriberOutcome)>,
+) -> Vec<Option<SubscriberOutcome>> {
+    let expected = shared.counts.iter().sum::<u64>() * args.subs as u64;
+    let bar = progress_bar(expected, args.json);
+    let mut outcomes: Vec<Option<SubscriberOutcome>> = (0..args.subs).map(|_| None).collect();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let (mut seen, mut since) = (0, Instant::now());
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok((index, outcome))) => outcomes[index] = Some(outcome),
+                Some(Err(e)) => shared.error(format!("a subscriber task failed: {e}")),
+                None => break,
+            },
+            _ = ticker.tick() => {
+                let now = shared.delivered.load(Ordering::Relaxed);
+                bar.set_position(now);
+                if now != seen {
+                    (seen, since) = (now, Instant::now());
+                } else if since.elapsed() >= args.stall_timeout && !shared.stop.is_cancelled() {
+                    shared.error(format!(
+                        "nothing arrived for {:?}: stopped waiting",
+                        args.stall_timeout
+                    ));
+                    shared.stop.cancel();
+                }
+            }
+            _ = tokio::signal::ctrl_c(), if !shared.stop.is_cancelled() => {
+                shared.error("interrupted (Ctrl-C)".into());
+                shared.stop.cancel();
+            }
+        }
+    }
+    bar.finish_and_clear();
+    outcomes
+}
+
+fn progress_bar(expected: u64, hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(expected), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} deliveries ({per_sec})",
+        )
+        .expect("a valid template"),
+    );
+    bar
+}
+
+/// Connects with a bounded wait and no Nagle delay (every target gets the same).
+async fn connect(target: &Target) -> anyhow::Result<TcpStream> {
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target.addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {target} timed out after 10 s"))?
+        .with_context(|| format!("cannot connect to {target}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connects, sends `hello`, and reads until the server confirms it; returns the stream
+/// and whatever arrived after the confirmation.
+async fn handshake(target: &Target, hello: &[u8]) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut stream = connect(target).await?;
+    stream.write_all(hello).await?;
+    let mut buf = Vec::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        loop {
+            match target.kind.inbound(&buf) {
+                Inbound::Control { used, reply, ready } => {
+                    if let Some(reply) = reply {
+                        stream.write_all(reply).await?;
+                    }
+                    buf.drain(..used);
+                    if ready {
+                        return Ok((stream, buf));
+                    }
+                }
+                Inbound::Message { used, .. } => {
+                    buf.drain(..used);
+                }
+                Inbound::Error { text, .. } => bail!("{target} refused: {text}"),
+                Inbound::Garbage(why) => bail!("{target}: {why}"),
+                Inbound::Incomplete => break,
+            }
+        }
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("{target} did not answer the handshake within 10 s"))??;
+        if read == 0 {
+            bail!("{target} closed the connection during the handshake");
+        }
+    }
+}
+
+/// What one subscriber saw, and why it stopped if it stopped early.
+struct SubscriberOutcome {
+    tally: Tally,
+    /// When its last message arrived (µs on the shared clock).
+    last_us: u64,
+    error: Option<String>,
+}
+
+async fn subscribe(shared: &Shared, stream: TcpStream, leftover: Vec<u8>) -> SubscriberOutcome {
+    let mut outcome = SubscriberOutcome {
+        tally: Tally::new(shared.counts.len()),
+        last_us: 0,
+        error: None,
+    };
+    if let Err(e) = receive(shared, stream, leftover, &mut outcome).await {
+        outcome.error = Some(format!("{e:#}"));
+    }
+    outcome.tally.finish(&shared.counts);
+    outcome
+}
+
+async fn receive(
+    shared: &Shared,
+    mut stream: TcpStream,
+    leftover: Vec<u8>,
+    outcome: &mut SubscriberOutcome,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0; READ_BUFFER.max(2 * (shared.size + 64))];
+    let mut filled = leftover.len();
+    buf[..filled].copy_from_slice(&leftover);
+    let window = shared.flows.first().map_or(1, Flow::window);
+    loop {
+        let now = micros_since(shared.clock);
+        let (mut pos, mut messages) = (0, 0);
+        loop {
+            match shared.kind.inbound(&buf[pos..filled]) {
+                Inbound::Message { body, used } => {
+                    let body = &buf[pos + body.start..pos + body.end];
+                    match read_stamp(body, shared.size) {
+                        Some(stamp) => settle(shared, &mut outcome.tally, stamp, now, window),
+                        None => outcome.tally.malformed += 1,
+                    }
+                    messages += 1;
+                    pos += used;
+                }
+                Inbound::Control { used, reply, .. } => {
+                    if let Some(reply) = reply {
+                        stream.write_all(reply).await?;
+                    }
+                    pos += used;
+                }
+                Inbound::Error { text, used } => {
+                    shared.error(text);
+                    pos += used;
+                }
+                Inbound::Incomplete => break,
+                Inbound::Garbage(why) => bail!("{why}"),
+            }
+        }
+        if messages > 0 {
+            outcome.last_us = now;
+            shared.delivered.fetch_add(messages, Ordering::Relaxed);
+        }
+        if outcome.tally.complete(&shared.counts) {
+            return Ok(());
+        }
+        buf.copy_within(pos..filled, 0);
+        filled -= pos;
+        let read = tokio::select! {
+            read = stream.read(&mut buf[filled..]) => read?,
+            _ = shared.stop.cancelled() => return Ok(()),
+        };
+        if read == 0 {
+            bail!("the server closed the connection");
+        }
+        filled += read;
+    }
+}
+
+fn settle(shared: &Shared, tally: &mut Tally, stamp: Stamp, now: u64, window: u64) {
+    if let Some(settled) = tally.record(stamp, now) {
+        let flow = &shared.flows[stamp.publisher as usize];
+        // Sequence numbers a whole window back were settled long ago (or never sent).
+        for seq in settled.start.max(settled.end.saturating_sub(window))..settled.end {
+            flow.settle(seq);
+        }
+    }
+}
+
+/// Sends this publisher's share; returns how many messages it sent.
+async fn publish(
+    shared: &Shared,
+    id: usize,
+    stream: TcpStream,
+    rate: Option<f64>,
+) -> anyhow::Result<u64> {
+    let (mut reader, mut writer) = stream.into_split();
+    let (answers_tx, mut answers) = mpsc::unbounded_channel();
+    let kind = shared.kind;
+    let subscribers = shared.subscribers as u64;
+    let replies = async {
+        let mut buf = Vec::with_capacity(READ_BUFFER);
+        loop {
+            while let Some((used, reply)) = kind.reply(&buf).map_err(anyhow::Error::msg)? {
+                buf.drain(..used);
+                match reply {
+                    Reply::Ignore => {}
+                    Reply::Answer(bytes) => {
+                        let _ = answers_tx.send(bytes);
+                    }
+                    Reply::Receivers(n) if n < subscribers => {
+                        shared.short_publishes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Reply::Receivers(_) => {}
+                    Reply::Error(text) => shared.error(format!("publisher: {text}")),
+                }
+            }
+            if reader.read_buf(&mut buf).await? == 0 {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    let flow = &shared.flows[id];
+    let count = shared.counts[id];
+    let (head, tail) = kind.publish_framing(shared.size);
+    let mut out = Vec::with_capacity(BATCH_BYTES + shared.size + 64);
+    let started = tokio::time::Instant::now();
+    let mut seq = 0;
+    let sending = async {
+        while seq < count {
+            while let Ok(answer) = answers.try_recv() {
+                out.extend_from_slice(answer);
+            }
+            let due = match rate {
+                None => count,
+                Some(rate) => count.min((started.elapsed().as_secs_f64() * rate) as u64 + 1),
+            };
+            let now = micros_since(shared.clock);
+            while seq < due && out.len() < BATCH_BYTES && flow.try_claim(seq) {
+                out.extend_from_slice(&head);
+                let stamp = Stamp {
+                    publisher: id as u32,
+                    seq,
+                    sent_us: now,
+                };
+                write_body(&mut out, shared.size, stamp);
+                out.extend_from_slice(tail);
+                seq += 1;
+            }
+            if !out.is_empty() {
+                writer.write_all(&out).await?;
+                out.clear();
+            } else if seq < due {
+                tokio::select! {
+                    _ = flow.wait_for(seq) => {}
+                    Some(answer) = answers.recv() => out.extend_from_slice(answer),
+                }
+            } else if let Some(rate) = rate {
+                let next = started + Duration::from_secs_f64(seq as f64 / rate);
+                tokio::time::sleep_until(next).await;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(replies);
+    tokio::select! {
+        sent = sending => sent?,
+        read = &mut replies => {
+            read?;
+            bail!("the server closed the connection");
+        }
+        _ = shared.stop.cancelled() => return Ok(seq),
+    }
+    // Stay connected (and keep reading replies) until the run ends: closing with
+    // unread replies resets the connection, and a server may then discard messages it
+    // has received but not yet processed (Redis does).
+    tokio::select! {
+        read = &mut replies => {
+            read?;
+            bail!("the server closed the connection");
+        }
+        _ = shared.stop.cancelled() => Ok(seq),
+    }
+}
+
+fn summarise(
+    args: &Args,
+    target: &Target,
+    shared: &Shared,
+    outcomes: Vec<Option<SubscriberOutcome>>,
+    published: u64,
+    started_us: u64,
+    connect_time: Duration,
+) -> Report {
+    let mut latency = Histogram::<u64>::new(3).expect("valid histogram");
+    let (mut delivered, mut lost, mut out_of_order, mut malformed) = (0, 0, 0, 0);
+    let (mut last_us, mut short_subscribers) = (started_us, 0);
+    let mut first_gap = None;
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        let Some(outcome) = outcome else {
+            short_subscribers += 1;
+            continue;
+        };
+        let tally = &outcome.tally;
+        delivered += tally.received;
+        lost += tally.lost;
+        out_of_order += tally.out_of_order;
+        malformed += tally.malformed;
+        last_us = last_us.max(outcome.last_us);
+        if tally.lost > 0 {
+            short_subscribers += 1;
+        }
+        if let (None, Some(gap)) = (&first_gap, tally.first_gap) {
+            first_gap = Some(SubscriberGap {
+                subscriber: index + 1,
+                gap,
+            });
+        }
+        if let Some(error) = outcome.error {
+            shared.error(format!("subscriber {}: {error}", index + 1));
+        }
+        for value in outcome.tally.latency.iter_recorded() {
+            let _ = latency.record_n(value.value_iterated_to(), u64::from(value.count_at_value()));
+        }
+    }
+    let (errors, error_count) = std::mem::take(&mut *shared.errors.lock().expect("errors lock"));
+    Report::new(
+        args,
+        target,
+        super::report::Counts {
+            published,
+            expected: shared.counts.iter().sum::<u64>() * args.subs as u64,
+            delivered,
+            lost,
+            out_of_order,
+            malformed,
+            short_subscribers,
+            short_publishes: shared.short_publishes.load(Ordering::Relaxed),
+        },
+        Duration::from_micros(last_us - started_us),
+        connect_time,
+        &latency,
+        first_gap,
+        errors,
+        error_count,
+    )
+}
+
+/// Starts a hub with the default configuration on a free loopback port, on this
+/// runtime (the bench and the hub share the machine's cores, as they would anyway).
+async fn start_embedded() -> anyhow::Result<(Target, CancellationToken)> {
+    let hub = hubcast::Hub::new(hubcast::Config::default());
+    let server = hubcast::Server::bind("127.0.0.1:0", hub)
+        .await
+        .context("starting the embedded hub")?;
+    let addr = server.local_addr()?;
+    let token = CancellationToken::new();
+    tokio::spawn(server.run(token.clone()));
+    Ok((
+        Target {
+            kind: Kind::Hubcast,
+            addr: addr.to_string(),
+        },
+        token,
+    ))
+}
+
+/// Every connection is a descriptor: ask for enough of them.
+fn raise_open_files_limit(connections: usize) {
+    let wanted = connections as u64 + 64;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            "the open-files limit is {got}, below the {wanted} this run needs: raise it with ulimit -n"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
+}

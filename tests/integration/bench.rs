@@ -1,0 +1,301 @@
+//! `hubcast bench`: against an embedded hub, a running hub, a lossy server it must catch,
+//! and the real nats-server and redis-server it compares with.
+
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+
+use hubcast::Config;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+use crate::support::{within, TestHub};
+
+async fn bench(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_hubcast"))
+        .arg("bench")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    within(output).await.unwrap()
+}
+
+/// Runs `bench ARGS --json` and returns its exit code and report.
+async fn bench_json(args: &[&str]) -> (Option<i32>, Value) {
+    let output = bench(&[args, &["--json"]].concat()).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "not a JSON report ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code(), report)
+}
+
+fn assert_complete(report: &Value, deliveries: u64) {
+    assert_eq!(report["expected"], deliveries, "{report:#}");
+    assert_eq!(report["delivered"], deliveries, "{report:#}");
+    assert_eq!(report["lost"], 0, "{report:#}");
+    assert_eq!(report["latency_us"]["samples"], deliveries, "{report:#}");
+    assert_eq!(report["error_count"], 0, "{report:#}");
+}
+
+#[tokio::test]
+async fn embedded_run_counts_every_delivery() {
+    // 3,001 messages do not split evenly between two publishers: both shares count.
+    let (code, report) = bench_json(&["--embedded", "-n", "3", "-p", "2", "-k", "3001"]).await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_complete(&report, 3 * 3001);
+    assert_eq!(report["published"], 3001);
+    assert!(
+        report["latency_us"]["max"].as_u64().unwrap()
+            >= report["latency_us"]["p50"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_running_hub_gets_a_table_and_a_paced_run() {
+    let hub = TestHub::start_with(Config::default(), false).await;
+    let target = hub.addr.to_string();
+    let output = bench(&[
+        "-t", &target, "-n", "2", "-k", "400", "--rate", "2000", "--size", "4KiB",
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("at 2,000 messages/s"), "{stdout}");
+    assert!(stdout.contains("800 of 800"), "{stdout}");
+    assert!(
+        stdout.contains("OK: every subscriber got every message"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn bad_flags_are_refused_with_exit_code_2() {
+    let output = bench(&["--embedded", "--size", "10"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--size must be at least 83 bytes"),
+        "{stderr}"
+    );
+
+    let output = bench(&["-t", "http://127.0.0.1:1"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown scheme \"http\""), "{stderr}");
+
+    let output = bench(&["--embedded", "-n", "0"]).await;
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_named() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let output = bench(&["-t", &format!("nats://{addr}")]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot connect to nats://{addr}")),
+        "{stderr}"
+    );
+}
+
+/// A hub-like server that forwards every publisher line to every subscriber except
+/// the messages whose sequence numbers are in `drop`: the bench must notice, say
+/// where, and not wait forever for the last one.
+async fn lossy_server(drop: &'static [usize]) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let subscribers: Arc<Mutex<Vec<OwnedWriteHalf>>> = Arc::default();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let subscribers = Arc::clone(&subscribers);
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let first = lines.next_line().await.unwrap().unwrap();
+                if first.contains("$ping") {
+                    write
+                        .write_all(b"{\"event\":\"$pong\",\"payload\":null}\n")
+                        .await
+                        .unwrap();
+                    subscribers.lock().await.push(write);
+                    return;
+                }
+                write
+                    .write_all(b"{\"event\":\"$welcome\",\"payload\":{}}\n")
+                    .await
+                    .unwrap();
+                let mut seq = 0;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if !drop.contains(&seq) {
+                        for subscriber in subscribers.lock().await.iter_mut() {
+                            subscriber
+                                .write_all(format!("{line}\n").as_bytes())
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    seq += 1;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn lost_messages_are_counted_and_located() {
+    let addr = lossy_server(&[5, 19]).await;
+    let (code, report) = bench_json(&[
+        "-t",
+        &addr.to_string(),
+        "-n",
+        "2",
+        "-k",
+        "20",
+        "--window",
+        "4",
+        "--stall-timeout",
+        "500ms",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{report:#}");
+    // Each subscriber missed #5 (a gap it saw) and #19 (the last: never came).
+    assert_eq!(report["lost"], 4, "{report:#}");
+    assert_eq!(report["delivered"], 36, "{report:#}");
+    assert_eq!(report["short_subscribers"], 2, "{report:#}");
+    let gap = &report["first_gap"];
+    assert_eq!(
+        (
+            &gap["subscriber"],
+            &gap["publisher"],
+            &gap["from"],
+            &gap["missing"]
+        ),
+        (
+            &Value::from(1),
+            &Value::from(0),
+            &Value::from(5),
+            &Value::from(1)
+        ),
+        "{report:#}"
+    );
+    let errors = report["errors"].to_string();
+    assert!(errors.contains("nothing arrived for 500ms"), "{errors}");
+}
+
+/// Starts an external server for the comparison and waits until it logs `ready`, or
+/// says why it cannot. Under CI (`.ci/run` installs both) a missing server fails the
+/// test; elsewhere it is skipped with a note.
+async fn external(program: &str, args: &[&str], ready: &str) -> Option<Child> {
+    let installed = std::process::Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !installed {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is not installed (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: {program} is not installed");
+        return None;
+    }
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // nats-server logs to stderr, redis-server to stdout.
+    let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = merged_lines(stdout, stderr);
+    loop {
+        let line = within(lines.recv())
+            .await
+            .unwrap_or_else(|| panic!("{program} exited before it was ready"));
+        if line.contains(ready) {
+            break;
+        }
+    }
+    // Keep draining its output so it never blocks on a full pipe.
+    tokio::spawn(async move { while lines.recv().await.is_some() {} });
+    Some(child)
+}
+
+/// Lines from both of a child's output streams, in arrival order.
+fn merged_lines(
+    mut a: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    mut b: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let tx2 = tx.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = a.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = b.next_line().await {
+            let _ = tx2.send(line);
+        }
+    });
+    rx
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn nats_server_speaks_the_same_workload() {
+    let port = free_port().to_string();
+    let args = ["-a", "127.0.0.1", "-p", &port];
+    let Some(_server) = external("nats-server", &args, "Server is ready").await else {
+        return;
+    };
+    let target = format!("nats://127.0.0.1:{port}");
+    let (code, report) = bench_json(&["-t", &target, "-n", "3", "-p", "2", "-k", "2000"]).await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_complete(&report, 3 * 2000);
+}
+
+#[tokio::test]
+async fn redis_pub_sub_speaks_the_same_workload() {
+    let port = free_port().to_string();
+    let args = [
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    let Some(_server) = external("redis-server", &args, "Ready to accept connections").await else {
+        return;
+    };
+    let target = format!("redis://127.0.0.1:{port}");
+    let (code, report) = bench_json(&["-t", &target, "-n", "3", "-p", "2", "-k", "2000"]).await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_complete(&report, 3 * 2000);
+}
