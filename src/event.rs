@@ -272,6 +272,27 @@ impl Event {
         })
     }
 
+    /// An event from a line the fast path has validated as JSON and taken apart: only
+    /// the name and room rules are left to check.
+    pub(crate) fn from_parts(
+        line: Bytes,
+        parts: crate::frame::fast::Parts,
+    ) -> Result<Self, ProtocolError> {
+        let text =
+            |range: Range<usize>| ByteString::try_from(line.slice(range)).map_err(utf8_error);
+        let name = EventName::new(text(parts.name)?)?;
+        let room = match parts.room {
+            None => None,
+            Some(range) => Some(RoomName::new(text(range)?)?),
+        };
+        Ok(Event {
+            payload: parts.payload,
+            line,
+            name,
+            room,
+        })
+    }
+
     /// The event's name.
     pub fn name(&self) -> &EventName {
         &self.name

@@ -13,6 +13,13 @@
 //! * Anything else (scalars, garbage) is taken up to the next newline and rejected.
 //! * A frame longer than the limit is fatal: [`FrameDecoder::decode`] returns `Err` as
 //!   soon as the frame in progress passes the limit, before more of it is buffered.
+//!
+//! Typical frames take a fast path: when a frame starts, one hand-written pass
+//! (`fast.rs`) validates the whole object and finds its parts. Whatever it is not sure
+//! of (an incomplete frame, an unusual or invalid one) takes the reference path: the
+//! resumable scanner above, then serde_json, which decides and words every error.
+
+pub(crate) mod fast;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -52,6 +59,8 @@ pub enum Frame {
 pub struct FrameDecoder {
     max_frame: usize,
     scan: Scan,
+    /// Try the fast path first (always, but for differential testing).
+    fast: bool,
 }
 
 /// Progress through the frame at the start of the buffer.
@@ -96,6 +105,17 @@ impl FrameDecoder {
         FrameDecoder {
             max_frame,
             scan: Scan::default(),
+            fast: true,
+        }
+    }
+
+    /// A decoder that never takes the fast path: the reference the fast path is
+    /// tested against (property tests, the `decoder_differential` fuzz target).
+    #[doc(hidden)]
+    pub fn reference(max_frame: usize) -> Self {
+        FrameDecoder {
+            fast: false,
+            ..Self::new(max_frame)
         }
     }
 
@@ -128,6 +148,11 @@ impl FrameDecoder {
             let Some(&first) = buf.first() else {
                 return Ok(None);
             };
+            if first == b'{' && self.fast {
+                if let Some(frame) = self.fast_path(buf) {
+                    return Ok(Some(frame));
+                }
+            }
             let kind = if first == b'{' || first == b'[' {
                 Kind::Nested
             } else {
@@ -175,12 +200,27 @@ impl FrameDecoder {
                     return Ok(Some(Frame::Rejected(verdict)));
                 }
                 let line = cut_line(buf, end, multiline);
+                if self.fast && !multiline {
+                    // Cheaper than serde for a valid frame, even when complete.
+                    if let Some(parts) = fast::event(&line).filter(|p| p.end == end) {
+                        return Ok(Some(event_frame(Event::from_parts(line, parts))));
+                    }
+                }
                 Ok(Some(match Event::from_line(line) {
                     Ok(event) => Frame::Event(event),
                     Err(err) => Frame::Rejected(err),
                 }))
             }
         }
+    }
+
+    /// A whole, typical event at the start of `buf`, validated in one pass; `None`
+    /// leaves everything as it was for the reference path.
+    fn fast_path(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+        let window = buf.get(..buf.len().min(self.max_frame + 1))?;
+        let parts = fast::event(window).filter(|p| p.end <= self.max_frame)?;
+        let line = cut_line(buf, parts.end, false);
+        Some(event_frame(Event::from_parts(line, parts)))
     }
 
     fn decode_line(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
@@ -259,6 +299,13 @@ impl FrameDecoder {
         }
         s.pos = i;
         Step::Incomplete
+    }
+}
+
+fn event_frame(event: Result<Event, ProtocolError>) -> Frame {
+    match event {
+        Ok(event) => Frame::Event(event),
+        Err(err) => Frame::Rejected(err),
     }
 }
 

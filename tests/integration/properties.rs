@@ -136,3 +136,117 @@ proptest! {
         prop_assert_eq!(decoded, payload);
     }
 }
+
+/// Every frame as the fast path and the reference path see it: events by line, name,
+/// payload and room; rejections by code and message; then the fatal error, if any.
+fn frames(mut decoder: FrameDecoder, chunks: &[&[u8]]) -> Vec<String> {
+    let max = decoder.max_frame();
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for chunk in chunks {
+        let room = decoder.room(&buf);
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(Frame::Event(e))) => out.push(format!(
+                    "event {:?} {:?} {:?} {:?}",
+                    e.line(),
+                    e.name(),
+                    e.payload(),
+                    e.room()
+                )),
+                Ok(Some(Frame::Rejected(e))) => {
+                    out.push(format!("rejected {} {}", e.code, e.message))
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    out.push(format!("fatal {} {}", e.code, e.message));
+                    return out;
+                }
+            }
+        }
+        assert!(buf.len() <= max + 1);
+    }
+    out
+}
+
+/// Pieces of JSON, good and bad, that the fast path must either take exactly as the
+/// reference path does, or leave to it.
+fn fragment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        json_value().prop_map(|v| v.to_string()),
+        event_name().prop_map(|n| format!(r#"{{"event":"{n}","payload":1}}"#)),
+        Just(r#"{"event":"a","payload":{"x":[1,2.5e3,-0,true,null]},"room":"r"}"#.to_string()),
+        prop::sample::select(vec![
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"",
+            "\\",
+            "\\u00e9",
+            "\\ud800",
+            "\\n",
+            " ",
+            "\t",
+            "\n",
+            "\r",
+            "0",
+            "01",
+            "-",
+            "1.",
+            "1e",
+            "1e+5",
+            "tru",
+            "true",
+            "null",
+            "é",
+            "\u{1}",
+            r#""event""#,
+            r#""payload""#,
+            r#""room""#,
+            r#""event":"#,
+            r#""payload":"#,
+            r#""room":"#,
+            r#"{"event":"#,
+            r#"{"payload":"#,
+            r#""x","#,
+            "\"\"",
+        ])
+        .prop_map(str::to_string),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// The fast path is an optimisation only: on any input, in any split, the decoder
+    /// gives exactly the frames (and errors, word for word) that the reference gives.
+    #[test]
+    fn the_fast_path_agrees_with_the_reference(
+        pieces in prop::collection::vec(fragment(), 1..24),
+        bad_byte in prop::option::of((any::<prop::sample::Index>(), 0x80u8..=0xff)),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        max in prop::sample::select(vec![24usize, 64, 1 << 20]),
+    ) {
+        let mut stream = pieces.concat().into_bytes();
+        if let (Some((at, byte)), false) = (bad_byte, stream.is_empty()) {
+            let at = at.index(stream.len());
+            stream[at] = byte;
+        }
+        let mut offsets: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+        offsets.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for offset in offsets.into_iter().chain([stream.len()]) {
+            chunks.push(&stream[last..offset]);
+            last = offset;
+        }
+        prop_assert_eq!(
+            frames(FrameDecoder::new(max), &chunks),
+            frames(FrameDecoder::reference(max), &chunks)
+        );
+    }
+}
