@@ -30,12 +30,24 @@ use crate::Event;
 /// The hub's heartbeat probe.
 static PING: Bytes = Bytes::from_static(b"{\"event\":\"$ping\",\"payload\":null}\n");
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// A read side that can say when it has bytes without being handed a buffer, so a
+/// quiet connection need not hold one while it waits.
+pub(crate) trait Source: AsyncRead + Unpin {
+    /// Ready when a read would not block. The default is always ready: such sources
+    /// keep their buffer while they wait.
+    fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
+
+impl Source for tokio::net::tcp::ReadHalf<'_> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let stream: &tokio::net::TcpStream = self.as_ref();
+        stream.poll_read_ready(cx)
+    }
+}
+
+impl<T: AsyncRead + Unpin> Source for tokio::io::ReadHalf<T> {}
 
 /// The first read size: small, so idle connections hold little memory.
 const MIN_READ: usize = 512;
@@ -45,12 +57,23 @@ const MAX_READ: usize = 64 * 1024;
 const MAX_IOV: usize = 64;
 
 /// The two steps of a graceful shutdown, as seen by a connection.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Phases {
-    /// Cancelled first: stop reading, so no new event enters the hub.
+    /// Cancelled first: stop reading, so no new event enters the hub. A child of
+    /// `drain` (cancelling `drain` cancels it too), so a connection waits on one token.
     pub(crate) stop_reading: CancellationToken,
     /// Cancelled once no connection reads any more: flush what is queued, then close.
     pub(crate) drain: CancellationToken,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        let drain = CancellationToken::new();
+        Phases {
+            stop_reading: drain.child_token(),
+            drain,
+        }
+    }
 }
 
 /// Frames taken from the outbox and not yet fully written.
@@ -87,6 +110,11 @@ impl Batch {
             self.frames.pop_front();
             self.mid_frame = false;
         }
+        // A quiet client's queue gives its little memory back; a busy one keeps its
+        // capacity for the next batch.
+        if self.frames.capacity() <= 8 {
+            self.frames = VecDeque::new();
+        }
     }
 }
 
@@ -121,6 +149,20 @@ struct Connection<'a> {
     over_budget: bool,
     /// How much to offer the next read: grows with the client's traffic.
     read_size: usize,
+    /// The socket has bytes for us: take a buffer and read them.
+    readable: bool,
+}
+
+impl Connection<'_> {
+    /// A quiet connection (nothing buffered, no traffic to speak of) gives its read
+    /// buffer back and waits for readiness instead: an idle client costs no buffer.
+    fn parked(&mut self) -> bool {
+        let quiet = self.rbuf.is_empty() && self.read_size == MIN_READ && !self.readable;
+        if quiet && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        quiet
+    }
 }
 
 /// Serves one client until it leaves, fails, or the hub shuts down; returns why it ended.
@@ -136,7 +178,7 @@ pub(crate) async fn run<R, W>(
     reading: mpsc::Sender<()>,
 ) -> CloseReason
 where
-    R: AsyncRead + Unpin,
+    R: Source,
     W: AsyncWrite + Unpin,
 {
     let mut conn = Connection {
@@ -149,8 +191,12 @@ where
         errors: VecDeque::new(),
         over_budget: false,
         read_size: MIN_READ,
+        readable: false,
     };
     let mut reading = Some(reading);
+    // Boxed and kept across turns: only connections with a timer pay for one, and it
+    // is re-armed rather than re-registered on every turn.
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let reason = loop {
         // Checked even mid-write: a client that stopped reading blocks the write forever.
         let closed = if conn.batch.is_empty() {
@@ -166,24 +212,53 @@ where
             hub.emit(|| HubEvent::EventsDropped { client: id, count });
         }
         let room = conn.decoder.room(&conn.rbuf);
-        if reading.is_some() && conn.rbuf.capacity() - conn.rbuf.len() < conn.read_size / 4 {
+        let parked = conn.parked();
+        if reading.is_some()
+            && !parked
+            && conn.rbuf.capacity() - conn.rbuf.len() < conn.read_size / 4
+        {
             conn.rbuf.reserve(conn.read_size.min(room));
         }
         let offered = (conn.rbuf.capacity() - conn.rbuf.len()).min(room);
         let writing = !conn.batch.is_empty();
         let due_at = conn.liveness.deadline().filter(|_| reading.is_some());
-        let mut read_into = (&mut conn.rbuf).limit(room);
+        if let Some(at) = due_at {
+            match timer.as_mut() {
+                Some(sleep) if sleep.deadline() != at => sleep.as_mut().reset(at),
+                Some(_) => {}
+                None => timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        // One token for both phases: `stop_reading` fires on `drain` too.
+        let phase = if reading.is_some() {
+            &phases.stop_reading
+        } else {
+            &phases.drain
+        };
+        let mut read_into = (!parked).then(|| (&mut conn.rbuf).limit(room));
+        let read = async {
+            match read_into.as_mut() {
+                Some(buf) => reader.read_buf(buf).await.map(Some),
+                None => std::future::poll_fn(|cx| reader.poll_readable(cx))
+                    .await
+                    .map(|()| None),
+            }
+        };
         tokio::select! {
             biased;
-            _ = phases.drain.cancelled() => break CloseReason::Shutdown,
-            _ = phases.stop_reading.cancelled(), if reading.is_some() => reading = None,
+            _ = phase.cancelled() => {
+                if phases.drain.is_cancelled() {
+                    break CloseReason::Shutdown;
+                }
+                reading = None;
+            }
             res = WriteBatch { writer: &mut writer, batch: &conn.batch }, if writing => match res {
                 Ok(0) => break CloseReason::Io(io::ErrorKind::WriteZero.to_string()),
                 Ok(n) => conn.batch.advance(n, &client.outbox),
                 Err(e) => break CloseReason::Io(e.to_string()),
             },
             _ = client.outbox.notified() => {}
-            _ = sleep_until(due_at), if due_at.is_some() => match conn.liveness.fire() {
+            _ = async { timer.as_mut().expect("armed above").await }, if due_at.is_some() => match conn.liveness.fire() {
                 Due::Nothing => {}
                 Due::Ping => {
                     client.outbox.push(PING.clone());
@@ -194,12 +269,14 @@ where
                     break CloseReason::Protocol(code);
                 }
             },
-            res = reader.read_buf(&mut read_into), if reading.is_some() => match res {
-                Ok(0) => {
+            res = read, if reading.is_some() => match res {
+                Ok(None) => conn.readable = true,
+                Ok(Some(0)) => {
                     conn.end_of_stream();
                     break CloseReason::PeerClosed;
                 }
-                Ok(n) => {
+                Ok(Some(n)) => {
+                    conn.readable = false;
                     if n >= offered {
                         conn.read_size = (conn.read_size * 2).min(MAX_READ);
                     }
@@ -216,7 +293,9 @@ where
         }
     };
     drop(reading);
-    conn.close(&mut writer, reason).await
+    // Boxed: the closing steps (a flush under a timeout) would otherwise add their
+    // state to every connection's future for its whole life.
+    Box::pin(conn.close(&mut writer, reason)).await
 }
 
 impl Connection<'_> {
