@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, Due, Liveness};
-use crate::frame::{Frame, FrameDecoder};
+use crate::frame::{Frame, FrameDecoder, Run};
 use crate::hub::{Client, CloseReason, Hub, HubEvent};
 use crate::outbox::{Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -151,6 +151,8 @@ struct Connection<'a> {
     read_size: usize,
     /// The socket has bytes for us: take a buffer and read them.
     readable: bool,
+    /// The last run of plain events decoded (kept for its allocation).
+    run: Run,
 }
 
 impl Connection<'_> {
@@ -160,6 +162,7 @@ impl Connection<'_> {
         let quiet = self.rbuf.is_empty() && self.read_size == MIN_READ && !self.readable;
         if quiet && self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
+            self.run = Run::default();
         }
         quiet
     }
@@ -192,6 +195,7 @@ where
         over_budget: false,
         read_size: MIN_READ,
         readable: false,
+        run: Run::default(),
     };
     let mut reading = Some(reading);
     // Boxed and kept across turns: only connections with a timer pay for one, and it
@@ -302,6 +306,12 @@ impl Connection<'_> {
     /// Handles every complete frame in the read buffer (until the error budget is spent).
     fn decode_all(&mut self) -> Result<(), ErrorCode> {
         while !self.over_budget {
+            if self.decoder.decode_run(&mut self.rbuf, &mut self.run) {
+                self.hub.publish_run(self.client.id, &self.run);
+                // The receivers hold the chunk now; we keep only the event list's room.
+                self.run.clear();
+                continue;
+            }
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(Frame::Event(event))) => self.dispatch(event),
                 Ok(Some(Frame::Rejected(error))) => self.reject(error),

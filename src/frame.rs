@@ -38,6 +38,82 @@ pub enum Frame {
     Rejected(ProtocolError),
 }
 
+/// A run of consecutive plain events taken off the buffer as one `\n`-delimited
+/// chunk: what [`FrameDecoder::decode_run`] returns.
+///
+/// Plain means: valid, not a control event (`$...`), no `"room"`. Everyone who hears
+/// one plain event from a sender hears them all, so a connection can queue the whole
+/// chunk to each receiver at once instead of event by event.
+#[derive(Debug, Default)]
+pub struct Run {
+    bytes: Bytes,
+    events: Vec<RunEvent>,
+}
+
+#[derive(Debug)]
+struct RunEvent {
+    /// Where the event's line starts in the chunk.
+    start: usize,
+    /// Its parts, relative to `start`.
+    parts: fast::Parts,
+}
+
+impl Run {
+    /// The events' lines, each ending in `\n`, back to back.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Lets go of the chunk (the receivers hold their own references to it).
+    pub fn clear(&mut self) {
+        self.bytes = Bytes::new();
+        self.events.clear();
+    }
+
+    /// How many events the run holds.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether the run holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The name of event `index`.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is out of bounds.
+    pub fn name(&self, index: usize) -> &str {
+        let event = &self.events[index];
+        let at = event.start + event.parts.name.start..event.start + event.parts.name.end;
+        // Validated by the fast path; the fallback is unreachable.
+        std::str::from_utf8(&self.bytes[at]).unwrap_or_default()
+    }
+
+    /// Event `index`'s line, shared with the chunk.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is out of bounds.
+    pub fn line(&self, index: usize) -> Bytes {
+        let event = &self.events[index];
+        self.bytes
+            .slice(event.start..event.start + event.parts.end + 1)
+    }
+
+    /// Event `index` on its own.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is out of bounds.
+    pub fn event(&self, index: usize) -> Event {
+        let parts = self.events[index].parts.clone();
+        Event::from_parts(self.line(index), parts).expect("a run holds valid events only")
+    }
+}
+
 /// Incremental decoder for one connection's inbound bytes.
 ///
 /// # Examples
@@ -167,6 +243,86 @@ impl FrameDecoder {
             Kind::Nested => self.decode_nested(buf),
             _ => self.decode_line(buf),
         }
+    }
+
+    /// Takes as many plain events (see [`Run`]) as there are, complete, at the front of
+    /// `buf`, as one chunk; returns `false` (leaving `buf` alone) if the first frame is
+    /// not one: then [`decode`](Self::decode) handles it.
+    ///
+    /// Newline-delimited input is shared, not copied; other separators (none, CRLF,
+    /// blank lines) are normalised to one `\n` per event in a copy.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use hubcast::frame::{FrameDecoder, Run};
+    ///
+    /// let mut decoder = FrameDecoder::new(1024);
+    /// let mut buf = BytesMut::from(&b"{\"event\":\"a\",\"payload\":1}{\"event\":\"b\",\"payload\":2}\r\n{\"event\":\"$ping\",\"payload\":3}\n"[..]);
+    /// let mut run = Run::default();
+    /// assert!(decoder.decode_run(&mut buf, &mut run));
+    /// assert_eq!(run.len(), 2);
+    /// assert_eq!(&run.bytes()[..], &b"{\"event\":\"a\",\"payload\":1}\n{\"event\":\"b\",\"payload\":2}\n"[..]);
+    /// assert_eq!(run.name(1), "b");
+    /// // A control event is not plain: `decode` takes it.
+    /// assert!(!decoder.decode_run(&mut buf, &mut run));
+    /// assert!(decoder.decode(&mut buf).unwrap().is_some());
+    /// ```
+    pub fn decode_run(&mut self, buf: &mut BytesMut, run: &mut Run) -> bool {
+        run.events.clear();
+        if !self.fast || self.scan.kind != Kind::Idle {
+            return false;
+        }
+        // `exact`: the input is the output (events back to back, each ending in `\n`).
+        let (mut pos, mut exact) = (0, true);
+        while let Some(start) = buf
+            .get(pos..)
+            .and_then(|rest| rest.iter().position(|&b| !is_ws(b)))
+            .map(|skip| pos + skip)
+        {
+            let window = &buf[start..buf.len().min(start + self.max_frame + 1)];
+            if window.first() != Some(&b'{') {
+                break;
+            }
+            let Some(parts) = fast::event(window) else {
+                break;
+            };
+            let name = &window[parts.name.clone()];
+            if parts.end > self.max_frame
+                || parts.room.is_some()
+                || name.is_empty()
+                || name.len() > crate::event::MAX_EVENT_NAME
+                || name[0] == b'$'
+            {
+                break;
+            }
+            exact &= start == pos;
+            pos = start + parts.end;
+            if window.get(parts.end) == Some(&b'\n') {
+                pos += 1;
+            } else {
+                exact = false;
+            }
+            run.events.push(RunEvent { start, parts });
+        }
+        if run.events.is_empty() {
+            return false;
+        }
+        if exact {
+            run.bytes = buf.split_to(pos).freeze();
+            return true;
+        }
+        let size = run.events.iter().map(|e| e.parts.end + 1).sum();
+        let mut out = BytesMut::with_capacity(size);
+        for event in &mut run.events {
+            out.put_slice(&buf[event.start..event.start + event.parts.end]);
+            out.put_u8(b'\n');
+            event.start = out.len() - event.parts.end - 1;
+        }
+        buf.advance(pos);
+        run.bytes = out.freeze();
+        true
     }
 
     /// Tells whether a frame was cut short: bytes of an unfinished frame are buffered.

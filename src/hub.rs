@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, SlowConsumerPolicy};
 use crate::event::{Event, RoomName};
+use crate::frame::Run;
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::{Pattern, Router};
@@ -203,6 +204,31 @@ impl Pool {
         match self.routes.get(&id) {
             Some(routes) if routes.subscribed => routes.patterns.iter().any(|p| p.matches(name)),
             _ => true,
+        }
+    }
+}
+
+/// What the pushes of one fan-out did.
+#[derive(Default)]
+struct Tally {
+    /// Pushes queued (of whole runs or single events).
+    queued: usize,
+    /// Events discarded under the drop policy.
+    dropped: usize,
+    /// Clients whose drop episode ended, with how many events they missed.
+    resumed: Vec<(ClientId, usize)>,
+}
+
+impl Tally {
+    fn count(&mut self, client: &Client, push: Push, events: usize) {
+        match push {
+            Push::Queued => self.queued += 1,
+            Push::Resumed(missed) => {
+                self.queued += 1;
+                self.resumed.push((client.id, missed));
+            }
+            Push::Dropped => self.dropped += events,
+            Push::Overflow | Push::Closed => {}
         }
     }
 }
@@ -399,6 +425,78 @@ impl Hub {
         });
     }
 
+    /// Queues a run of a client's plain events (see [`Run`]): the whole chunk to each
+    /// client that hears everything, and event by event to subscribers that match.
+    pub(crate) fn publish_run(&self, from: ClientId, run: &Run) {
+        let events = run.len();
+        let pool = self.read_pool();
+        let skip = pool
+            .clients
+            .get(&from)
+            .filter(|c| !c.echo.load(Ordering::Relaxed))
+            .map(|c| c.id);
+        let mut tally = Tally::default();
+        for client in pool.unfiltered.values() {
+            if Some(client.id) != skip {
+                tally.count(
+                    client,
+                    client.outbox.push_events(run.bytes().clone(), events),
+                    events,
+                );
+            }
+        }
+        let everyone = tally.queued;
+        // Subscribers are matched per event; most hubs have none.
+        let mut matched_counts = Vec::new();
+        if !pool.router.is_empty() {
+            let mut matched = Vec::new();
+            for index in 0..events {
+                let before = tally.queued;
+                matched.clear();
+                pool.router.matches(run.name(index), &mut matched);
+                for id in &matched {
+                    if let Some(client) = pool.clients.get(id).filter(|_| Some(*id) != skip) {
+                        tally.count(client, client.outbox.push(run.line(index)), 1);
+                    }
+                }
+                matched_counts.push(tally.queued - before);
+            }
+        }
+        drop(pool);
+        self.settle(
+            &tally,
+            everyone * events + matched_counts.iter().sum::<usize>(),
+        );
+        let counters = &self.shared.counters;
+        counters.events.fetch_add(events as u64, Ordering::Relaxed);
+        if self.shared.observer.is_some() {
+            for index in 0..events {
+                let receivers = everyone + matched_counts.get(index).copied().unwrap_or(0);
+                self.emit(|| HubEvent::Event {
+                    client: from,
+                    event: run.event(index),
+                    receivers,
+                });
+            }
+        }
+    }
+
+    /// Reports and counts what a fan-out's pushes did.
+    fn settle(&self, tally: &Tally, deliveries: usize) {
+        for &(client, count) in &tally.resumed {
+            self.emit(|| HubEvent::EventsDropped { client, count });
+        }
+        let counters = &self.shared.counters;
+        counters
+            .deliveries
+            .fetch_add(deliveries as u64, Ordering::Relaxed);
+        if tally.dropped > 0 {
+            counters
+                .dropped
+                .fetch_add(tally.dropped as u64, Ordering::Relaxed);
+        }
+    }
+
     fn fan_out(&self, from: Option<ClientId>, event: &Event) -> usize {
         let line = event.line();
         let name = event.name().as_str();
@@ -408,20 +506,10 @@ impl Hub {
                 .get(id)
                 .is_some_and(|c| !c.echo.load(Ordering::Relaxed))
         });
-        let (mut queued, mut dropped) = (0, 0);
-        let mut resumed = Vec::new();
+        let mut tally = Tally::default();
         let mut deliver = |client: &Client| {
-            if Some(client.id) == skip {
-                return;
-            }
-            match client.outbox.push(line.clone()) {
-                Push::Queued => queued += 1,
-                Push::Resumed(count) => {
-                    queued += 1;
-                    resumed.push((client.id, count));
-                }
-                Push::Dropped => dropped += 1,
-                Push::Overflow | Push::Closed => {}
+            if Some(client.id) != skip {
+                tally.count(client, client.outbox.push(line.clone()), 1);
             }
         };
         if let Some(room) = event.room() {
@@ -445,17 +533,8 @@ impl Hub {
             }
         }
         drop(pool);
-        for (client, count) in resumed {
-            self.emit(|| HubEvent::EventsDropped { client, count });
-        }
-        let counters = &self.shared.counters;
-        counters
-            .deliveries
-            .fetch_add(queued as u64, Ordering::Relaxed);
-        if dropped > 0 {
-            counters.dropped.fetch_add(dropped, Ordering::Relaxed);
-        }
-        queued
+        self.settle(&tally, tally.queued);
+        tally.queued
     }
 
     /// Adds `patterns` to a client's subscriptions (idempotent). After its first

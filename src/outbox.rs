@@ -77,8 +77,14 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `bytes` for the client unless that takes it past its limit.
+    /// Queues `bytes` (one frame) for the client unless that takes it past its limit.
     pub(crate) fn push(&self, bytes: Bytes) -> Push {
+        self.push_events(bytes, 1)
+    }
+
+    /// Queues `bytes`, which hold `events` whole event lines, as one unit: all of them
+    /// or (past the limit) none. A dropped unit counts as `events` missed events.
+    pub(crate) fn push_events(&self, bytes: Bytes, events: usize) -> Push {
         let len = bytes.len();
         let mut state = self.lock();
         if state.closed.is_some() {
@@ -88,14 +94,14 @@ impl Outbox {
         let mut resumed = None;
         if state.dropped > 0 {
             if pending > self.max_pending / 2 {
-                state.dropped += 1;
+                state.dropped += events;
                 return Push::Dropped;
             }
             resumed = Some(self.end_drops(&mut state));
         }
         if pending + len > self.max_pending {
             if self.drop_when_full {
-                state.dropped += 1;
+                state.dropped += events;
                 return Push::Dropped;
             }
             state.closed = Some(Closed::Overflow);

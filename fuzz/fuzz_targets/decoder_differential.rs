@@ -4,7 +4,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use hubcast::frame::{Frame, FrameDecoder};
+use hubcast::frame::{Frame, FrameDecoder, Run};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_FRAME: usize = 512;
@@ -21,11 +21,27 @@ fuzz_target!(|data: &[u8]| {
 
 fn frames(mut decoder: FrameDecoder, data: &[u8], chunk: usize) -> Vec<String> {
     let mut buf = BytesMut::new();
+    let mut run = Run::default();
     let mut out = Vec::new();
     for piece in data.chunks(chunk) {
         let room = decoder.room(&buf);
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
         loop {
+            // As a connection does: runs of plain events first, then frame by frame.
+            if decoder.decode_run(&mut buf, &mut run) {
+                for index in 0..run.len() {
+                    let e = run.event(index);
+                    assert_eq!(run.name(index), e.name().as_str());
+                    out.push(format!(
+                        "event {:?} {:?} {:?} {:?}",
+                        e.line(),
+                        e.name(),
+                        e.payload(),
+                        e.room()
+                    ));
+                }
+                continue;
+            }
             match decoder.decode(&mut buf) {
                 Ok(Some(Frame::Event(e))) => out.push(format!(
                     "event {:?} {:?} {:?} {:?}",

@@ -1,7 +1,7 @@
 //! Property tests of the frame decoder (issue #5): splits, garbage, round trips.
 
 use bytes::BytesMut;
-use hubcast::frame::{Frame, FrameDecoder};
+use hubcast::frame::{Frame, FrameDecoder, Run};
 use hubcast::Event;
 use proptest::prelude::*;
 use serde_json::Value;
@@ -142,11 +142,27 @@ proptest! {
 fn frames(mut decoder: FrameDecoder, chunks: &[&[u8]]) -> Vec<String> {
     let max = decoder.max_frame();
     let mut buf = BytesMut::new();
+    let mut run = Run::default();
     let mut out = Vec::new();
     for chunk in chunks {
         let room = decoder.room(&buf);
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         loop {
+            // As a connection does: runs of plain events first, then frame by frame.
+            if decoder.decode_run(&mut buf, &mut run) {
+                for index in 0..run.len() {
+                    let e = run.event(index);
+                    assert_eq!(run.name(index), e.name().as_str());
+                    out.push(format!(
+                        "event {:?} {:?} {:?} {:?}",
+                        e.line(),
+                        e.name(),
+                        e.payload(),
+                        e.room()
+                    ));
+                }
+                continue;
+            }
             match decoder.decode(&mut buf) {
                 Ok(Some(Frame::Event(e))) => out.push(format!(
                     "event {:?} {:?} {:?} {:?}",
