@@ -249,3 +249,57 @@ async fn leaving_the_hub_forgets_subscriptions_and_rooms() {
         "only listener and sender's echo"
     );
 }
+
+/// Issue #6: a single write holding plain events (which the hub fans out as one chunk
+/// per receiver), control events, an event for a room and a bad frame, with no
+/// delimiters and with CRLFs: each receiver gets exactly its own share, in order, and
+/// the sender its own replies.
+#[tokio::test]
+async fn one_write_mixing_runs_control_rooms_and_errors_reaches_each_as_its_own() {
+    let hub = TestHub::start(Config::default()).await;
+    let mut everyone = hub.connect().await;
+    let mut orders = hub.connect().await;
+    subscribe(&mut orders, &["order.*", "zz.>"]).await;
+    let mut room = hub.connect().await;
+    join(&mut room, "acme").await;
+    let mut sender = hub.connect().await;
+    control(&mut sender, "$hello", json!({"echo": false})).await;
+
+    let stream = [
+        event("a", json!(1)),
+        event("order.new", json!({"id": 1})),
+        "\r\n".to_string(),
+        event("b", json!([2])),
+        event("$ping", json!("p")),
+        json!({"event": "order.paid", "payload": 3, "room": "acme"}).to_string(),
+        "{\"event\":\"c\"}\n".to_string(),
+        event("order.done", json!(4)),
+        event("d", json!(null)),
+        "\n".to_string(),
+        event("zz.marker", json!(null)),
+        "\n".to_string(),
+    ]
+    .concat();
+    sender.send(stream).await;
+
+    assert_eq!(
+        until_marker(&mut everyone).await,
+        ["a", "order.new", "b", "order.done", "d"]
+    );
+    assert_eq!(until_marker(&mut orders).await, ["order.new", "order.done"]);
+    // The room member hears everything that names no room, and the room's event.
+    assert_eq!(
+        until_marker(&mut room).await,
+        ["a", "order.new", "b", "order.paid", "order.done", "d"]
+    );
+    // The sender hears only the hub's answers to it, in the order of its frames.
+    assert_eq!(
+        sender.json().await,
+        json!({"event": "$pong", "payload": "p"})
+    );
+    sender.expect_error("not_an_event").await;
+    let stats = hub.hub.stats();
+    assert_eq!(stats.events, 7, "{stats:?}");
+    // a, b and d to two; order.new, order.done and the marker to three; order.paid to one.
+    assert_eq!(stats.deliveries, 3 * 2 + 3 * 3 + 1, "{stats:?}");
+}

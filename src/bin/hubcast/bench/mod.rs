@@ -2,9 +2,10 @@
 //!
 //! N subscribers and P publishers connect; the publishers send K messages of S bytes
 //! (as fast as the window allows, or at `--rate`); every subscriber checks it got every
-//! message of every publisher, in order, and records each one's latency. Publishers stay
-//! at most `--window` messages ahead of the slowest subscriber, so no target is pushed
-//! into dropping messages and every run measures sustained, loss-free delivery.
+//! message of every publisher, in order, and records each one's latency. At most
+//! `--window` messages are in flight to any subscriber (each publisher stays its share
+//! ahead of the slowest one), so no target is pushed into dropping messages and every
+//! run measures sustained, loss-free delivery.
 
 mod report;
 mod run;
@@ -49,7 +50,9 @@ pub struct Args {
     /// allows). Latency is meaningful at a rate the server sustains.
     #[arg(long, value_parser = parse_positive)]
     rate: Option<usize>,
-    /// Most messages a publisher may be ahead of its slowest subscriber.
+    /// Most messages in flight to any subscriber (published, not yet received), shared
+    /// evenly between publishers: each may be WINDOW/PUBS ahead of the slowest
+    /// subscriber.
     #[arg(long, default_value = "1000", value_parser = parse_positive)]
     window: usize,
     /// Stop and report when no message has arrived for this long.

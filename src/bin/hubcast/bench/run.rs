@@ -78,8 +78,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         size: args.size,
         subscribers: args.subs,
         counts,
+        // The window bounds what is in flight to each subscriber in all, so it is
+        // shared between publishers: with a per-publisher window, 4 publishers of 4 KiB
+        // messages could queue 16 MB for one subscriber, past the servers' limits.
         flows: (0..args.pubs)
-            .map(|_| Flow::new(args.window, args.subs))
+            .map(|_| Flow::new((args.window / args.pubs).max(1), args.subs))
             .collect(),
         clock: Instant::now(),
         delivered: AtomicU64::new(0),
