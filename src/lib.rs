@@ -4,16 +4,21 @@
 //! # How an event flows
 //!
 //! ```text
-//!  socket ──bytes──▶ connection task ──▶ FrameDecoder ──▶ Event ──▶ Hub::publish
-//!  (client A)         (connection.rs)     (frame.rs)     (event.rs)   (hub.rs)
-//!                                                                      │ one Bytes line,
+//!  socket ──bytes──▶ connection task ──▶ FrameDecoder ──▶ Run / Event ──▶ Hub::publish_run
+//!  (client A)         (connection.rs)     (frame.rs)                       / Hub::publish
+//!                                                                           (hub.rs)
+//!                                                                      │ one Bytes chunk
+//!                                                                      │ (a run of events,
+//!                                                                      │ or one line),
 //!                                                                      │ shared, per client
 //!                                                                      ▼
 //!  socket ◀──writev── connection task ◀──────────────────────────── Outbox (outbox.rs)
 //!  (client B)                                                       bounded in bytes
 //! ```
 //!
-//! * [`frame`]: cuts the inbound byte stream into frames (no I/O).
+//! * [`frame`]: cuts the inbound byte stream into frames (no I/O); a hand-written fast
+//!   path validates typical events in one pass and takes consecutive ones as a
+//!   [`frame::Run`], with serde_json as the reference for everything else.
 //! * [`event`](Event): validates a frame into an [`Event`] with an [`EventName`].
 //! * [`protocol`](ErrorCode): error codes and the `$error` frame.
 //! * `outbox`: each client's bounded outbound queue.
