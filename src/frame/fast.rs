@@ -39,13 +39,10 @@ pub(crate) fn event(buf: &[u8]) -> Option<Parts> {
     p.eat(b'{')?;
     let (mut name, mut payload, mut room) = (None, None, None);
     loop {
-        p.ws()?;
-        let key = p.string()?;
+        let key = p.key()?;
         if key.escaped {
             return None;
         }
-        p.ws()?;
-        p.eat(b':')?;
         p.ws()?;
         let start = p.pos;
         match buf.get(key.text)? {
@@ -63,8 +60,7 @@ pub(crate) fn event(buf: &[u8]) -> Option<Parts> {
             }
             _ => p.value(1)?,
         }
-        p.ws()?;
-        match p.next()? {
+        match p.token()? {
             b',' => continue,
             b'}' => break,
             _ => return None,
@@ -148,6 +144,28 @@ impl Parser<'_> {
         }
     }
 
+    /// The next byte that is not a space or tab (compact JSON: the very next byte).
+    #[inline(always)]
+    fn token(&mut self) -> Option<u8> {
+        let byte = self.next()?;
+        if byte > b' ' {
+            return Some(byte);
+        }
+        self.pos -= 1;
+        self.ws()?;
+        self.next()
+    }
+
+    /// `"key" :`, with any spaces around.
+    #[inline(always)]
+    fn key(&mut self) -> Option<Str> {
+        if self.token()? != b'"' {
+            return None;
+        }
+        let key = self.string_body()?;
+        (self.token()? == b':').then_some(key)
+    }
+
     #[inline(always)]
     fn plain_string(&mut self) -> Option<Range<usize>> {
         let s = self.string()?;
@@ -157,6 +175,12 @@ impl Parser<'_> {
     #[inline(always)]
     fn string(&mut self) -> Option<Str> {
         self.eat(b'"')?;
+        self.string_body()
+    }
+
+    /// A string's text and closing quote (the opening quote is behind us).
+    #[inline(always)]
+    fn string_body(&mut self) -> Option<Str> {
         let start = self.pos;
         let (mut escaped, mut non_ascii) = (false, false);
         loop {
@@ -217,14 +241,10 @@ impl Parser<'_> {
             return Some(());
         }
         loop {
-            self.ws()?;
-            self.string()?;
-            self.ws()?;
-            self.eat(b':')?;
+            self.key()?;
             self.ws()?;
             self.value(depth + 1)?;
-            self.ws()?;
-            match self.next()? {
+            match self.token()? {
                 b',' => continue,
                 b'}' => return Some(()),
                 _ => return None,
@@ -242,8 +262,7 @@ impl Parser<'_> {
         loop {
             self.ws()?;
             self.value(depth + 1)?;
-            self.ws()?;
-            match self.next()? {
+            match self.token()? {
                 b',' => continue,
                 b']' => return Some(()),
                 _ => return None,
