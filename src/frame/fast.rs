@@ -110,7 +110,57 @@ fn special_bytes(word: u64) -> u64 {
     quote | backslash | control | (word & HIGHS)
 }
 
+/// [`special_bytes`] for 16 bytes at once with SSE2 (part of every x86_64 CPU): one bit
+/// per byte, and exact. A signed compare with 0x20 catches control characters and
+/// non-ASCII bytes (negative as `i8`) together.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[target_feature(enable = "sse2")]
+#[inline]
+fn special_bytes_16(chunk: &[u8; 16]) -> u32 {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_set_epi64x,
+    };
+    let (low, high) = chunk.split_at(8);
+    let word = |half: &[u8]| i64::from_le_bytes(half.try_into().unwrap_or_default());
+    let bytes = _mm_set_epi64x(word(high), word(low));
+    let quote = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'"' as i8));
+    let backslash = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'\\' as i8));
+    let below_space = _mm_cmplt_epi8(bytes, _mm_set1_epi8(0x20));
+    _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), below_space)) as u32
+}
+
 impl Parser<'_> {
+    /// Moves to the next byte inside a string that a scan must look at (a quote, a
+    /// backslash, a control or non-ASCII byte), 16 or 8 bytes at a time; near the end of
+    /// the buffer it may stop early, and the caller goes on byte by byte.
+    #[inline(always)]
+    fn skip_plain(&mut self) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+        while let Some(chunk) = self
+            .buf
+            .get(self.pos..self.pos + 16)
+            .and_then(|c| <&[u8; 16]>::try_from(c).ok())
+        {
+            // SAFETY: this code is only compiled where SSE2 is enabled (the cfg above):
+            // it is part of the x86_64 baseline, which rustc's x86_64 targets assume.
+            let special = unsafe { special_bytes_16(chunk) };
+            if special != 0 {
+                self.pos += special.trailing_zeros() as usize;
+                return;
+            }
+            self.pos += 16;
+        }
+        while let Some(chunk) = self.buf.get(self.pos..self.pos + 8) {
+            let special = special_bytes(u64::from_le_bytes(chunk.try_into().unwrap_or_default()));
+            if special != 0 {
+                self.pos += (special.trailing_zeros() / 8) as usize;
+                return;
+            }
+            self.pos += 8;
+        }
+    }
+
     #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.buf.get(self.pos).copied()
@@ -184,15 +234,7 @@ impl Parser<'_> {
         let start = self.pos;
         let (mut escaped, mut non_ascii) = (false, false);
         loop {
-            // Eight bytes at a time, straight to the first one that matters.
-            if let Some(chunk) = self.buf.get(self.pos..self.pos + 8) {
-                let special = special_bytes(u64::from_le_bytes(chunk.try_into().ok()?));
-                if special == 0 {
-                    self.pos += 8;
-                    continue;
-                }
-                self.pos += (special.trailing_zeros() / 8) as usize;
-            }
+            self.skip_plain();
             match self.next()? {
                 b'"' => break,
                 b'\\' => {
@@ -217,6 +259,8 @@ impl Parser<'_> {
         Some(Str { text, escaped })
     }
 
+    /// Scalars are parsed in place; objects and arrays (the recursion) are calls.
+    #[inline(always)]
     fn value(&mut self, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
@@ -233,6 +277,7 @@ impl Parser<'_> {
         }
     }
 
+    #[inline(never)]
     fn object(&mut self, depth: usize) -> Option<()> {
         self.eat(b'{')?;
         self.ws()?;
@@ -252,6 +297,7 @@ impl Parser<'_> {
         }
     }
 
+    #[inline(never)]
     fn array(&mut self, depth: usize) -> Option<()> {
         self.eat(b'[')?;
         self.ws()?;
@@ -393,5 +439,21 @@ mod tests {
             }
         }
         assert_eq!(special_bytes(u64::from_le_bytes(*b"plain ~!")), 0);
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    #[test]
+    fn the_16_byte_filter_is_exact() {
+        for byte in 0..=255u8 {
+            let special = byte == b'"' || byte == b'\\' || !(0x20..0x80).contains(&byte);
+            for at in [0, 7, 8, 15] {
+                let mut chunk = *b"abcdefghijklmnop";
+                chunk[at] = byte;
+                let expected = if special { 1 << at } else { 0 };
+                // SAFETY: SSE2 is enabled (the cfg above).
+                let found = unsafe { special_bytes_16(&chunk) };
+                assert_eq!(found, expected, "{byte:#x} at {at}");
+            }
+        }
     }
 }
