@@ -63,13 +63,13 @@ enum SlowConsumer {
 /// Descriptors kept aside for the listener, logs and the rest of the process.
 const SPARE_FILES: u64 = 64;
 
-/// Raises the soft open-files limit to what `max_conns` needs (up to the hard limit),
-/// and says so when the hard limit is too low.
-fn raise_open_files_limit(max_conns: usize) {
-    let wanted = max_conns as u64 + SPARE_FILES;
+/// Raises the soft open-files limit to what `connections` (of a kind: `what`) need, up
+/// to the hard limit, and says so when the hard limit is too low.
+pub fn raise_open_files_limit(connections: usize, what: &str) {
+    let wanted = connections as u64 + SPARE_FILES;
     match rlimit::increase_nofile_limit(wanted) {
         Ok(got) if got < wanted => warn!(
-            "the open-files limit is {got}: at most about {} clients can connect, not {max_conns}; raise the hard limit (ulimit -Hn) to serve more",
+            "the open-files limit is {got}: at most about {} {what} can connect, not {connections}; raise the hard limit (ulimit -Hn)",
             got.saturating_sub(SPARE_FILES)
         ),
         Ok(got) => tracing::debug!(limit = got, "open-files limit"),
@@ -93,7 +93,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         ..Config::default()
     };
-    raise_open_files_limit(config.max_connections);
+    raise_open_files_limit(config.max_connections, "clients");
     let quiet = args.quiet;
     let signals = Signals::install()?;
     let hub = Hub::with_observer(config, move |event| log(event, quiet));

@@ -63,7 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.events < args.pubs {
         return usage("--events must be at least --pubs (every publisher sends one or more)");
     }
-    raise_open_files_limit(args.subs + args.pubs);
+    crate::serve::raise_open_files_limit(args.subs + args.pubs, "bench connections");
     let (target, embedded) = if args.embedded {
         let (target, token) = start_embedded().await?;
         (target, Some(token))
@@ -527,16 +527,4 @@ async fn start_embedded() -> anyhow::Result<(Target, CancellationToken)> {
         },
         token,
     ))
-}
-
-/// Every connection is a descriptor: ask for enough of them.
-fn raise_open_files_limit(connections: usize) {
-    let wanted = connections as u64 + 64;
-    match rlimit::increase_nofile_limit(wanted) {
-        Ok(got) if got < wanted => tracing::warn!(
-            "the open-files limit is {got}, below the {wanted} this run needs: raise it with ulimit -n"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
-    }
 }
