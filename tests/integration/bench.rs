@@ -299,3 +299,40 @@ async fn redis_pub_sub_speaks_the_same_workload() {
     assert_eq!(code, Some(0), "{report:#}");
     assert_complete(&report, 3 * 2000);
 }
+
+/// A server that goes away mid-run: the report says the run stopped early and how far
+/// it got, and counts as lost only what was published and never arrived.
+#[tokio::test]
+async fn a_run_cut_short_says_so() {
+    let mut hub = TestHub::start_with(Config::default(), false).await;
+    let target = hub.addr.to_string();
+    let args = [
+        "bench", "-t", &target, "-n", "2", "-k", "1000000", "--rate", "20000", "--json",
+    ];
+    let bench = Command::new(env!("CARGO_BIN_EXE_hubcast"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    hub.wait_accepted(500).await;
+    hub.begin_shutdown();
+    hub.stopped().await;
+    let output = within(bench.wait_with_output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let published = report["published"].as_u64().unwrap();
+    assert!((500..1_000_000).contains(&published), "{report:#}");
+    assert_eq!(report["planned"], 1_000_000, "{report:#}");
+    assert_eq!(report["expected"], 2 * published, "{report:#}");
+    let delivered = report["delivered"].as_u64().unwrap();
+    assert_eq!(report["lost"], 2 * published - delivered, "{report:#}");
+    assert!(
+        report["errors"]
+            .to_string()
+            .contains("closed the connection"),
+        "{report:#}"
+    );
+}

@@ -13,9 +13,11 @@ use super::Args;
 /// What was counted, summed over every subscriber.
 #[derive(Debug, Serialize)]
 pub struct Counts {
-    /// Messages the publishers sent.
+    /// Messages the publishers were to send.
+    pub planned: u64,
+    /// Messages the publishers sent (fewer than planned if the run was cut short).
     pub published: u64,
-    /// Deliveries a loss-free run makes: every message to every subscriber.
+    /// Deliveries a loss-free run makes: every published message to every subscriber.
     pub expected: u64,
     pub delivered: u64,
     pub lost: u64,
@@ -116,7 +118,8 @@ impl Report {
     /// Every subscriber got every message, once, intact and in order, without errors.
     pub fn ok(&self) -> bool {
         let c = &self.counts;
-        c.delivered == c.expected
+        c.published == c.planned
+            && c.delivered == c.expected
             && c.lost == 0
             && c.out_of_order == 0
             && c.malformed == 0
@@ -145,7 +148,7 @@ impl Report {
                 "{} subscriber(s), {} publisher(s), {} messages of {} B, {pace}",
                 group(self.subscribers as u64),
                 self.publishers,
-                group(c.published.max(c.expected / self.subscribers.max(1) as u64)),
+                group(c.planned),
                 group(self.size as u64)
             ),
         );
@@ -218,6 +221,13 @@ impl Report {
                 );
             }
             problems.push(text);
+        }
+        if c.published < c.planned {
+            problems.push(format!(
+                "stopped early: {} of {} messages published",
+                group(c.published),
+                group(c.planned)
+            ));
         }
         if c.out_of_order > 0 {
             problems.push(format!(

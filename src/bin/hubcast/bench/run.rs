@@ -30,8 +30,11 @@ struct Shared {
     kind: Kind,
     size: usize,
     subscribers: usize,
-    /// Messages each publisher sends.
+    /// Messages each publisher is to send.
     counts: Vec<u64>,
+    /// Messages each publisher has written so far: loss is counted against these, so a
+    /// run cut short does not count what was never sent as lost.
+    sent: Vec<AtomicU64>,
     flows: Vec<Flow>,
     /// The clock all stamps are relative to.
     clock: Instant,
@@ -78,6 +81,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         size: args.size,
         subscribers: args.subs,
         counts,
+        sent: (0..args.pubs).map(|_| AtomicU64::new(0)).collect(),
         // The window bounds what is in flight to each subscriber in all, so it is
         // shared between publishers: with a per-publisher window, 4 publishers of 4 KiB
         // messages could queue 16 MB for one subscriber, past the servers' limits.
@@ -142,11 +146,9 @@ async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::
 
     let outcomes = watch(args, shared, &mut subscriber_tasks).await;
     shared.stop.cancel();
-    let mut published = 0;
     while let Some(result) = publisher_tasks.join_next().await {
-        match result.context("a publisher task failed")? {
-            Ok(sent) => published += sent,
-            Err(e) => shared.error(format!("publisher: {e:#}")),
+        if let Err(e) = result.context("a publisher task failed")? {
+            shared.error(format!("publisher: {e:#}"));
         }
     }
     Ok(summarise(
@@ -154,7 +156,6 @@ async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::
         target,
         shared,
         outcomes,
-        published,
         started_us,
         connect_time,
     ))
@@ -279,7 +280,6 @@ async fn subscribe(shared: &Shared, stream: TcpStream, leftover: Vec<u8>) -> Sub
     if let Err(e) = receive(shared, stream, leftover, &mut outcome).await {
         outcome.error = Some(format!("{e:#}"));
     }
-    outcome.tally.finish(&shared.counts);
     outcome
 }
 
@@ -351,13 +351,13 @@ fn settle(shared: &Shared, tally: &mut Tally, stamp: Stamp, now: u64, window: u6
     }
 }
 
-/// Sends this publisher's share; returns how many messages it sent.
+/// Sends this publisher's share (counting what it has written in `shared.sent`).
 async fn publish(
     shared: &Shared,
     id: usize,
     stream: TcpStream,
     rate: Option<f64>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<()> {
     let (mut reader, mut writer) = stream.into_split();
     let (answers_tx, mut answers) = mpsc::unbounded_channel();
     let kind = shared.kind;
@@ -413,6 +413,7 @@ async fn publish(
             }
             if !out.is_empty() {
                 writer.write_all(&out).await?;
+                shared.sent[id].store(seq, Ordering::Relaxed);
                 out.clear();
             } else if seq < due {
                 tokio::select! {
@@ -433,7 +434,7 @@ async fn publish(
             read?;
             bail!("the server closed the connection");
         }
-        _ = shared.stop.cancelled() => return Ok(seq),
+        _ = shared.stop.cancelled() => return Ok(()),
     }
     // Stay connected (and keep reading replies) until the run ends: closing with
     // unread replies resets the connection, and a server may then discard messages it
@@ -443,7 +444,7 @@ async fn publish(
             read?;
             bail!("the server closed the connection");
         }
-        _ = shared.stop.cancelled() => Ok(seq),
+        _ = shared.stop.cancelled() => Ok(()),
     }
 }
 
@@ -452,19 +453,26 @@ fn summarise(
     target: &Target,
     shared: &Shared,
     outcomes: Vec<Option<SubscriberOutcome>>,
-    published: u64,
     started_us: u64,
     connect_time: Duration,
 ) -> Report {
+    let sent: Vec<u64> = shared
+        .sent
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
+    let published = sent.iter().sum::<u64>();
     let mut latency = Histogram::<u64>::new(3).expect("valid histogram");
     let (mut delivered, mut lost, mut out_of_order, mut malformed) = (0, 0, 0, 0);
     let (mut last_us, mut short_subscribers) = (started_us, 0);
     let mut first_gap = None;
     for (index, outcome) in outcomes.into_iter().enumerate() {
-        let Some(outcome) = outcome else {
+        let Some(mut outcome) = outcome else {
             short_subscribers += 1;
             continue;
         };
+        // Whatever a publisher wrote and this subscriber never saw is lost.
+        outcome.tally.finish(&sent);
         let tally = &outcome.tally;
         delivered += tally.received;
         lost += tally.lost;
@@ -492,8 +500,9 @@ fn summarise(
         args,
         target,
         super::report::Counts {
+            planned: shared.counts.iter().sum::<u64>(),
             published,
-            expected: shared.counts.iter().sum::<u64>() * args.subs as u64,
+            expected: published * args.subs as u64,
             delivered,
             lost,
             out_of_order,
