@@ -14,14 +14,19 @@ use tokio::sync::Mutex;
 
 use crate::support::{within, TestHub};
 
-async fn bench(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_hubcast"))
+/// `hubcast bench ARGS`, killed if the test ends first.
+fn bench_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hubcast"));
+    command
         .arg("bench")
         .args(args)
         .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    within(output).await.unwrap()
+        .kill_on_drop(true);
+    command
+}
+
+async fn bench(args: &[&str]) -> Output {
+    within(bench_command(args).output()).await.unwrap()
 }
 
 /// Runs `bench ARGS --json` and returns its exit code and report.
@@ -307,14 +312,11 @@ async fn a_run_cut_short_says_so() {
     let mut hub = TestHub::start_with(Config::default(), false).await;
     let target = hub.addr.to_string();
     let args = [
-        "bench", "-t", &target, "-n", "2", "-k", "1000000", "--rate", "20000", "--json",
+        "-t", &target, "-n", "2", "-k", "1000000", "--rate", "20000", "--json",
     ];
-    let bench = Command::new(env!("CARGO_BIN_EXE_hubcast"))
-        .args(args)
-        .stdin(Stdio::null())
+    let bench = bench_command(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     hub.wait_accepted(500).await;
