@@ -270,17 +270,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs a small workload against the server at `target` and checks it was complete.
+async fn same_workload(target: &str) {
+    let (code, report) = bench_json(&["-t", target, "-n", "3", "-p", "2", "-k", "2000"]).await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_complete(&report, 3 * 2000);
+}
+
 #[tokio::test]
 async fn nats_server_speaks_the_same_workload() {
     let port = free_port().to_string();
     let args = ["-a", "127.0.0.1", "-p", &port];
-    let Some(_server) = external("nats-server", &args, "Server is ready").await else {
-        return;
-    };
-    let target = format!("nats://127.0.0.1:{port}");
-    let (code, report) = bench_json(&["-t", &target, "-n", "3", "-p", "2", "-k", "2000"]).await;
-    assert_eq!(code, Some(0), "{report:#}");
-    assert_complete(&report, 3 * 2000);
+    if let Some(_server) = external("nats-server", &args, "Server is ready").await {
+        same_workload(&format!("nats://127.0.0.1:{port}")).await;
+    }
 }
 
 #[tokio::test]
@@ -296,13 +299,9 @@ async fn redis_pub_sub_speaks_the_same_workload() {
         "--appendonly",
         "no",
     ];
-    let Some(_server) = external("redis-server", &args, "Ready to accept connections").await else {
-        return;
-    };
-    let target = format!("redis://127.0.0.1:{port}");
-    let (code, report) = bench_json(&["-t", &target, "-n", "3", "-p", "2", "-k", "2000"]).await;
-    assert_eq!(code, Some(0), "{report:#}");
-    assert_complete(&report, 3 * 2000);
+    if let Some(_server) = external("redis-server", &args, "Ready to accept connections").await {
+        same_workload(&format!("redis://127.0.0.1:{port}")).await;
+    }
 }
 
 /// A server that goes away mid-run: the report says the run stopped early and how far
