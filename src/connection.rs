@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder, Run};
 use crate::hub::{Client, CloseReason, Hub, HubEvent};
-use crate::outbox::{Closed, Outbox};
+use crate::outbox::{self, Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::Event;
 
@@ -80,13 +80,18 @@ impl Default for Phases {
 #[derive(Default)]
 struct Batch {
     frames: VecDeque<Bytes>,
-    /// The front frame is partly written: the peer has seen half a line.
-    mid_frame: bool,
+    /// How much of the front frame is written: non-zero means the peer has seen half
+    /// a line.
+    front_done: usize,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+
+    fn mid_frame(&self) -> bool {
+        self.front_done > 0
     }
 
     fn slices<'a>(&'a self, iov: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
@@ -98,17 +103,23 @@ impl Batch {
         n
     }
 
+    /// Takes `written` bytes off the front; a frame's cost is given back to the outbox
+    /// once it is completely written (until then its whole allocation is alive).
     fn advance(&mut self, mut written: usize, outbox: &Outbox) {
-        outbox.written(written);
+        let mut released = 0;
         while let Some(front) = self.frames.front_mut() {
             if written < front.len() {
                 front.advance(written);
-                self.mid_frame = written > 0 || self.mid_frame;
-                return;
+                self.front_done += written;
+                break;
             }
             written -= front.len();
+            released += outbox::cost(self.front_done + front.len());
+            self.front_done = 0;
             self.frames.pop_front();
-            self.mid_frame = false;
+        }
+        if released > 0 {
+            outbox.written(released);
         }
         // A quiet client's queue gives its little memory back; a busy one keeps its
         // capacity for the next batch.
@@ -393,7 +404,7 @@ impl Connection<'_> {
             CloseReason::SlowConsumer => {
                 self.hub.slow_consumer(self.client.id);
                 // Finish the line the client has half seen, then say why it is dropped.
-                if !self.batch.mid_frame {
+                if !self.batch.mid_frame() {
                     self.batch.frames.clear();
                 }
                 self.batch.frames.truncate(1);

@@ -92,15 +92,15 @@ impl Run {
         std::str::from_utf8(&self.bytes[at]).unwrap_or_default()
     }
 
-    /// Event `index`'s line, shared with the chunk.
+    /// Event `index`'s line, in an allocation of its own: a slice would keep the whole
+    /// chunk alive for as long as any one receiver holds the line (issue #10).
     ///
     /// # Panics
     ///
     /// If `index` is out of bounds.
     pub fn line(&self, index: usize) -> Bytes {
         let event = &self.events[index];
-        self.bytes
-            .slice(event.start..event.start + event.parts.end + 1)
+        Bytes::copy_from_slice(&self.bytes[event.start..event.start + event.parts.end + 1])
     }
 
     /// Event `index` on its own.
@@ -310,7 +310,9 @@ impl FrameDecoder {
             return false;
         }
         if exact {
-            run.bytes = buf.split_to(pos).freeze();
+            // Copied, not split off: see `cut_line`.
+            run.bytes = Bytes::copy_from_slice(&buf[..pos]);
+            buf.advance(pos);
             return true;
         }
         let size = run.events.iter().map(|e| e.parts.end + 1).sum();
@@ -466,20 +468,23 @@ fn event_frame(event: Result<Event, ProtocolError>) -> Frame {
 }
 
 /// Removes `buf[..end]` and returns it as one `\n`-terminated line.
+///
+/// Always a copy in an allocation of its own, never a slice of `buf`: a slice keeps
+/// the whole read buffer alive for as long as any receiver's queue holds the line,
+/// and queues are bounded by what they hold (issue #10). The copy is one `memcpy`,
+/// and it leaves `buf` unshared, so its space is reused for the next read instead of
+/// a new buffer being allocated (docs/performance.md has the measurement).
 fn cut_line(buf: &mut BytesMut, end: usize, multiline: bool) -> Bytes {
     if multiline {
         let line = compact(&buf[..end]);
         buf.advance(end);
         return line;
     }
-    if buf.get(end) == Some(&b'\n') {
-        // Newline-delimited input: the line is already there, share it without a copy.
-        return buf.split_to(end + 1).freeze();
-    }
     let mut line = BytesMut::with_capacity(end + 1);
     line.put_slice(&buf[..end]);
     line.put_u8(b'\n');
-    buf.advance(end);
+    let newline = usize::from(buf.get(end) == Some(&b'\n'));
+    buf.advance(end + newline);
     line.freeze()
 }
 
@@ -580,15 +585,29 @@ mod tests {
         );
     }
 
+    /// Issue #10: a frame handed out never shares the read buffer's allocation (a
+    /// queued slice would keep all of it alive), and the buffer stays reusable.
     #[test]
-    fn newline_delimited_lines_are_shared_not_copied() {
+    fn frames_never_pin_the_read_buffer() {
         let mut decoder = FrameDecoder::new(1024);
-        let mut buf = BytesMut::from(&b"{\"event\":\"a\",\"payload\":1}\n"[..]);
-        let start = buf.as_ptr();
+        let mut buf = BytesMut::with_capacity(4096);
+        buf.extend_from_slice(
+            b"{\"event\":\"a\",\"payload\":1}\n{\"event\":\"$p\",\"payload\":1}\n",
+        );
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + 4096;
+        let mut run = Run::default();
+        assert!(decoder.decode_run(&mut buf, &mut run));
+        assert!(!range.contains(&(run.bytes().as_ptr() as usize)));
+        assert!(!range.contains(&(run.line(0).as_ptr() as usize)));
         let Some(Frame::Event(e)) = decoder.decode(&mut buf).unwrap() else {
             panic!("no event")
         };
-        assert_eq!(e.line().as_ptr(), start);
+        assert!(!range.contains(&(e.line().as_ptr() as usize)));
+        assert_eq!(e.line().len(), e.line().as_ref().len());
+        // Nothing else holds the buffer: reserving reuses its space in place.
+        assert!(buf.is_empty());
+        buf.reserve(4000);
+        assert!(range.contains(&(buf.as_ptr() as usize)));
     }
 
     #[test]

@@ -454,9 +454,12 @@ impl Hub {
                 let before = tally.queued;
                 matched.clear();
                 pool.router.matches(run.name(index), &mut matched);
+                // One copy of the line per event, shared by its matching receivers.
+                let mut line = None;
                 for id in &matched {
                     if let Some(client) = pool.clients.get(id).filter(|_| Some(*id) != skip) {
-                        tally.count(client, client.outbox.push(run.line(index)), 1);
+                        let line = line.get_or_insert_with(|| run.line(index)).clone();
+                        tally.count(client, client.outbox.push(line), 1);
                     }
                 }
                 matched_counts.push(tally.queued - before);

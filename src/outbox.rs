@@ -1,7 +1,11 @@
 //! A client's outbound queue: bounded in bytes, filled by any task, drained by one.
 //!
 //! Publishers push shared [`Bytes`] without waiting: pushing takes a short lock and
-//! never blocks on the client's socket. The client's own connection task takes
+//! never blocks on the client's socket. What the bound counts is what the queue keeps
+//! alive: each frame's own allocation plus [`ENTRY_OVERHEAD`]. That is only true if no
+//! queued frame is a slice of something larger (a read buffer, a run of events), so
+//! the framing code copies what it hands out (issue #10: a 1 KiB slice once pinned a
+//! 64 KiB read buffer, and `--max-pending` bounded nothing). The client's own connection task takes
 //! everything queued in one go and writes it as one vectored write. A push that would
 //! take the queue past its byte limit marks the client a slow consumer instead: the
 //! queue is emptied (so its memory comes back at once) and the connection task is
@@ -16,6 +20,15 @@ use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::protocol::events_dropped_frame;
+
+/// What one queued frame costs besides its bytes: its slot in the queue (a `Bytes` is
+/// 32 bytes) and its allocation's header and rounding.
+pub(crate) const ENTRY_OVERHEAD: usize = 64;
+
+/// What `len` bytes queued as one frame count against the bound.
+pub(crate) fn cost(len: usize) -> usize {
+    len + ENTRY_OVERHEAD
+}
 
 /// The outcome of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +56,8 @@ pub(crate) enum Closed {
 
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    /// Bytes pushed but not yet written to the socket, including the batch being
-    /// written. Only the connection task decreases it.
+    /// The [`cost`] of the frames pushed and not yet completely written to the socket
+    /// (the batch being written included). Only the connection task decreases it.
     pending: AtomicUsize,
     notify: Notify,
     max_pending: usize,
@@ -78,6 +91,8 @@ impl Outbox {
     }
 
     /// Queues `bytes` (one frame) for the client unless that takes it past its limit.
+    /// `bytes` must own its allocation (not be a slice of something larger): the bound
+    /// counts its length.
     pub(crate) fn push(&self, bytes: Bytes) -> Push {
         self.push_events(bytes, 1)
     }
@@ -85,7 +100,7 @@ impl Outbox {
     /// Queues `bytes`, which hold `events` whole event lines, as one unit: all of them
     /// or (past the limit) none. A dropped unit counts as `events` missed events.
     pub(crate) fn push_events(&self, bytes: Bytes, events: usize) -> Push {
-        let len = bytes.len();
+        let len = cost(bytes.len());
         let mut state = self.lock();
         if state.closed.is_some() {
             return Push::Closed;
@@ -120,7 +135,7 @@ impl Outbox {
 
     /// Appends to the queue, waking the writer if it was empty. The caller holds the lock.
     fn enqueue(&self, state: &mut MutexGuard<'_, State>, bytes: Bytes) {
-        self.pending.fetch_add(bytes.len(), Ordering::AcqRel);
+        self.pending.fetch_add(cost(bytes.len()), Ordering::AcqRel);
         if state.queue.is_empty() {
             // The writer drains the whole queue each time, so one wake-up per batch is enough.
             self.notify.notify_one();
@@ -176,12 +191,18 @@ impl Outbox {
         state.closed.get_or_insert(Closed::Closing);
     }
 
-    /// Records that `n` bytes reached the socket.
-    pub(crate) fn written(&self, n: usize) {
-        self.pending.fetch_sub(n, Ordering::AcqRel);
+    /// Records that frames of this total [`cost`] were completely written (their
+    /// memory is free). Saturating: after an overflow the queue was dropped wholesale,
+    /// and the last frames written (the final `$error`) were never counted.
+    pub(crate) fn written(&self, cost: usize) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(cost))
+            });
     }
 
-    /// Bytes queued or being written.
+    /// The cost of what is queued or being written.
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
@@ -197,62 +218,96 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// A frame of `n` bytes.
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
     #[test]
-    fn bounded_in_bytes_and_overflow_frees_the_queue() {
-        let outbox = Outbox::new(10, false);
-        assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
-        assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
-        assert_eq!(outbox.pending(), 10);
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Overflow);
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Closed);
+    fn bounded_by_cost_and_overflow_frees_the_queue() {
+        let outbox = Outbox::new(2 * cost(5), false);
+        assert_eq!(outbox.push(frame(5)), Push::Queued);
+        assert_eq!(outbox.push(frame(5)), Push::Queued);
+        assert_eq!(outbox.pending(), 2 * cost(5));
+        assert_eq!(outbox.push(frame(1)), Push::Overflow);
+        assert_eq!(outbox.push(frame(1)), Push::Closed);
         let mut batch = VecDeque::new();
         assert_eq!(outbox.take(&mut batch), Some(Closed::Overflow));
         assert!(batch.is_empty());
     }
 
+    /// Issue #10: many small frames cost more than their bytes (each has a queue slot
+    /// and an allocation), so the bound holds for them too.
+    #[test]
+    fn tiny_frames_are_charged_their_overhead() {
+        let outbox = Outbox::new(100 * cost(1), false);
+        for _ in 0..100 {
+            assert_eq!(outbox.push(frame(1)), Push::Queued);
+        }
+        assert_eq!(outbox.push(frame(1)), Push::Overflow);
+    }
+
     #[test]
     fn writes_make_room() {
-        let outbox = Outbox::new(10, false);
-        outbox.push(Bytes::from_static(b"1234567890"));
+        let outbox = Outbox::new(cost(10), false);
+        outbox.push(frame(10));
         let mut batch = VecDeque::new();
         assert_eq!(outbox.take(&mut batch), None);
         assert_eq!(batch.len(), 1);
-        outbox.written(10);
-        assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
+        assert_eq!(outbox.push(frame(1)), Push::Overflow);
+        let outbox = Outbox::new(cost(10), false);
+        outbox.push(frame(10));
+        outbox.take(&mut batch);
+        outbox.written(cost(10));
+        assert_eq!(outbox.push(frame(5)), Push::Queued);
         outbox.close();
         assert_eq!(outbox.take(&mut batch), Some(Closed::Closing));
-        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.len(), 3);
+    }
+
+    /// Issue #11 (8): releasing more than was counted (the final `$error` after an
+    /// overflow) never wraps below zero.
+    #[test]
+    fn pending_never_goes_below_zero() {
+        let outbox = Outbox::new(cost(10), false);
+        outbox.push(frame(10));
+        outbox.written(cost(10) + cost(80));
+        assert_eq!(outbox.pending(), 0);
+        assert_eq!(outbox.push(frame(10)), Push::Queued);
     }
 
     #[test]
     fn the_drop_policy_reports_each_gap_where_it_is() {
-        let outbox = Outbox::new(10, true);
-        assert_eq!(outbox.push(Bytes::from_static(b"1234567890")), Push::Queued);
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
-        outbox.written(4); // 6 pending: more than half, so still dropping
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
-        assert_eq!(outbox.end_drops_if_drained(), None);
+        let outbox = Outbox::new(cost(10), true);
+        assert_eq!(outbox.push(frame(10)), Push::Queued);
+        assert_eq!(outbox.push(frame(1)), Push::Dropped);
         let mut batch = VecDeque::new();
         assert_eq!(outbox.take(&mut batch), None, "still open");
-        outbox.written(6);
+        assert_eq!(
+            outbox.end_drops_if_drained(),
+            None,
+            "more than half still queued"
+        );
+        assert_eq!(outbox.push(frame(1)), Push::Dropped);
+        outbox.written(cost(10));
         // Drained: the next event goes out right after the notice for the gap.
-        assert_eq!(outbox.push(Bytes::from_static(b"next")), Push::Resumed(2));
+        assert_eq!(outbox.push(frame(4)), Push::Resumed(2));
         outbox.take(&mut batch);
         let notice = String::from_utf8(batch[1].to_vec()).unwrap();
         assert!(
             notice.contains("events_dropped") && notice.contains("\"count\":2"),
             "{notice}"
         );
-        assert_eq!(&batch[2][..], b"next");
+        assert_eq!(&batch[2][..], b"xxxx");
     }
 
     #[test]
     fn a_gap_at_the_end_is_reported_once_drained() {
-        let outbox = Outbox::new(10, true);
-        outbox.push(Bytes::from_static(b"1234567890"));
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Dropped);
+        let outbox = Outbox::new(cost(10), true);
+        outbox.push(frame(10));
+        assert_eq!(outbox.push(frame(1)), Push::Dropped);
         assert_eq!(outbox.end_drops_if_drained(), None);
-        outbox.written(10);
+        outbox.written(cost(10));
         assert_eq!(outbox.end_drops_if_drained(), Some(1));
         assert_eq!(outbox.end_drops_if_drained(), None);
     }

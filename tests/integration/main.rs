@@ -10,6 +10,7 @@ mod control;
 mod delivery;
 mod demo;
 mod faults;
+mod hostile;
 mod node;
 mod pool;
 mod properties;

@@ -316,6 +316,19 @@ impl HubProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the hub exited")
+    }
+
+    /// Whether any log line so far contains `needle` (without waiting for more).
+    pub fn log_contains(&mut self, needle: &str) -> bool {
+        while let Ok(line) = self.log.try_recv() {
+            self.lines.push(line);
+        }
+        self.lines.iter().any(|l| l.contains(needle))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -1,0 +1,166 @@
+//! Hostile clients (issue #10): each attack found from outside, over real sockets,
+//! against the real binary where memory is what is measured.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::support::{event, within, HubProcess};
+
+/// The hub's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:") * 1024
+}
+
+/// The hub's resident memory now (`VmRSS`), in bytes.
+fn rss(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:") * 1024
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A connection that reads as little as the kernel lets it: a 4 KiB receive buffer,
+/// and the test never reads it until the end.
+async fn never_reading(port: u16) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
+/// Sends `request` and reads up to its answer (the connection's only read before the end).
+async fn ask(stream: &mut TcpStream, request: &str, answer: &str) {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(b"\n").await.unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains(answer) {
+        let mut byte = [0u8; 1];
+        // One byte at a time: nothing past the answer is taken off the socket.
+        let n = within(stream.read(&mut byte)).await.unwrap();
+        assert!(n > 0, "closed before {answer}");
+        got.push(byte[0]);
+    }
+}
+
+/// What a victim hears in the `needle` attacks: one small event per write, buried in
+/// 64 KiB of events it does not hear.
+#[derive(Clone, Copy)]
+enum Needle {
+    /// The victim subscribes to `needle` and sends the attack itself.
+    SelfSent,
+    /// The victim subscribes; another connection sends.
+    Separate,
+    /// The victim subscribes and joins room `r`; another connection sends `needle` to
+    /// that room.
+    Room,
+}
+
+/// Issue #10 (1): a queued line used to be a slice of its sender's 64 KiB read buffer,
+/// and only the line was counted against `--max-pending`: a victim that never reads
+/// pinned ~64 KiB per ~1 KiB counted, and the hub reached 1 GB. Now what a queue keeps
+/// alive is what is counted: the victim is cut as a slow consumer, memory stays low.
+async fn needle_attack(kind: Needle) {
+    let mut hub =
+        HubProcess::spawn(HubProcess::command(&["serve", "--port", "0", "--quiet"])).await;
+    let pid = hub.pid();
+    let mut victim = never_reading(hub.port).await;
+    ask(
+        &mut victim,
+        r#"{"event":"$subscribe","payload":{"events":["needle"]}}"#,
+        "$subscribed",
+    )
+    .await;
+    if let Needle::Room = kind {
+        ask(
+            &mut victim,
+            r#"{"event":"$join","payload":{"room":"r"}}"#,
+            "$joined",
+        )
+        .await;
+    }
+    let mut publisher = match kind {
+        Needle::SelfSent => None,
+        _ => Some(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap()),
+    };
+    if let Some(publisher) = &mut publisher {
+        // The publisher hears nothing: it must not become a slow consumer itself.
+        ask(
+            publisher,
+            r#"{"event":"$subscribe","payload":{"events":["nothing"]}}"#,
+            "$subscribed",
+        )
+        .await;
+    }
+    let needle = match kind {
+        Needle::Room => json!({"event": "needle", "room": "r", "payload": "x".repeat(2000)}),
+        _ => json!({"event": "needle", "payload": "x".repeat(2000)}),
+    };
+    let hay = event("hay", json!("h".repeat(100))) + "\n";
+    let mut write = needle.to_string() + "\n";
+    while write.len() < 64 << 10 {
+        write.push_str(&hay);
+    }
+    // Bounded: 8 MiB of 2 KiB needles plus what the kernel buffers is ~5,500 writes.
+    // (Before the fix, 4,000 pinned 64 KiB buffers: 256 MB.)
+    let started = Instant::now();
+    let mut writes = 0u32;
+    let cut = loop {
+        let target = publisher.as_mut().unwrap_or(&mut victim);
+        if target.write_all(write.as_bytes()).await.is_err() {
+            break true;
+        }
+        writes += 1;
+        if writes % 256 == 0 {
+            // The hub says so in its log even with --quiet.
+            if hub.log_contains("slow consumer") {
+                break true;
+            }
+            if writes >= 60_000 || started.elapsed() > Duration::from_secs(60) {
+                break false;
+            }
+        }
+    };
+    assert!(cut, "after {writes} writes the victim was still connected");
+    hub.wait_log("slow consumer", 1).await;
+    let peak = peak_rss(pid);
+    assert!(
+        peak < 200 << 20,
+        "peak RSS {} MB after {writes} writes",
+        peak >> 20
+    );
+    if publisher.is_some() {
+        // The victim is told why, after what it had not read.
+        let mut lines = BufReader::new(victim).lines();
+        let mut last = String::new();
+        while let Some(line) = within(lines.next_line()).await.unwrap() {
+            last = line;
+        }
+        assert!(last.contains("slow_consumer"), "{last}");
+    }
+    eprintln!(
+        "needle attack: {writes} writes, peak RSS {} MB, now {} MB",
+        peak >> 20,
+        rss(pid) >> 20
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_victim_that_sends_the_needles_itself_is_cut_and_memory_stays_bounded() {
+    needle_attack(Needle::SelfSent).await;
+}
+
+#[tokio::test]
+async fn a_victim_hearing_another_publisher_is_cut_and_memory_stays_bounded() {
+    needle_attack(Needle::Separate).await;
+}
+
+#[tokio::test]
+async fn a_victim_in_a_room_is_cut_and_memory_stays_bounded() {
+    needle_attack(Needle::Room).await;
+}
