@@ -115,7 +115,7 @@ async fn needle_attack(kind: Needle) {
             break true;
         }
         writes += 1;
-        if writes % 256 == 0 {
+        if writes.is_multiple_of(256) {
             // The hub says so in its log even with --quiet.
             if hub.log_contains("slow consumer") {
                 break true;
