@@ -16,6 +16,9 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 /// The default limit on rooms per connection.
 pub const DEFAULT_MAX_ROOMS: usize = 100;
 
+/// The default bound on memory held in all connections' read buffers: 256 MiB.
+pub const DEFAULT_MAX_INBOUND_MEMORY: usize = 256 << 20;
+
 /// The default limit on connected clients.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
@@ -59,6 +62,9 @@ pub struct Config {
     pub error_window: Duration,
     /// What to do with a client whose queue is full.
     pub slow_consumer: SlowConsumerPolicy,
+    /// The most bytes all connections' read buffers (frames in progress) may hold;
+    /// past it, connections whose frames need more are not read until memory frees.
+    pub max_inbound_memory: usize,
 }
 
 /// What the hub does with a client that reads too slowly (its queue is full).
@@ -87,6 +93,7 @@ impl Default for Config {
             max_errors: DEFAULT_MAX_ERRORS,
             error_window: DEFAULT_ERROR_WINDOW,
             slow_consumer: SlowConsumerPolicy::Disconnect,
+            max_inbound_memory: DEFAULT_MAX_INBOUND_MEMORY,
         }
     }
 }

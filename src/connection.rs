@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder, Run};
 use crate::hub::{Client, CloseReason, Hub, HubEvent};
+use crate::inbound::{Prepared, ReadBuffer};
 use crate::outbox::{self, Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::Event;
@@ -33,26 +34,46 @@ static PING: Bytes = Bytes::from_static(b"{\"event\":\"$ping\",\"payload\":null}
 /// A read side that can say when it has bytes without being handed a buffer, so a
 /// quiet connection need not hold one while it waits.
 pub(crate) trait Source: AsyncRead + Unpin {
+    /// Whether [`try_read_now`](Self::try_read_now) works: then a connection with
+    /// nothing buffered waits for readiness holding no buffer at all.
+    const WAITS_UNBUFFERED: bool = false;
+
     /// Ready when a read would not block. The default is always ready: such sources
     /// keep their buffer while they wait.
     fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// Reads what is there into `buf`, never waiting (`WouldBlock` when nothing is);
+    /// `None` when this source cannot, and keeps a buffer while it waits instead.
+    fn try_read_now(
+        &mut self,
+        _buf: &mut bytes::buf::Limit<&mut BytesMut>,
+    ) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 impl Source for tokio::net::tcp::ReadHalf<'_> {
+    const WAITS_UNBUFFERED: bool = true;
+
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let stream: &tokio::net::TcpStream = self.as_ref();
         stream.poll_read_ready(cx)
+    }
+
+    fn try_read_now(
+        &mut self,
+        buf: &mut bytes::buf::Limit<&mut BytesMut>,
+    ) -> Option<io::Result<usize>> {
+        Some(self.try_read_buf(buf))
     }
 }
 
 impl<T: AsyncRead + Unpin> Source for tokio::io::ReadHalf<T> {}
 
-/// The first read size: small, so idle connections hold little memory.
-const MIN_READ: usize = 512;
-/// Reads grow (doubling each time one fills the space offered) up to this size.
-const MAX_READ: usize = 64 * 1024;
+/// Most time one turn spends decoding and fanning out before it lets other tasks run.
+const TIME_SLICE: std::time::Duration = std::time::Duration::from_millis(2);
 /// Most frames handed to one `writev`.
 const MAX_IOV: usize = 64;
 
@@ -123,7 +144,7 @@ impl Batch {
         }
         // A quiet client's queue gives its little memory back; a busy one keeps its
         // capacity for the next batch.
-        if self.frames.capacity() <= 8 {
+        if self.frames.is_empty() && self.frames.capacity() <= 8 {
             self.frames = VecDeque::new();
         }
     }
@@ -151,31 +172,42 @@ struct Connection<'a> {
     hub: &'a Hub,
     client: &'a Client,
     decoder: FrameDecoder,
-    rbuf: BytesMut,
+    /// What the client sent and the hub has not consumed yet.
+    input: ReadBuffer,
     batch: Batch,
     liveness: Liveness,
     /// When the recent bad frames arrived, for the error budget.
     errors: VecDeque<Instant>,
     /// The error budget is spent: close after telling the client.
     over_budget: bool,
-    /// How much to offer the next read: grows with the client's traffic.
-    read_size: usize,
-    /// The socket has bytes for us: take a buffer and read them.
-    readable: bool,
-    /// The last run of plain events decoded (kept for its allocation).
+    /// Frames are left in the buffer because decoding used up its time slice: decode
+    /// them (after letting other tasks run) before reading more.
+    backlog: bool,
+    /// The last run of plain events decoded (kept for its allocation while busy).
     run: Run,
 }
 
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        // However the connection ends (a panic included), its memory goes back.
+        self.input.release(self.hub.inbound());
+    }
+}
+
 impl Connection<'_> {
-    /// A quiet connection (nothing buffered, no traffic to speak of) gives its read
-    /// buffer back and waits for readiness instead: an idle client costs no buffer.
-    fn parked(&mut self) -> bool {
-        let quiet = self.rbuf.is_empty() && self.read_size == MIN_READ && !self.readable;
-        if quiet && self.rbuf.capacity() > 0 {
-            self.rbuf = BytesMut::new();
+    /// After a read was consumed: a connection that has gone quiet gives its read
+    /// buffer, run list and write queues back (issue #11: a connection that was ever
+    /// busy used to keep ~300 KB forever).
+    fn settle(&mut self, filled: bool) {
+        self.input
+            .settle(self.hub.inbound(), filled || self.backlog);
+        if self.input.buf().capacity() == 0 {
             self.run = Run::default();
+            if self.batch.is_empty() && self.batch.frames.capacity() > 0 {
+                self.batch.frames = VecDeque::new();
+                self.client.outbox.shrink();
+            }
         }
-        quiet
     }
 }
 
@@ -199,15 +231,15 @@ where
         hub,
         client,
         decoder: FrameDecoder::new(hub.config().max_frame),
-        rbuf: BytesMut::new(),
+        input: ReadBuffer::default(),
         batch: Batch::default(),
         liveness: Liveness::new(hub.config().idle_timeout),
         errors: VecDeque::new(),
         over_budget: false,
-        read_size: MIN_READ,
-        readable: false,
+        backlog: false,
         run: Run::default(),
     };
+    let inbound = hub.inbound();
     let mut reading = Some(reading);
     // Boxed and kept across turns: only connections with a timer pay for one, and it
     // is re-armed rather than re-registered on every turn.
@@ -226,15 +258,33 @@ where
             let id = client.id;
             hub.emit(|| HubEvent::EventsDropped { client: id, count });
         }
-        let room = conn.decoder.room(&conn.rbuf);
-        let parked = conn.parked();
-        if reading.is_some()
-            && !parked
-            && conn.rbuf.capacity() - conn.rbuf.len() < conn.read_size / 4
-        {
-            conn.rbuf.reserve(conn.read_size.min(room));
-        }
-        let offered = (conn.rbuf.capacity() - conn.rbuf.len()).min(room);
+        // Made before retrying, so a release in between wakes us (see `freed`).
+        let freed = conn.input.is_starved().then(|| inbound.freed());
+        let was_starved = freed.is_some();
+        let room = conn.decoder.room(conn.input.buf());
+        let prepared = match reading {
+            // Nothing buffered: wait for readiness, then `read_now`.
+            Some(_) if R::WAITS_UNBUFFERED && conn.input.buf().is_empty() => Prepared::Parked,
+            Some(_) if !conn.backlog => conn.input.prepare(inbound, room),
+            _ => Prepared::Parked,
+        };
+        let offered = match prepared {
+            Prepared::Read(n) => Some(n),
+            Prepared::Starved { first } => {
+                if first {
+                    let limit = inbound.limit();
+                    hub.emit(|| HubEvent::InboundMemoryFull { limit });
+                }
+                hub.count_inbound_wait();
+                if !was_starved {
+                    // Retry once with a wake-up registered first.
+                    continue;
+                }
+                None
+            }
+            Prepared::Parked => None,
+        };
+        let starved = conn.input.is_starved();
         let writing = !conn.batch.is_empty();
         let due_at = conn.liveness.deadline().filter(|_| reading.is_some());
         if let Some(at) = due_at {
@@ -250,7 +300,7 @@ where
         } else {
             &phases.drain
         };
-        let mut read_into = (!parked).then(|| (&mut conn.rbuf).limit(room));
+        let mut read_into = offered.map(|n| conn.input.buf().limit(n));
         let read = async {
             match read_into.as_mut() {
                 Some(buf) => reader.read_buf(buf).await.map(Some),
@@ -284,27 +334,27 @@ where
                     break CloseReason::Protocol(code);
                 }
             },
-            res = read, if reading.is_some() => match res {
-                Ok(None) => conn.readable = true,
-                Ok(Some(0)) => {
-                    conn.end_of_stream();
-                    break CloseReason::PeerClosed;
+            // Decoding used up its slice: let other tasks run, then go on.
+            _ = tokio::task::yield_now(), if conn.backlog && reading.is_some() => {
+                if let Err(reason) = conn.consumed(false) {
+                    break reason;
                 }
-                Ok(Some(n)) => {
-                    conn.readable = false;
-                    if n >= offered {
-                        conn.read_size = (conn.read_size * 2).min(MAX_READ);
-                    }
-                    conn.liveness.heard();
-                    if let Err(code) = conn.decode_all() {
-                        break CloseReason::Protocol(code);
-                    }
-                    if conn.over_budget {
-                        break CloseReason::Protocol(ErrorCode::TooManyErrors);
-                    }
+            }
+            _ = async { freed.expect("made when starved").await }, if starved && was_starved => {}
+            res = read, if reading.is_some() && !starved && !conn.backlog => {
+                let res = match res {
+                    // Readable: take a buffer only now, and only for what is there.
+                    Ok(None) => match conn.read_now(&mut reader) {
+                        Some(res) => res,
+                        None => continue,
+                    },
+                    Ok(Some(n)) => Ok((n, offered.unwrap_or(n))),
+                    Err(e) => Err(e),
+                };
+                if let Err(reason) = conn.received(res) {
+                    break reason;
                 }
-                Err(e) => break CloseReason::Io(e.to_string()),
-            },
+            }
         }
     };
     drop(reading);
@@ -314,16 +364,71 @@ where
 }
 
 impl Connection<'_> {
-    /// Handles every complete frame in the read buffer (until the error budget is spent).
+    /// After the socket said it is readable, with nothing buffered: allocates a
+    /// buffer and reads what is there without waiting, so that no buffer is held
+    /// while waiting. `None`: nothing to do now (nothing was there, and the buffer went
+    /// back; or the source cannot read without waiting, and reads next turn).
+    fn read_now<R: Source>(&mut self, reader: &mut R) -> Option<io::Result<(usize, usize)>> {
+        self.input.set_readable();
+        let room = self.decoder.room(self.input.buf());
+        let Prepared::Read(offered) = self.input.prepare(self.hub.inbound(), room) else {
+            return None;
+        };
+        match reader.try_read_now(&mut self.input.buf().limit(offered))? {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.input.drained(self.hub.inbound());
+                None
+            }
+            res => Some(res.map(|n| (n, offered))),
+        }
+    }
+
+    /// Handles the outcome of a read of `n` bytes into `offered`.
+    fn received(&mut self, res: io::Result<(usize, usize)>) -> Result<(), CloseReason> {
+        match res {
+            Ok((0, _)) => {
+                self.end_of_stream();
+                Err(CloseReason::PeerClosed)
+            }
+            Ok((n, offered)) => {
+                self.input.read(n, offered);
+                self.liveness.heard();
+                self.consumed(n >= offered)
+            }
+            Err(e) => Err(CloseReason::Io(e.to_string())),
+        }
+    }
+
+    /// Decodes what the buffer holds, then lets the buffer settle.
+    fn consumed(&mut self, filled: bool) -> Result<(), CloseReason> {
+        if let Err(code) = self.decode_all() {
+            return Err(CloseReason::Protocol(code));
+        }
+        if self.over_budget {
+            return Err(CloseReason::Protocol(ErrorCode::TooManyErrors));
+        }
+        self.settle(filled);
+        Ok(())
+    }
+
+    /// Handles the complete frames in the read buffer, until the error budget is spent
+    /// or the time slice is: then `backlog` is set and the rest waits for the next turn,
+    /// so one client's expensive frames never keep a worker from everyone else.
     fn decode_all(&mut self) -> Result<(), ErrorCode> {
+        let started = std::time::Instant::now();
+        self.backlog = false;
         while !self.over_budget {
-            if self.decoder.decode_run(&mut self.rbuf, &mut self.run) {
+            if started.elapsed() >= TIME_SLICE {
+                self.backlog = !self.input.buf().is_empty();
+                return Ok(());
+            }
+            if self.decoder.decode_run(self.input.buf(), &mut self.run) {
                 self.hub.publish_run(self.client.id, &self.run);
                 // The receivers hold the chunk now; we keep only the event list's room.
                 self.run.clear();
                 continue;
             }
-            match self.decoder.decode(&mut self.rbuf) {
+            match self.decoder.decode(self.input.buf()) {
                 Ok(Some(Frame::Event(event))) => self.dispatch(event),
                 Ok(Some(Frame::Rejected(error))) => self.reject(error),
                 Ok(None) => return Ok(()),
@@ -384,7 +489,7 @@ impl Connection<'_> {
     }
 
     fn end_of_stream(&mut self) {
-        if self.decoder.has_partial(&self.rbuf) {
+        if self.decoder.has_partial(self.input.buf()) {
             self.reject(ProtocolError::new(
                 ErrorCode::InvalidJson,
                 "the connection ended in the middle of a frame",
@@ -486,6 +591,29 @@ mod tests {
         lines: &mut tokio::io::Lines<BufReader<&mut tokio::io::DuplexStream>>,
     ) -> String {
         lines.next_line().await.unwrap().expect("closed")
+    }
+
+    /// A partial write keeps every frame after the one it cut (a regression found
+    /// while reworking the cost accounting: a small queue was reset mid-batch), and
+    /// each frame's cost goes back once, when it is completely written.
+    #[test]
+    fn partial_writes_lose_nothing_and_release_each_frame_once() {
+        let outbox = Outbox::new(1 << 20, false);
+        let mut batch = Batch::default();
+        for frame in ["aaaa", "bbbb", "cccc"] {
+            outbox.push(Bytes::from_static(frame.as_bytes()));
+        }
+        outbox.take(&mut batch.frames);
+        let mut wire = Vec::new();
+        for written in [2, 3, 1, 6] {
+            // What a `writev` of `written` bytes puts on the wire.
+            let pending: Vec<u8> = batch.frames.iter().flat_map(|f| f.to_vec()).collect();
+            wire.extend_from_slice(&pending[..written]);
+            batch.advance(written, &outbox);
+        }
+        assert_eq!(wire, b"aaaabbbbcccc");
+        assert!(batch.is_empty());
+        assert_eq!(outbox.pending(), 0);
     }
 
     /// The connection logic over an in-memory pipe: no sockets involved.

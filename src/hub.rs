@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::config::{Config, SlowConsumerPolicy};
 use crate::event::{Event, RoomName};
 use crate::frame::Run;
+use crate::inbound::InboundBudget;
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::{Pattern, Router};
@@ -123,6 +124,13 @@ pub enum HubEvent {
         client: ClientId,
         /// How many events it missed in this episode.
         count: usize,
+    },
+    /// Frames in progress filled `--max-inbound-memory`: connections whose frames need
+    /// more memory are not read until some frees. Reported once per episode (when the
+    /// first connection starts waiting).
+    InboundMemoryFull {
+        /// The limit, in bytes.
+        limit: usize,
     },
     /// A connection was refused at the connection limit.
     Refused {
@@ -235,6 +243,7 @@ impl Tally {
 
 /// Counters since the hub started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Valid events received from clients.
     pub events: u64,
@@ -248,6 +257,9 @@ pub struct Stats {
     pub dropped: u64,
     /// Connections refused at the connection limit.
     pub refused: u64,
+    /// Times a connection had to wait to be read because frames in progress had
+    /// filled `--max-inbound-memory`.
+    pub inbound_waits: u64,
 }
 
 #[derive(Default)]
@@ -258,6 +270,7 @@ struct Counters {
     slow_consumers: AtomicU64,
     dropped: AtomicU64,
     refused: AtomicU64,
+    inbound_waits: AtomicU64,
 }
 
 struct Shared {
@@ -268,6 +281,8 @@ struct Shared {
     next_id: AtomicU64,
     observer: Option<Observer>,
     counters: Counters,
+    /// What read buffers may hold in all (`--max-inbound-memory`).
+    inbound: InboundBudget,
 }
 
 /// The hub: the pool of clients and everything that can be done with it.
@@ -327,12 +342,13 @@ impl Hub {
     fn build(config: Config, observer: Option<Observer>) -> Self {
         Hub {
             shared: Arc::new(Shared {
-                config,
                 pool: RwLock::default(),
                 count: watch::Sender::new(0),
                 next_id: AtomicU64::new(1),
                 observer,
                 counters: Counters::default(),
+                inbound: InboundBudget::new(config.max_inbound_memory, config.max_frame),
+                config,
             }),
         }
     }
@@ -378,7 +394,26 @@ impl Hub {
             slow_consumers: c.slow_consumers.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
+            inbound_waits: c.inbound_waits.load(Ordering::Relaxed),
         }
+    }
+
+    /// Bytes held right now in connections' read buffers (frames in progress and the
+    /// space for the next read); bounded by [`Config::max_inbound_memory`] but for
+    /// [`MIN_READ`](crate::inbound) bytes per connection.
+    pub fn inbound_memory(&self) -> usize {
+        self.shared.inbound.used()
+    }
+
+    pub(crate) fn inbound(&self) -> &InboundBudget {
+        &self.shared.inbound
+    }
+
+    pub(crate) fn count_inbound_wait(&self) {
+        self.shared
+            .counters
+            .inbound_waits
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Queues `event` to one client, through its bounded queue.

@@ -60,6 +60,7 @@ mod control;
 mod event;
 pub mod frame;
 mod hub;
+mod inbound;
 mod outbox;
 mod protocol;
 pub mod routing;
@@ -68,8 +69,8 @@ mod server;
 pub use client::{Client, ClientEvent};
 pub use config::{
     Config, SlowConsumerPolicy, DEFAULT_DRAIN_TIMEOUT, DEFAULT_ERROR_WINDOW,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS, DEFAULT_MAX_PENDING, DEFAULT_MAX_ROOMS,
-    DEFAULT_MAX_SUBSCRIPTIONS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS, DEFAULT_MAX_INBOUND_MEMORY, DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_ROOMS, DEFAULT_MAX_SUBSCRIPTIONS,
 };
 pub use control::PROTOCOL_VERSION;
 pub use event::{Event, EventName, RoomName, MAX_EVENT_NAME};

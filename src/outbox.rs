@@ -180,6 +180,14 @@ impl Outbox {
         state.closed
     }
 
+    /// Gives an empty queue's allocation back (a connection gone quiet).
+    pub(crate) fn shrink(&self) {
+        let mut state = self.lock();
+        if state.queue.is_empty() {
+            state.queue = VecDeque::new();
+        }
+    }
+
     /// Whether (and why) the queue stopped accepting.
     pub(crate) fn closed(&self) -> Option<Closed> {
         self.lock().closed

@@ -341,7 +341,19 @@ impl HubProcess {
             .args(["-TERM", &pid])
             .status();
         assert!(kill.unwrap().success());
-        let status = within(self.child.wait()).await.unwrap();
+        let status = match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                while let Ok(line) = self.log.try_recv() {
+                    self.lines.push(line);
+                }
+                let tail = self.lines.len().saturating_sub(30);
+                panic!(
+                    "the hub did not exit after SIGTERM; its last log lines:\n{}",
+                    self.lines[tail..].join("\n")
+                );
+            }
+        };
         assert_eq!(status.code(), Some(0), "the hub must exit 0 after SIGTERM");
         while let Some(line) = self.log.recv().await {
             self.lines.push(line);

@@ -49,6 +49,10 @@ pub struct Args {
     /// does not fit in its queue (and tell it how many were dropped).
     #[arg(long, value_enum, default_value = "disconnect")]
     slow_consumer: SlowConsumer,
+    /// Most memory all connections' read buffers (frames in progress) may hold; past
+    /// it, connections whose frames need more are not read until memory frees.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    max_inbound_memory: usize,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -87,6 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_rooms: args.max_rooms,
         idle_timeout: args.idle_timeout,
         max_connections: args.max_conns,
+        max_inbound_memory: args.max_inbound_memory,
         slow_consumer: match args.slow_consumer {
             SlowConsumer::Disconnect => SlowConsumerPolicy::Disconnect,
             SlowConsumer::Drop => SlowConsumerPolicy::Drop,
@@ -185,6 +190,10 @@ fn log(event: &HubEvent, quiet: bool) {
             warn!(%client, count, "slow consumer: events dropped")
         }
         HubEvent::Refused { peer } => warn!(%peer, "refused: at the connection limit"),
+        HubEvent::InboundMemoryFull { limit } => warn!(
+            limit,
+            "inbound memory limit reached: connections whose frames in progress need more memory wait to be read"
+        ),
         HubEvent::Close {
             client,
             had_error,
