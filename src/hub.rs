@@ -400,7 +400,7 @@ impl Hub {
 
     /// Bytes held right now in connections' read buffers (frames in progress and the
     /// space for the next read); bounded by [`Config::max_inbound_memory`] but for
-    /// [`MIN_READ`](crate::inbound) bytes per connection.
+    /// 512 bytes per connection.
     pub fn inbound_memory(&self) -> usize {
         self.shared.inbound.used()
     }
