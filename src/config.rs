@@ -13,6 +13,12 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default limit on subscription patterns per connection.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 
+/// The default limit on segments in one subscription pattern.
+pub const DEFAULT_MAX_PATTERN_SEGMENTS: usize = 16;
+
+/// The default limit on the total length of the patterns one connection holds: 64 KiB.
+pub const DEFAULT_MAX_PATTERN_BYTES: usize = 64 << 10;
+
 /// The default limit on rooms per connection.
 pub const DEFAULT_MAX_ROOMS: usize = 100;
 
@@ -49,6 +55,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The most subscription patterns one connection may hold.
     pub max_subscriptions: usize,
+    /// The most segments one subscription pattern may have: a pattern's matching cost
+    /// can grow with its segments (see [`routing::Router`](crate::routing::Router)).
+    pub max_pattern_segments: usize,
+    /// The most bytes of pattern text one connection may hold in all (its share of the
+    /// routing index: at most ~40 bytes of memory per byte of pattern).
+    pub max_pattern_bytes: usize,
     /// The most rooms one connection may be in.
     pub max_rooms: usize,
     /// Close connections that send nothing for this long (`None`: never).
@@ -87,6 +99,8 @@ impl Default for Config {
             echo: true,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_pattern_segments: DEFAULT_MAX_PATTERN_SEGMENTS,
+            max_pattern_bytes: DEFAULT_MAX_PATTERN_BYTES,
             max_rooms: DEFAULT_MAX_ROOMS,
             idle_timeout: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder, Run};
-use crate::hub::{Client, CloseReason, Hub, HubEvent};
+use crate::hub::{Client, CloseReason, Hub, HubEvent, RunProgress};
 use crate::inbound::{Prepared, ReadBuffer};
 use crate::outbox::{self, Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -185,6 +185,8 @@ struct Connection<'a> {
     backlog: bool,
     /// The last run of plain events decoded (kept for its allocation while busy).
     run: Run,
+    /// How far routing got with `run`, while it is not finished.
+    routing: Option<RunProgress>,
 }
 
 impl Drop for Connection<'_> {
@@ -201,7 +203,7 @@ impl Connection<'_> {
     fn settle(&mut self, filled: bool) {
         self.input
             .settle(self.hub.inbound(), filled || self.backlog);
-        if self.input.buf().capacity() == 0 {
+        if self.input.buf().capacity() == 0 && self.routing.is_none() {
             self.run = Run::default();
             if self.batch.is_empty() && self.batch.frames.capacity() > 0 {
                 self.batch.frames = VecDeque::new();
@@ -238,6 +240,7 @@ where
         over_budget: false,
         backlog: false,
         run: Run::default(),
+        routing: None,
     };
     let inbound = hub.inbound();
     let mut reading = Some(reading);
@@ -312,6 +315,8 @@ where
         tokio::select! {
             biased;
             _ = phase.cancelled() => {
+                // A run half routed was accepted: the rest of it goes out too.
+                conn.finish_routing();
                 if phases.drain.is_cancelled() {
                     break CloseReason::Shutdown;
                 }
@@ -357,6 +362,8 @@ where
             }
         }
     };
+    // Whatever ended the connection, the events it had sent are delivered.
+    conn.finish_routing();
     drop(reading);
     // Boxed: the closing steps (a flush under a timeout) would otherwise add their
     // state to every connection's future for its whole life.
@@ -415,17 +422,28 @@ impl Connection<'_> {
     /// or the time slice is: then `backlog` is set and the rest waits for the next turn,
     /// so one client's expensive frames never keep a worker from everyone else.
     fn decode_all(&mut self) -> Result<(), ErrorCode> {
-        let started = std::time::Instant::now();
+        let deadline = std::time::Instant::now() + TIME_SLICE;
         self.backlog = false;
         while !self.over_budget {
-            if started.elapsed() >= TIME_SLICE {
+            if let Some(progress) = self.routing.as_mut() {
+                if !self
+                    .hub
+                    .publish_run(self.client.id, &self.run, progress, deadline)
+                {
+                    // Routing used up the slice: the rest of the run waits its turn.
+                    self.backlog = true;
+                    return Ok(());
+                }
+                self.routing = None;
+                // The receivers hold the chunk now; we keep only the event list's room.
+                self.run.clear();
+            }
+            if std::time::Instant::now() >= deadline {
                 self.backlog = !self.input.buf().is_empty();
                 return Ok(());
             }
             if self.decoder.decode_run(self.input.buf(), &mut self.run) {
-                self.hub.publish_run(self.client.id, &self.run);
-                // The receivers hold the chunk now; we keep only the event list's room.
-                self.run.clear();
+                self.routing = Some(RunProgress::default());
                 continue;
             }
             match self.decoder.decode(self.input.buf()) {
@@ -440,6 +458,16 @@ impl Connection<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Routes the rest of a run that was cut short by the time slice, at once.
+    fn finish_routing(&mut self) {
+        if let Some(mut progress) = self.routing.take() {
+            let never = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+            self.hub
+                .publish_run(self.client.id, &self.run, &mut progress, never);
+            self.run.clear();
+        }
     }
 
     fn dispatch(&mut self, event: Event) {

@@ -88,17 +88,7 @@ pub(crate) fn handle(
         }
         "$subscribe" | "$unsubscribe" => {
             let request: Patterns = payload(event)?;
-            if request.events.is_empty() {
-                return Err(invalid_payload(
-                    name,
-                    "\"events\" must list at least one pattern",
-                ));
-            }
-            let patterns = request
-                .events
-                .iter()
-                .map(|p| Pattern::parse(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let patterns = patterns(hub, name, &request.events)?;
             if name == "$subscribe" {
                 hub.subscribe(client.id, &patterns)?;
                 reply("$subscribed", &request)
@@ -136,6 +126,50 @@ pub(crate) fn handle(
         }
     };
     reply.map(Some)
+}
+
+/// Checks a `$subscribe`/`$unsubscribe` list: its size first (before any pattern is
+/// parsed), then each pattern and its segments; returns the distinct patterns in the
+/// order given. All outside the pool's lock, in time linear in the request.
+fn patterns(hub: &Hub, name: &str, texts: &[String]) -> Result<Vec<Pattern>, ProtocolError> {
+    let config = hub.config();
+    if texts.is_empty() {
+        return Err(invalid_payload(
+            name,
+            "\"events\" must list at least one pattern",
+        ));
+    }
+    if texts.len() > config.max_subscriptions {
+        return Err(ProtocolError::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "{name} lists {} patterns; a connection may hold at most {}",
+                texts.len(),
+                config.max_subscriptions
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(texts.len());
+    let mut patterns = Vec::with_capacity(texts.len());
+    for text in texts {
+        if !seen.insert(text.as_str()) {
+            continue;
+        }
+        let pattern = Pattern::parse(text)?;
+        if pattern.segments() > config.max_pattern_segments {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "pattern {} has {} segments; the limit is {}",
+                    crate::protocol::excerpt(text),
+                    pattern.segments(),
+                    config.max_pattern_segments
+                ),
+            ));
+        }
+        patterns.push(pattern);
+    }
+    Ok(patterns)
 }
 
 fn reply<T: Serialize>(name: &str, payload: &T) -> Result<Bytes, ProtocolError> {

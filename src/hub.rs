@@ -22,6 +22,10 @@ use crate::outbox::{Outbox, Push};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::{Pattern, Router};
 
+/// Events routed per hold of the pool's read lock: matching is bounded per event
+/// (see `Config::max_pattern_segments`), so this bounds how long a writer waits.
+const EVENTS_PER_LOCK: usize = 16;
+
 /// A connected client's number, unique for the hub's lifetime (starts at 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(pub u64);
@@ -202,7 +206,9 @@ struct Pool {
 struct Routes {
     /// Set by the first `$subscribe`: from then on only matches are heard.
     subscribed: bool,
-    patterns: Vec<Pattern>,
+    patterns: HashSet<Pattern, foldhash::fast::RandomState>,
+    /// The patterns' total length, against `Config::max_pattern_bytes`.
+    pattern_bytes: usize,
     rooms: Vec<RoomName>,
 }
 
@@ -214,6 +220,15 @@ impl Pool {
             _ => true,
         }
     }
+}
+
+/// How far [`Hub::publish_run`] got with a run.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RunProgress {
+    /// The next event to match.
+    next: usize,
+    /// How many clients took the whole chunk (those that hear everything).
+    everyone: usize,
 }
 
 /// What the pushes of one fan-out did.
@@ -462,30 +477,53 @@ impl Hub {
 
     /// Queues a run of a client's plain events (see [`Run`]): the whole chunk to each
     /// client that hears everything, and event by event to subscribers that match.
-    pub(crate) fn publish_run(&self, from: ClientId, run: &Run) {
+    ///
+    /// Matching can be costly (many wildcard patterns), so it stops once `deadline`
+    /// has passed and says where it got to: the caller lets other tasks run, then calls
+    /// again with the same `progress` until it returns `true`.
+    pub(crate) fn publish_run(
+        &self,
+        from: ClientId,
+        run: &Run,
+        progress: &mut RunProgress,
+        deadline: std::time::Instant,
+    ) -> bool {
         let events = run.len();
-        let pool = self.read_pool();
+        let mut pool = self.read_pool();
         let skip = pool
             .clients
             .get(&from)
             .filter(|c| !c.echo.load(Ordering::Relaxed))
             .map(|c| c.id);
         let mut tally = Tally::default();
-        for client in pool.unfiltered.values() {
-            if Some(client.id) != skip {
-                tally.count(
-                    client,
-                    client.outbox.push_events(run.bytes().clone(), events),
-                    events,
-                );
+        let first = progress.next;
+        if first == 0 {
+            for client in pool.unfiltered.values() {
+                if Some(client.id) != skip {
+                    tally.count(
+                        client,
+                        client.outbox.push_events(run.bytes().clone(), events),
+                        events,
+                    );
+                }
             }
+            progress.everyone = tally.queued;
         }
-        let everyone = tally.queued;
-        // Subscribers are matched per event; most hubs have none.
+        // Subscribers are matched per event; most hubs have none. The read lock is let
+        // go every few events, so that joins, leaves and subscribes (which wait for the
+        // write lock, and block a worker thread meanwhile) never wait for a whole run.
         let mut matched_counts = Vec::new();
+        let mut index = first;
         if !pool.router.is_empty() {
             let mut matched = Vec::new();
-            for index in 0..events {
+            while index < events {
+                if index > first && (index - first).is_multiple_of(EVENTS_PER_LOCK) {
+                    drop(pool);
+                    if std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    pool = self.read_pool();
+                }
                 let before = tally.queued;
                 matched.clear();
                 pool.router.matches(run.name(index), &mut matched);
@@ -498,18 +536,22 @@ impl Hub {
                     }
                 }
                 matched_counts.push(tally.queued - before);
+                index += 1;
             }
+        } else {
+            index = events;
         }
-        drop(pool);
+        let done = index - first;
+        let everyone = progress.everyone;
         self.settle(
             &tally,
-            everyone * events + matched_counts.iter().sum::<usize>(),
+            everyone * done + matched_counts.iter().sum::<usize>(),
         );
         let counters = &self.shared.counters;
-        counters.events.fetch_add(events as u64, Ordering::Relaxed);
+        counters.events.fetch_add(done as u64, Ordering::Relaxed);
         if self.shared.observer.is_some() {
-            for index in 0..events {
-                let receivers = everyone + matched_counts.get(index).copied().unwrap_or(0);
+            for (offset, index) in (first..index).enumerate() {
+                let receivers = everyone + matched_counts.get(offset).copied().unwrap_or(0);
                 self.emit(|| HubEvent::Event {
                     client: from,
                     event: run.event(index),
@@ -517,6 +559,8 @@ impl Hub {
                 });
             }
         }
+        progress.next = index;
+        index >= events
     }
 
     /// Reports and counts what a fan-out's pushes did.
@@ -575,30 +619,42 @@ impl Hub {
         tally.queued
     }
 
-    /// Adds `patterns` to a client's subscriptions (idempotent). After its first
-    /// subscription a client hears only events that match one.
+    /// Adds `patterns` (distinct, already checked) to a client's subscriptions;
+    /// patterns it holds already are skipped. After its first subscription a client
+    /// hears only events that match one. Nothing is applied if a limit would be passed.
     pub(crate) fn subscribe(
         &self,
         id: ClientId,
         patterns: &[Pattern],
     ) -> Result<(), ProtocolError> {
-        let max = self.shared.config.max_subscriptions;
+        let config = &self.shared.config;
         let mut guard = self.write_pool();
         let pool = &mut *guard;
         let routes = pool.routes.entry(id).or_default();
-        let mut fresh: Vec<&Pattern> = Vec::new();
-        for pattern in patterns {
-            if !routes.patterns.contains(pattern) && !fresh.contains(&pattern) {
-                fresh.push(pattern);
-            }
-        }
-        if routes.patterns.len() + fresh.len() > max {
+        // Linear: one hash lookup per pattern (issue #10: this was quadratic).
+        let fresh: Vec<&Pattern> = patterns
+            .iter()
+            .filter(|p| !routes.patterns.contains(*p))
+            .collect();
+        let count = routes.patterns.len() + fresh.len();
+        if count > config.max_subscriptions {
             return Err(ProtocolError::new(
                 ErrorCode::LimitExceeded,
                 format!(
-                    "a connection may hold at most {max} subscriptions; this one holds {} and asked for {} more",
+                    "a connection may hold at most {} subscriptions; this one holds {} and asked for {} more",
+                    config.max_subscriptions,
                     routes.patterns.len(),
                     fresh.len()
+                ),
+            ));
+        }
+        let bytes = routes.pattern_bytes + fresh.iter().map(|p| p.as_str().len()).sum::<usize>();
+        if bytes > config.max_pattern_bytes {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a connection's patterns may total at most {} bytes; these would make {bytes}",
+                    config.max_pattern_bytes
                 ),
             ));
         }
@@ -606,8 +662,9 @@ impl Hub {
             routes.subscribed = true;
             pool.unfiltered.remove(&id);
         }
+        routes.pattern_bytes = bytes;
         for pattern in fresh {
-            routes.patterns.push(pattern.clone());
+            routes.patterns.insert(pattern.clone());
             pool.router.insert(pattern, id);
         }
         Ok(())
@@ -623,8 +680,9 @@ impl Hub {
             return;
         };
         for pattern in patterns {
-            if pool.router.remove(pattern, id) {
-                routes.patterns.retain(|p| p != pattern);
+            if routes.patterns.remove(pattern) {
+                routes.pattern_bytes -= pattern.as_str().len();
+                pool.router.remove(pattern, id);
             }
         }
     }

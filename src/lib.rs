@@ -62,14 +62,15 @@ pub mod frame;
 mod hub;
 mod inbound;
 mod outbox;
-mod protocol;
+pub mod protocol;
 pub mod routing;
 mod server;
 
 pub use client::{Client, ClientEvent};
 pub use config::{
     Config, SlowConsumerPolicy, DEFAULT_DRAIN_TIMEOUT, DEFAULT_ERROR_WINDOW,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS, DEFAULT_MAX_INBOUND_MEMORY, DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS, DEFAULT_MAX_INBOUND_MEMORY,
+    DEFAULT_MAX_PATTERN_BYTES, DEFAULT_MAX_PATTERN_SEGMENTS, DEFAULT_MAX_PENDING,
     DEFAULT_MAX_ROOMS, DEFAULT_MAX_SUBSCRIPTIONS,
 };
 pub use control::PROTOCOL_VERSION;

@@ -148,6 +148,50 @@ impl ProtocolError {
     }
 }
 
+/// The most bytes of a client's own input quoted back in a `$error` message or a log
+/// line (issue #10: a 512 KiB pattern was echoed whole, into the log too).
+pub const MAX_EXCERPT: usize = 200;
+
+/// Client-supplied text made safe to quote in a message or a log line: as a quoted,
+/// escaped string (so a newline cannot forge a log line), at most [`MAX_EXCERPT`]
+/// bytes of it, then `…` and the full length.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::protocol::excerpt;
+/// assert_eq!(excerpt("a\nb").to_string(), r#""a\nb""#);
+/// let long = "x".repeat(1000);
+/// assert!(excerpt(&long).to_string().ends_with("…\" (1000 bytes)"));
+/// ```
+pub fn excerpt(text: &str) -> Excerpt<'_> {
+    Excerpt(text)
+}
+
+/// See [`excerpt`].
+#[derive(Debug, Clone, Copy)]
+pub struct Excerpt<'a>(&'a str);
+
+impl fmt::Display for Excerpt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0;
+        if text.len() <= MAX_EXCERPT {
+            return write!(f, "{text:?}");
+        }
+        let mut end = MAX_EXCERPT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let quoted = format!("{:?}", &text[..end]);
+        write!(
+            f,
+            "{}…\" ({} bytes)",
+            &quoted[..quoted.len() - 1],
+            text.len()
+        )
+    }
+}
+
 /// The `$error` `events_dropped` notice: `count` events did not fit in this client's
 /// queue and were discarded (`--slow-consumer drop`).
 pub(crate) fn events_dropped_frame(count: usize) -> Bytes {

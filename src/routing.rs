@@ -66,7 +66,7 @@ impl Pattern {
         let invalid = |why: &str| {
             ProtocolError::new(
                 ErrorCode::InvalidPattern,
-                format!("invalid pattern {text:?}: {why}"),
+                format!("invalid pattern {}: {why}", crate::protocol::excerpt(text)),
             )
         };
         if text.is_empty() {
@@ -101,6 +101,11 @@ impl Pattern {
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// How many segments it has.
+    pub fn segments(&self) -> usize {
+        self.text.split('.').count()
     }
 
     /// Whether it has a `*` or `>` segment.
@@ -147,6 +152,12 @@ impl fmt::Display for Pattern {
 
 /// Subscriptions of keys (client ids) to patterns, matched without scanning them all.
 ///
+/// A match costs one hash lookup plus a walk of the trie nodes that fit the name,
+/// at most two branches (the literal and `*`) per segment: bounded by the name's
+/// segments and the patterns' depth, never by how many keys subscribed. Patterns of
+/// many segments mixing `*` and literals make that walk wide (issue #10), so the hub
+/// limits segments per pattern (`Config::max_pattern_segments`).
+///
 /// # Examples
 ///
 /// ```
@@ -167,33 +178,115 @@ pub struct Router<K> {
     len: usize,
 }
 
+/// One level of the wildcard trie. Kept small: most nodes have one child and no keys,
+/// and issue #10 found 1,000 long patterns of `a` and `*` costing 57 MB with a hash
+/// map and two sets inline in every node (~600 B a node; now ~100 B).
 #[derive(Debug)]
 struct Node<K> {
-    literal: Map<Box<str>, Node<K>>,
+    literal: Children<K>,
     star: Option<Box<Node<K>>>,
     /// Keys whose pattern ends with `>` here: they match one or more further segments.
-    tail: Set<K>,
+    tail: Keys<K>,
     /// Keys whose pattern ends exactly here.
-    end: Set<K>,
+    end: Keys<K>,
+}
+
+/// A node's literal children: a short list (searched in order) until there are many.
+#[derive(Debug)]
+enum Children<K> {
+    Few(Vec<(Box<str>, Node<K>)>),
+    Many(Box<Map<Box<str>, Node<K>>>),
+}
+
+/// Past this many children a node's literals move into a hash map.
+const FEW: usize = 8;
+
+impl<K> Children<K> {
+    fn get(&self, part: &str) -> Option<&Node<K>> {
+        match self {
+            Children::Few(list) => list.iter().find(|(p, _)| &**p == part).map(|(_, n)| n),
+            Children::Many(map) => map.get(part),
+        }
+    }
+
+    fn get_mut(&mut self, part: &str) -> Option<&mut Node<K>> {
+        match self {
+            Children::Few(list) => list.iter_mut().find(|(p, _)| &**p == part).map(|(_, n)| n),
+            Children::Many(map) => map.get_mut(part),
+        }
+    }
+
+    fn get_or_insert(&mut self, part: &str) -> &mut Node<K> {
+        if let Children::Few(list) = self {
+            if list.len() >= FEW && !list.iter().any(|(p, _)| &**p == part) {
+                let map = std::mem::take(list).into_iter().collect();
+                *self = Children::Many(Box::new(map));
+            }
+        }
+        match self {
+            Children::Few(list) => {
+                let at = match list.iter().position(|(p, _)| &**p == part) {
+                    Some(at) => at,
+                    None => {
+                        list.push((part.into(), Node::default()));
+                        list.len() - 1
+                    }
+                };
+                &mut list[at].1
+            }
+            Children::Many(map) => map.entry(part.into()).or_default(),
+        }
+    }
+
+    fn remove(&mut self, part: &str) {
+        match self {
+            Children::Few(list) => list.retain(|(p, _)| &**p != part),
+            Children::Many(map) => {
+                map.remove(part);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Children::Few(list) => list.is_empty(),
+            Children::Many(map) => map.is_empty(),
+        }
+    }
+}
+
+/// A set of keys that is usually absent: one pointer when empty.
+type Keys<K> = Option<Box<Set<K>>>;
+
+fn insert_key<K: Eq + Hash>(keys: &mut Keys<K>, key: K) -> bool {
+    keys.get_or_insert_with(Box::default).insert(key)
+}
+
+fn remove_key<K: Eq + Hash>(keys: &mut Keys<K>, key: &K) -> bool {
+    let Some(set) = keys else {
+        return false;
+    };
+    let removed = set.remove(key);
+    if set.is_empty() {
+        *keys = None;
+    }
+    removed
 }
 
 impl<K> Default for Node<K> {
     fn default() -> Self {
         Node {
-            literal: Map::default(),
+            literal: Children::Few(Vec::new()),
             star: None,
-            tail: Set::default(),
-            end: Set::default(),
+            tail: None,
+            end: None,
         }
     }
 }
 
 impl<K> Node<K> {
     fn is_empty(&self) -> bool {
-        self.literal.is_empty()
-            && self.star.is_none()
-            && self.tail.is_empty()
-            && self.end.is_empty()
+        self.literal.is_empty() && self.star.is_none() && self.tail.is_none() && self.end.is_none()
     }
 }
 
@@ -225,12 +318,12 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
             let mut parts = pattern.as_str().split('.').peekable();
             loop {
                 let Some(part) = parts.next() else {
-                    break node.end.insert(key);
+                    break insert_key(&mut node.end, key);
                 };
                 match segment(part) {
-                    Segment::Tail => break node.tail.insert(key),
+                    Segment::Tail => break insert_key(&mut node.tail, key),
                     Segment::Star => node = node.star.get_or_insert_with(Box::default),
-                    Segment::Literal(l) => node = node.literal.entry(l.into()).or_default(),
+                    Segment::Literal(l) => node = node.literal.get_or_insert(l),
                 }
             }
         } else {
@@ -290,8 +383,8 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
 }
 
 /// Appends the keys of a non-empty `set` to `out`, counting it as a source.
-fn take<K: Copy>(set: &Set<K>, out: &mut Vec<K>, sources: &mut usize) {
-    if !set.is_empty() {
+fn take<K: Copy>(set: &Keys<K>, out: &mut Vec<K>, sources: &mut usize) {
+    if let Some(set) = set {
         out.extend(set.iter().copied());
         *sources += 1;
     }
@@ -320,10 +413,10 @@ fn walk<K: Copy>(node: &Node<K>, rest: Option<&str>, out: &mut Vec<K>, sources: 
 /// Removes `key` at the end of `parts`, pruning nodes left empty.
 fn remove_in<K: Eq + Hash>(node: &mut Node<K>, parts: &[&str], key: K) -> bool {
     let Some((first, rest)) = parts.split_first() else {
-        return node.end.remove(&key);
+        return remove_key(&mut node.end, &key);
     };
     match segment(first) {
-        Segment::Tail => node.tail.remove(&key),
+        Segment::Tail => remove_key(&mut node.tail, &key),
         Segment::Star => {
             let Some(star) = node.star.as_deref_mut() else {
                 return false;

@@ -35,8 +35,11 @@ async fn never_reading(port: u16) -> TcpStream {
 
 /// Sends `request` and reads through the line of its answer (nothing past it).
 async fn ask(stream: &mut TcpStream, request: &str, answer: &str) {
-    stream.write_all(request.as_bytes()).await.unwrap();
-    stream.write_all(b"\n").await.unwrap();
+    // One write: two small ones meet Nagle and a delayed ACK (40 ms).
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .unwrap();
     let mut got = Vec::new();
     while !(got.ends_with(b"\n") && String::from_utf8_lossy(&got).contains(answer)) {
         let mut byte = [0u8; 1];
@@ -299,5 +302,154 @@ async fn connections_give_their_buffers_back_when_they_go_quiet() {
         per_connection < 16 << 10,
         "{per_connection} B per connection"
     );
+    hub.stop().await;
+}
+
+/// A `$subscribe` frame for `patterns`.
+fn subscribe_frame(patterns: &[String]) -> String {
+    json!({"event": "$subscribe", "payload": {"events": patterns}}).to_string()
+}
+
+/// `count` random patterns of `segments` segments, each `a` or `*`.
+fn random_patterns(count: usize, segments: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            (0..segments)
+                .map(|_| if fastrand::bool() { "a" } else { "*" })
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect()
+}
+
+/// The round trips of an unrelated, already connected client while the hub is under
+/// attack: a `$ping` and a `$subscribe`, each answered.
+async fn unrelated_round_trips(stream: &mut TcpStream) -> (Duration, Duration) {
+    let started = Instant::now();
+    ask(stream, r#"{"event":"$ping","payload":"x"}"#, "$pong").await;
+    let ping = started.elapsed();
+    let started = Instant::now();
+    ask(
+        stream,
+        r#"{"event":"$subscribe","payload":{"events":["unrelated.*"]}}"#,
+        "$subscribed",
+    )
+    .await;
+    (ping, started.elapsed())
+}
+
+/// Issue #10 (2): patterns of 128 segments of `a` and `*` were a memory bomb (57 MB
+/// for 1,000 of them) and a CPU bomb (25 ms per matching event), and routing held the
+/// pool's lock for a whole run, so unrelated pings and subscribes waited 5 s. Run
+/// twice: with the attack as found (refused now: too many segments), and with the
+/// largest patterns the limits allow.
+async fn pattern_bomb(segments: usize) {
+    let mut hub =
+        HubProcess::spawn(HubProcess::command(&["serve", "--port", "0", "--quiet"])).await;
+    let (pid, port) = (hub.pid(), hub.port);
+    let mut unrelated = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    unrelated_round_trips(&mut unrelated).await;
+    let before = rss(pid);
+    let name = vec!["a"; segments].join(".");
+    // The attackers run on a thread of their own with blocking sockets, so that the
+    // flood does not compete with the measurement for this test's runtime. They say
+    // when their patterns are answered, and after each burst they write.
+    let (progress, steps) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let flood = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let mut attackers = Vec::new();
+        for _ in 0..2 {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let frame = subscribe_frame(&random_patterns(1000, segments)) + "\n";
+            stream.write_all(frame.as_bytes()).unwrap();
+            // `$subscribed`, or `$error` when the patterns are refused.
+            let mut answer = String::new();
+            std::io::BufReader::new(&stream)
+                .read_line(&mut answer)
+                .unwrap();
+            attackers.push(stream);
+        }
+        let _ = progress.send(());
+        // As many matching events as fit in 64 KiB per write, several times over.
+        let one = event(&name, json!(1)) + "\n";
+        let burst = one.repeat((64 << 10) / one.len());
+        for _ in 0..20 {
+            for stream in &mut attackers {
+                let _ = stream.write_all(burst.as_bytes());
+            }
+            let _ = progress.send(());
+        }
+        // Keep the connections (and their patterns) until the test is done.
+        let _ = finished.recv();
+    });
+    let mut steps = steps;
+    within(steps.recv()).await.unwrap();
+    let mut worst = (Duration::ZERO, Duration::ZERO);
+    // One round trip right after each burst is written, while the hub works on it.
+    for _ in 0..20 {
+        within(steps.recv()).await.unwrap();
+        let (ping, sub) = unrelated_round_trips(&mut unrelated).await;
+        worst = (worst.0.max(ping), worst.1.max(sub));
+    }
+    let growth = rss(pid).saturating_sub(before);
+    eprintln!(
+        "pattern bomb ({segments} segments): worst $ping {:?}, worst $subscribe {:?}, RSS growth {} MB",
+        worst.0,
+        worst.1,
+        growth >> 20
+    );
+    assert!(
+        worst.0 < Duration::from_millis(100),
+        "$ping took {:?}",
+        worst.0
+    );
+    assert!(
+        worst.1 < Duration::from_millis(100),
+        "$subscribe took {:?}",
+        worst.1
+    );
+    assert!(growth < 50 << 20, "RSS grew {} MB", growth >> 20);
+    drop(done);
+    flood.join().unwrap();
+    assert!(hub.is_running());
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_bomb_as_found_neither_bloats_nor_blocks_the_hub() {
+    pattern_bomb(128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_patterns_allowed_neither_bloat_nor_block_the_hub() {
+    pattern_bomb(16).await;
+}
+
+/// Issue #10 (3): one `$subscribe` of 100,000 distinct patterns was deduplicated in
+/// quadratic time under the pool's write lock, before the limit was checked: an
+/// unrelated round trip waited 12.9 s. Now the limit is checked first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_subscribe_is_refused_at_once() {
+    let hub = HubProcess::spawn(HubProcess::command(&["serve", "--port", "0", "--quiet"])).await;
+    let port = hub.port;
+    let mut unrelated = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let patterns: Vec<String> = (0..100_000).map(|n| format!("p{n}")).collect();
+    let mut attacker = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let frame = subscribe_frame(&patterns) + "\n";
+    assert!(frame.len() < 1 << 20, "within the frame limit");
+    let started = Instant::now();
+    attacker.write_all(frame.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(attacker).lines();
+    let answer = within(lines.next_line()).await.unwrap().unwrap();
+    let answered = started.elapsed();
+    let (ping, sub) = unrelated_round_trips(&mut unrelated).await;
+    eprintln!("huge subscribe: answered in {answered:?}; then $ping {ping:?}, $subscribe {sub:?}");
+    assert!(answer.contains("limit_exceeded"), "{answer}");
+    assert!(
+        answered < Duration::from_secs(1),
+        "answered after {answered:?}"
+    );
+    assert!(sub < Duration::from_millis(100), "$subscribe took {sub:?}");
     hub.stop().await;
 }

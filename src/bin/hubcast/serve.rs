@@ -36,6 +36,12 @@ pub struct Args {
     /// Most subscription patterns one connection may hold.
     #[arg(long, default_value_t = hubcast::DEFAULT_MAX_SUBSCRIPTIONS)]
     max_subscriptions: usize,
+    /// Most segments in one subscription pattern (`a.*.c` has 3).
+    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_PATTERN_SEGMENTS, value_parser = parse_positive)]
+    max_pattern_segments: usize,
+    /// Most bytes of pattern text one connection may hold in all (e.g. 64KiB).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    max_pattern_bytes: usize,
     /// Most rooms one connection may be in.
     #[arg(long, default_value_t = hubcast::DEFAULT_MAX_ROOMS)]
     max_rooms: usize,
@@ -89,6 +95,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         max_subscriptions: args.max_subscriptions,
         max_rooms: args.max_rooms,
+        max_pattern_segments: args.max_pattern_segments,
+        max_pattern_bytes: args.max_pattern_bytes,
         idle_timeout: args.idle_timeout,
         max_connections: args.max_conns,
         max_inbound_memory: args.max_inbound_memory,
