@@ -155,14 +155,23 @@ pub struct Event {
 }
 
 /// The shape an event must have; extra keys are ignored here and forwarded unchanged.
+/// `event` and `room` are taken raw and checked after: a name that is valid JSON but
+/// not a valid string (a number, a lone surrogate escape) is `not_an_event`, not
+/// `invalid_json`, and `"room": null` is a room that is not a string (issue #10: it
+/// used to read as no room, and went to everyone).
 #[derive(Deserialize)]
 struct Wire<'a> {
     #[serde(borrow)]
-    event: Cow<'a, str>,
+    event: &'a RawValue,
     #[serde(borrow)]
     payload: &'a RawValue,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     room: Option<&'a RawValue>,
+}
+
+/// A key that is present is `Some`, even when its value is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 impl Event {
@@ -237,10 +246,14 @@ impl Event {
     pub fn from_line(line: Bytes) -> Result<Self, ProtocolError> {
         let body = line.strip_suffix(b"\n").unwrap_or(&line);
         let text = std::str::from_utf8(body).map_err(|e| {
-            ProtocolError::new(
-                ErrorCode::InvalidUtf8,
-                format!("invalid UTF-8 at byte {} of the frame", e.valid_up_to()),
-            )
+            // The first problem by position: a syntax error before the bad byte wins.
+            let valid = std::str::from_utf8(&body[..e.valid_up_to()]).unwrap_or_default();
+            match serde_json::from_str::<serde::de::IgnoredAny>(valid) {
+                Err(syntax) if !syntax.is_eof() => {
+                    ProtocolError::new(ErrorCode::InvalidJson, syntax.to_string())
+                }
+                _ => utf8_at(e.valid_up_to()),
+            }
         })?;
         if !text.trim_start().starts_with('{') {
             return Err(ProtocolError::new(
@@ -250,8 +263,8 @@ impl Event {
         }
         let wire: Wire<'_> = serde_json::from_str(text).map_err(classify)?;
         let payload = offset_in(text, wire.payload.get());
-        let name = match wire.event {
-            // Borrowed names share the line's allocation.
+        let name = match name_text(wire.event.get())? {
+            // Names without escapes share the line's allocation.
             Cow::Borrowed(name) => {
                 let at = offset_in(text, name);
                 line.slice(at.clone())
@@ -325,6 +338,36 @@ fn room_name(raw: &RawValue) -> Result<RoomName, ProtocolError> {
     }
     let room: Cow<'_, str> = serde_json::from_str(raw.get()).map_err(|_| not_a_string())?;
     RoomName::new(room.into_owned())
+}
+
+/// The text of an event name given as raw JSON: borrowed when it has no escapes.
+fn name_text(raw: &str) -> Result<Cow<'_, str>, ProtocolError> {
+    let not_a_name = |why: &str| {
+        ProtocolError::new(
+            ErrorCode::NotAnEvent,
+            format!("\"event\" must be a string naming the event; {why}"),
+        )
+    };
+    let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return Err(not_a_name(&format!(
+            "got {}",
+            crate::protocol::excerpt(raw)
+        )));
+    };
+    if !inner.contains('\\') {
+        return Ok(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(raw)
+        .map(Cow::Owned)
+        .map_err(|e| not_a_name(&format!("it is not valid Unicode ({e})")))
+}
+
+/// The `invalid_utf8` error for a frame whose first bad byte is at `at`.
+pub(crate) fn utf8_at(at: usize) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::InvalidUtf8,
+        format!("invalid UTF-8 at byte {at} of the frame"),
+    )
 }
 
 /// Where `part` (a sub-slice of `whole`) starts and ends inside `whole`.

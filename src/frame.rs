@@ -8,11 +8,18 @@
 //!
 //! * A value starting with `{` or `[` ends at its matching bracket. Objects become
 //!   [`Event`]s (or are rejected); arrays are `not_an_event`.
-//! * A raw newline inside a string can never be valid JSON, so it ends a broken frame
-//!   there: the decoder reports `invalid_json` and resynchronises after that newline.
-//! * Anything else (scalars, garbage) is taken up to the next newline and rejected.
+//! * A scalar (a string, number, `true`, `false`, `null`) ends where its token ends,
+//!   and is `not_an_event` at once: a class-style client that writes `"hi"` or `42`
+//!   before its events is told so, and its events still arrive (issue #10).
+//! * Bytes that cannot start or continue JSON are `invalid_json` as soon as they are
+//!   seen (an unfinished object is checked while it arrives, at doubling lengths). The
+//!   decoder then *resynchronises* at the next newline, or at the next `{` that begins
+//!   a valid object, whichever comes first; what lies between is dropped, unbuffered,
+//!   and answered by that one error.
 //! * A frame longer than the limit is fatal: [`FrameDecoder::decode`] returns `Err` as
-//!   soon as the frame in progress passes the limit, before more of it is buffered.
+//!   soon as the frame in progress passes the limit, before more of it is buffered;
+//!   so is more than the limit of garbage with no place to resynchronise.
+//! * A UTF-8 byte order mark at the very start of the stream is skipped.
 //!
 //! Typical frames take a fast path: when a frame starts, one hand-written pass
 //! (`fast.rs`) validates the whole object and finds its parts. Whatever it is not sure
@@ -137,6 +144,48 @@ pub struct FrameDecoder {
     scan: Scan,
     /// Try the fast path first (always, but for differential testing).
     fast: bool,
+    /// Nothing but whitespace seen yet: a UTF-8 byte order mark is skipped.
+    at_start: bool,
+    /// Bytes dropped since the stream was last in sync (garbage, failed candidates).
+    garbage: usize,
+    /// While out of sync after a broken object or array: its brackets, still being
+    /// followed, so the stream is in sync again after its end. While a candidate is
+    /// tried, the state just before the candidate's `{`.
+    outer: Option<Structure>,
+}
+
+/// Where a scan is in JSON's nesting: enough to find where a value ends.
+#[derive(Debug, Default, Clone, Copy)]
+struct Structure {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Structure {
+    /// Takes one byte; `true` when it closes the outermost bracket.
+    fn step(&mut self, byte: u8) -> bool {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+            }
+            return false;
+        }
+        match byte {
+            b'"' => self.in_string = true,
+            b'{' | b'[' => self.depth += 1,
+            b'}' | b']' => {
+                self.depth = self.depth.saturating_sub(1);
+                return self.depth == 0;
+            }
+            _ => {}
+        }
+        false
+    }
 }
 
 /// Progress through the frame at the start of the buffer.
@@ -150,6 +199,11 @@ struct Scan {
     escaped: bool,
     /// A raw CR or LF outside strings: the frame must be compacted onto one line.
     multiline: bool,
+    /// The frame began after garbage: if it proves invalid, it is more of the same
+    /// garbage (already answered), not a new error.
+    candidate: bool,
+    /// The frame's first `checked` bytes were found valid (so far) by serde.
+    checked: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -159,8 +213,10 @@ enum Kind {
     Idle,
     /// An object or array, ended by its matching bracket.
     Nested,
-    /// Anything else, taken up to the next newline.
-    Line,
+    /// A string, number or literal, ended where its token ends.
+    Scalar,
+    /// Out of sync: looking for a newline, or a `{` that begins a valid object.
+    Garbage,
 }
 
 enum Step {
@@ -170,6 +226,29 @@ enum Step {
     /// A raw newline inside a string at this index.
     BrokenString(usize),
 }
+
+/// What one step of decoding produced.
+enum Out {
+    Frame(Frame),
+    /// Wait for more bytes.
+    More,
+    /// Keep going (the state changed, nothing to report).
+    Again,
+}
+
+/// What serde says of bytes as the start, or the whole, of one JSON value.
+enum Verdict {
+    Valid,
+    /// Valid so far; more bytes could finish it.
+    Incomplete,
+    Invalid(ProtocolError),
+}
+
+/// Unfinished frames up to this size are checked on every read (see `check_early`).
+const EAGER_CHECK: usize = 4096;
+
+/// The UTF-8 byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
@@ -182,6 +261,9 @@ impl FrameDecoder {
             max_frame,
             scan: Scan::default(),
             fast: true,
+            at_start: true,
+            garbage: 0,
+            outer: None,
         }
     }
 
@@ -218,31 +300,63 @@ impl FrameDecoder {
     /// the limit (`frame_too_large`), or that many bytes of garbage with no newline
     /// (`invalid_json`). The caller should report it and close the connection.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
-        if self.scan.kind == Kind::Idle {
-            let skip = buf.iter().position(|&b| !is_ws(b)).unwrap_or(buf.len());
-            buf.advance(skip);
-            let Some(&first) = buf.first() else {
-                return Ok(None);
+        loop {
+            let out = match self.scan.kind {
+                Kind::Idle => self.start_frame(buf)?,
+                Kind::Nested => self.decode_nested(buf)?,
+                Kind::Scalar => self.decode_scalar(buf)?,
+                Kind::Garbage => self.skip_garbage(buf)?,
             };
-            if first == b'{' && self.fast {
-                if let Some(frame) = self.fast_path(buf) {
-                    return Ok(Some(frame));
-                }
+            match out {
+                Out::Frame(frame) => return Ok(Some(frame)),
+                Out::More => return Ok(None),
+                Out::Again => {}
             }
-            let kind = if first == b'{' || first == b'[' {
-                Kind::Nested
-            } else {
-                Kind::Line
-            };
-            self.scan = Scan {
-                kind,
-                ..Scan::default()
-            };
         }
-        match self.scan.kind {
-            Kind::Nested => self.decode_nested(buf),
-            _ => self.decode_line(buf),
+    }
+
+    /// Between frames: skips whitespace (and a leading byte order mark) and looks at
+    /// the first byte of the next frame.
+    fn start_frame(&mut self, buf: &mut BytesMut) -> Result<Out, ProtocolError> {
+        let skip = buf.iter().position(|&b| !is_ws(b)).unwrap_or(buf.len());
+        buf.advance(skip);
+        if self.at_start {
+            if buf.starts_with(BOM) {
+                buf.advance(BOM.len());
+                self.at_start = false;
+                return Ok(Out::Again);
+            }
+            if !buf.is_empty() && BOM.starts_with(buf) {
+                return Ok(Out::More);
+            }
         }
+        let Some(&first) = buf.first() else {
+            return Ok(Out::More);
+        };
+        self.at_start = false;
+        if first == b'{' && self.fast {
+            if let Some(frame) = self.fast_path(buf) {
+                return Ok(Out::Frame(frame));
+            }
+        }
+        let kind = match first {
+            b'{' | b'[' => Kind::Nested,
+            b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => Kind::Scalar,
+            // Nothing JSON starts with this: say so now, then resynchronise.
+            _ => {
+                self.scan = Scan::default();
+                let error = match verdict(&buf[..1]) {
+                    Verdict::Invalid(error) => error,
+                    _ => ProtocolError::new(ErrorCode::InvalidJson, "expected a JSON value"),
+                };
+                return Ok(self.fail(buf, error));
+            }
+        };
+        self.scan = Scan {
+            kind,
+            ..Scan::default()
+        };
+        Ok(Out::Again)
     }
 
     /// Takes as many plain events (see [`Run`]) as there are, complete, at the front of
@@ -273,6 +387,14 @@ impl FrameDecoder {
         run.events.clear();
         if !self.fast || self.scan.kind != Kind::Idle {
             return false;
+        }
+        if self.at_start {
+            // A byte order mark (or the start of one) is `decode`'s to skip.
+            match buf.iter().find(|&&b| !is_ws(b)) {
+                Some(&b) if b == BOM[0] => return false,
+                Some(_) => self.at_start = false,
+                None => return false,
+            }
         }
         // `exact`: the input is the output (events back to back, each ending in `\n`).
         let (mut pos, mut exact) = (0, true);
@@ -331,45 +453,217 @@ impl FrameDecoder {
     ///
     /// Call at end of stream to report a frame the peer never finished.
     pub fn has_partial(&self, buf: &BytesMut) -> bool {
-        buf.iter().any(|&b| !is_ws(b))
+        // Garbage (and frames begun after it) was answered already.
+        let answered = self.scan.kind == Kind::Garbage || self.scan.candidate;
+        !answered && buf.iter().any(|&b| !is_ws(b))
     }
 
-    fn decode_nested(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+    fn decode_nested(&mut self, buf: &mut BytesMut) -> Result<Out, ProtocolError> {
         match self.scan_nested(buf) {
             Step::Incomplete => {
                 self.check_len(buf.len(), ErrorCode::FrameTooLarge)?;
-                Ok(None)
+                Ok(self.check_early(buf))
             }
+            // A raw newline inside a string is never valid JSON: the frame is broken.
             Step::BrokenString(newline) => {
-                buf.advance(newline + 1);
-                self.scan = Scan::default();
-                Ok(Some(Frame::Rejected(ProtocolError::new(
-                    ErrorCode::InvalidJson,
-                    "unterminated string: a raw newline inside a JSON string",
-                ))))
+                let error = match verdict(&buf[..=newline]) {
+                    Verdict::Invalid(error) => error,
+                    _ => ProtocolError::new(
+                        ErrorCode::InvalidJson,
+                        "unterminated string: a raw newline inside a JSON string",
+                    ),
+                };
+                Ok(self.fail(buf, error))
             }
             Step::End(end) => {
                 self.check_len(end, ErrorCode::FrameTooLarge)?;
-                let multiline = self.scan.multiline;
-                self.scan = Scan::default();
-                if buf.first() == Some(&b'[') {
-                    let verdict = classify_non_object(&buf[..end]);
-                    buf.advance(end);
-                    return Ok(Some(Frame::Rejected(verdict)));
-                }
-                let line = cut_line(buf, end, multiline);
-                if self.fast && !multiline {
-                    // Cheaper than serde for a valid frame, even when complete.
-                    if let Some(parts) = fast::event(&line).filter(|p| p.end == end) {
-                        return Ok(Some(event_frame(Event::from_parts(line, parts))));
-                    }
-                }
-                Ok(Some(match Event::from_line(line) {
-                    Ok(event) => Frame::Event(event),
-                    Err(err) => Frame::Rejected(err),
-                }))
+                Ok(self.complete(buf, end))
             }
         }
+    }
+
+    /// A whole object or array is `buf[..end]`: judge it.
+    fn complete(&mut self, buf: &mut BytesMut, end: usize) -> Out {
+        let multiline = self.scan.multiline;
+        if buf.first() == Some(&b'[') {
+            return match verdict(&buf[..end]) {
+                Verdict::Invalid(error) => self.fail(buf, error),
+                _ => {
+                    buf.advance(end);
+                    self.in_sync();
+                    Out::Frame(Frame::Rejected(ProtocolError::new(
+                        ErrorCode::NotAnEvent,
+                        "an event must be a JSON object with \"event\" and \"payload\"",
+                    )))
+                }
+            };
+        }
+        if self.fast && !multiline {
+            // Cheaper than serde for a valid frame, even when complete.
+            if let Some(parts) = fast::event(&buf[..end]).filter(|p| p.end == end) {
+                let line = cut_line(buf, end, false);
+                self.in_sync();
+                return Out::Frame(event_frame(Event::from_parts(line, parts)));
+            }
+        }
+        // Judged as written: only valid JSON is compacted (issue #10: compacting first
+        // turned `[1 2 3]` into `[123]`).
+        let mut copy = BytesMut::with_capacity(end + 1);
+        copy.put_slice(&buf[..end]);
+        copy.put_u8(b'\n');
+        match Event::from_line(copy.freeze()) {
+            Err(error) if is_syntax(error.code) => self.fail(buf, error),
+            Err(error) => {
+                buf.advance(end);
+                self.in_sync();
+                Out::Frame(Frame::Rejected(error))
+            }
+            Ok(event) if !multiline => {
+                let newline = usize::from(buf.get(end) == Some(&b'\n'));
+                buf.advance(end + newline);
+                self.in_sync();
+                // The copy above is the line, with its `\n` added.
+                Out::Frame(Frame::Event(event))
+            }
+            Ok(_) => {
+                let line = cut_line(buf, end, true);
+                self.in_sync();
+                Out::Frame(event_frame(Event::from_line(line)))
+            }
+        }
+    }
+
+    /// A string, number or literal at the start of `buf`.
+    fn decode_scalar(&mut self, buf: &mut BytesMut) -> Result<Out, ProtocolError> {
+        let end = if buf.first() == Some(&b'"') {
+            match self.scan_string(buf) {
+                Step::Incomplete => None,
+                Step::End(end) => Some(end),
+                Step::BrokenString(newline) => Some(newline + 1),
+            }
+        } else {
+            let from = self.scan.pos.max(1);
+            let token = buf[from..].iter().position(|&b| !is_token_byte(b));
+            self.scan.pos = token.map_or(buf.len(), |at| from + at);
+            token.map(|at| from + at)
+        };
+        let Some(end) = end else {
+            self.check_len(buf.len(), ErrorCode::InvalidJson)?;
+            return Ok(self.check_early(buf));
+        };
+        self.check_len(end, ErrorCode::InvalidJson)?;
+        Ok(match verdict(&buf[..end]) {
+            Verdict::Invalid(error) => self.fail(buf, error),
+            _ => {
+                buf.advance(end);
+                self.in_sync();
+                Out::Frame(Frame::Rejected(ProtocolError::new(
+                    ErrorCode::NotAnEvent,
+                    "an event must be a JSON object with \"event\" and \"payload\"",
+                )))
+            }
+        })
+    }
+
+    /// Out of sync: drops bytes up to the next `{` (then tried as a candidate frame),
+    /// or, after a broken object or array, up to its end, or, after stray bytes, up to
+    /// the next newline (then in sync again).
+    fn skip_garbage(&mut self, buf: &mut BytesMut) -> Result<Out, ProtocolError> {
+        let found = match self.outer.as_mut() {
+            None => memchr::memchr2(b'\n', b'{', buf).map(|at| (at, buf[at] == b'\n')),
+            Some(outer) => {
+                let mut found = None;
+                for (at, &byte) in buf.iter().enumerate() {
+                    if byte == b'{' {
+                        found = Some((at, false));
+                        break;
+                    }
+                    if outer.step(byte) {
+                        found = Some((at, true));
+                        break;
+                    }
+                }
+                found
+            }
+        };
+        let Some((at, resync)) = found else {
+            self.garbage += buf.len();
+            buf.clear();
+            self.check_garbage()?;
+            return Ok(Out::More);
+        };
+        self.garbage += at;
+        self.check_garbage()?;
+        if resync {
+            buf.advance(at + 1);
+            self.in_sync();
+        } else {
+            buf.advance(at);
+            self.scan = Scan {
+                kind: Kind::Nested,
+                candidate: true,
+                ..Scan::default()
+            };
+        }
+        Ok(Out::Again)
+    }
+
+    /// Checks an unfinished frame with serde, so that bytes that cannot continue JSON
+    /// are answered at once: on every read while the frame is small (typical events),
+    /// then each time it has doubled, so that a big frame arriving a byte at a time
+    /// still costs linear time.
+    fn check_early(&mut self, buf: &mut BytesMut) -> Out {
+        if buf.len() > EAGER_CHECK && buf.len() < 2 * self.scan.checked {
+            return Out::More;
+        }
+        if buf.len() == self.scan.checked {
+            return Out::More;
+        }
+        match verdict(buf) {
+            Verdict::Invalid(error) => self.fail(buf, error),
+            _ => {
+                self.scan.checked = buf.len();
+                Out::More
+            }
+        }
+    }
+
+    /// The frame at the start of `buf` is not JSON: answer it (unless it was a
+    /// candidate after garbage), drop its first byte and resynchronise from there.
+    fn fail(&mut self, buf: &mut BytesMut, error: ProtocolError) -> Out {
+        let candidate = self.scan.candidate;
+        let first = buf.first().copied();
+        if candidate {
+            // Back to the garbage it came from; its `{` is part of that garbage.
+            if let Some(outer) = self.outer.as_mut() {
+                outer.step(b'{');
+            }
+        } else {
+            self.garbage = 0;
+            // A broken object or array: follow its brackets to its end.
+            self.outer = matches!(first, Some(b'{' | b'[')).then(|| Structure {
+                depth: 1,
+                ..Structure::default()
+            });
+        }
+        buf.advance(1);
+        self.garbage += 1;
+        self.scan = Scan {
+            kind: Kind::Garbage,
+            ..Scan::default()
+        };
+        if candidate {
+            Out::Again
+        } else {
+            Out::Frame(Frame::Rejected(error))
+        }
+    }
+
+    /// The stream is in sync: the next byte starts a frame.
+    fn in_sync(&mut self) {
+        self.scan = Scan::default();
+        self.garbage = 0;
+        self.outer = None;
     }
 
     /// A whole, typical event at the start of `buf`, validated in one pass; `None`
@@ -378,21 +672,21 @@ impl FrameDecoder {
         let window = buf.get(..buf.len().min(self.max_frame + 1))?;
         let parts = fast::event(window).filter(|p| p.end <= self.max_frame)?;
         let line = cut_line(buf, parts.end, false);
+        self.in_sync();
         Some(event_frame(Event::from_parts(line, parts)))
     }
 
-    fn decode_line(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
-        let from = self.scan.pos;
-        let Some(newline) = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i) else {
-            self.scan.pos = buf.len();
-            self.check_len(buf.len(), ErrorCode::InvalidJson)?;
-            return Ok(None);
-        };
-        self.check_len(newline, ErrorCode::InvalidJson)?;
-        let verdict = classify_non_object(&buf[..newline]);
-        buf.advance(newline + 1);
-        self.scan = Scan::default();
-        Ok(Some(Frame::Rejected(verdict)))
+    fn check_garbage(&self) -> Result<(), ProtocolError> {
+        if self.garbage <= self.max_frame {
+            return Ok(());
+        }
+        Err(ProtocolError::new(
+            ErrorCode::InvalidJson,
+            format!(
+                "more than {} bytes that are not JSON, with no newline or object to resume at; closing the connection",
+                self.max_frame
+            ),
+        ))
     }
 
     fn check_len(&self, len: usize, code: ErrorCode) -> Result<(), ProtocolError> {
@@ -405,11 +699,41 @@ impl FrameDecoder {
                 self.max_frame
             ),
             _ => format!(
-                "{} bytes that are not a JSON object and no newline to resume at; closing the connection",
+                "a JSON value longer than the {} byte limit; closing the connection",
                 self.max_frame
             ),
         };
         Err(ProtocolError::new(code, message))
+    }
+
+    /// Finds the end of the string at the start of `buf` (resumable).
+    fn scan_string(&mut self, buf: &[u8]) -> Step {
+        let s = &mut self.scan;
+        let mut i = s.pos.max(1);
+        while let Some(rest) = buf.get(i..) {
+            if s.escaped {
+                let Some(&byte) = rest.first() else { break };
+                s.escaped = false;
+                if byte == b'\n' {
+                    return Step::BrokenString(i);
+                }
+                i += 1;
+                continue;
+            }
+            let Some(at) = memchr::memchr3(b'"', b'\\', b'\n', rest) else {
+                i = buf.len();
+                break;
+            };
+            i += at;
+            match rest.get(at) {
+                Some(b'"') => return Step::End(i + 1),
+                Some(b'\\') => s.escaped = true,
+                _ => return Step::BrokenString(i),
+            }
+            i += 1;
+        }
+        s.pos = i;
+        Step::Incomplete
     }
 
     fn scan_nested(&mut self, buf: &[u8]) -> Step {
@@ -512,19 +836,102 @@ fn compact(frame: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// The verdict on a frame that is not an object: well-formed JSON of the wrong kind,
-/// or not JSON at all.
-fn classify_non_object(frame: &[u8]) -> ProtocolError {
-    let Ok(text) = std::str::from_utf8(frame) else {
-        return ProtocolError::new(ErrorCode::InvalidUtf8, "the frame is not valid UTF-8");
-    };
-    let text = text.trim_end_matches('\r');
-    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-        Ok(_) => ProtocolError::new(
-            ErrorCode::NotAnEvent,
-            "an event must be a JSON object with \"event\" and \"payload\"",
+/// Bytes that can be part of a number or a literal (`true`, `false`, `null`).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')
+}
+
+/// Whether `text` ends in a token that more bytes could turn into a JSON number or
+/// literal, after a part that is valid so far.
+fn unfinished_token(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let tail = bytes
+        .iter()
+        .rposition(|&b| !is_token_byte(b))
+        .map_or(0, |at| at + 1);
+    let (before, token) = bytes.split_at(tail);
+    if token.is_empty() {
+        return false;
+    }
+    let before_ok = before.iter().all(|&b| is_ws(b))
+        || matches!(
+            serde_json::from_slice::<serde::de::IgnoredAny>(before),
+            Err(e) if e.is_eof()
+        );
+    before_ok && (literal_prefix(token) || number_prefix(token))
+}
+
+fn literal_prefix(token: &[u8]) -> bool {
+    [&b"true"[..], b"false", b"null"]
+        .iter()
+        .any(|literal| literal.starts_with(token))
+}
+
+/// Whether `token` is the start of a JSON number (RFC 8259's grammar, cut anywhere).
+fn number_prefix(token: &[u8]) -> bool {
+    #[derive(Clone, Copy, PartialEq)]
+    enum At {
+        Start,
+        Minus,
+        Zero,
+        Int,
+        Dot,
+        Frac,
+        E,
+        ESign,
+        Exp,
+    }
+    let mut at = At::Start;
+    for &b in token {
+        at = match (at, b) {
+            (At::Start, b'-') => At::Minus,
+            (At::Start | At::Minus, b'0') => At::Zero,
+            (At::Start | At::Minus, b'1'..=b'9') => At::Int,
+            (At::Int, b'0'..=b'9') => At::Int,
+            (At::Zero | At::Int, b'.') => At::Dot,
+            (At::Dot | At::Frac, b'0'..=b'9') => At::Frac,
+            (At::Zero | At::Int | At::Frac, b'e' | b'E') => At::E,
+            (At::E, b'+' | b'-') => At::ESign,
+            (At::E | At::ESign | At::Exp, b'0'..=b'9') => At::Exp,
+            _ => return false,
+        };
+    }
+    true
+}
+
+/// Errors in the bytes themselves (the stream is out of sync), as opposed to valid
+/// JSON of the wrong shape.
+fn is_syntax(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::InvalidJson | ErrorCode::InvalidUtf8)
+}
+
+/// What serde says of `bytes` as the start (or the whole) of one JSON value. The first
+/// problem by position wins, so a frame gets the same answer however it was split.
+fn verdict(bytes: &[u8]) -> Verdict {
+    let (text, bad_utf8) = match std::str::from_utf8(bytes) {
+        Ok(text) => (text, None),
+        Err(e) => (
+            std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+            Some(e),
         ),
-        Err(err) => ProtocolError::new(ErrorCode::InvalidJson, err.to_string()),
+    };
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) if bad_utf8.is_none() => Verdict::Valid,
+        // serde reports some numbers cut off by the end as errors (`-`, `1e`): if the
+        // last token could still grow into a number or literal, and what comes before
+        // it is merely unfinished, the value is not wrong yet.
+        Err(e) if !e.is_eof() && bad_utf8.is_none() && unfinished_token(text) => {
+            Verdict::Incomplete
+        }
+        Err(e) if !e.is_eof() => {
+            Verdict::Invalid(ProtocolError::new(ErrorCode::InvalidJson, e.to_string()))
+        }
+        // A character cut off at the end of what has arrived: more may finish it.
+        _ if bad_utf8.is_some_and(|e| e.error_len().is_none()) => Verdict::Incomplete,
+        _ => match bad_utf8 {
+            Some(e) => Verdict::Invalid(crate::event::utf8_at(e.valid_up_to())),
+            None => Verdict::Incomplete,
+        },
     }
 }
 

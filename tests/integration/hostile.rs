@@ -453,3 +453,122 @@ async fn a_huge_subscribe_is_refused_at_once() {
     assert!(sub < Duration::from_millis(100), "$subscribe took {sub:?}");
     hub.stop().await;
 }
+
+/// A hub, a sender and a listener that hears everything, in the pool.
+async fn pair() -> (
+    crate::support::TestHub,
+    crate::support::TestClient,
+    crate::support::TestClient,
+) {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let sender = hub.connect().await;
+    let listener = hub.connect().await;
+    (hub, sender, listener)
+}
+
+/// The listener hears `expected` next (and nothing before it): sends a marker from
+/// the sender first if `expected` is `None`, to prove nothing else came.
+async fn hears_next(listener: &mut crate::support::TestClient, name: &str) {
+    let frame = listener.json().await;
+    assert_eq!(frame["event"], name, "{frame}");
+}
+
+/// Issue #10 (4): invalid JSON with a line break used to be compacted first and then
+/// accepted, changed (`[1 2 3]` forwarded as `[123]`, `t r u e` as `true`).
+#[tokio::test]
+async fn invalid_json_with_line_breaks_is_rejected_not_changed() {
+    let (_hub, mut sender, mut listener) = pair().await;
+    for bad in [
+        "{\n\"event\":\"a\",\"payload\":[1 2 3]}\n",
+        "{\n\"event\":\"a\",\"payload\":t r u e}\n",
+        "{\n\"event\":\"a\",\"payload\":1 000}\n",
+    ] {
+        sender.send(bad).await;
+        sender.expect_error("invalid_json").await;
+    }
+    // A valid pretty-printed event is still compacted onto one line.
+    sender
+        .send("{\n  \"event\": \"ok\",\n  \"payload\": [1, 2]\n}\n")
+        .await;
+    let line = listener.line().await;
+    assert_eq!(line, r#"{"event":"ok","payload":[1,2]}"#);
+}
+
+/// Issue #10 (7): `"room": null` went to everyone, clients in no room included.
+#[tokio::test]
+async fn a_null_room_is_refused_like_any_non_string_room() {
+    let (_hub, mut sender, mut listener) = pair().await;
+    sender
+        .send(r#"{"event":"x","room":null,"payload":1}"#)
+        .await;
+    let message = sender.expect_error("not_an_event").await;
+    assert!(message.contains("room"), "{message}");
+    sender.send(event("after", json!(1))).await;
+    hears_next(&mut listener, "after").await;
+}
+
+/// Issue #10 (8): a class-style client that writes a stray word or a JSON scalar and
+/// then `JSON.stringify`s its events with no newline between them used to have
+/// nothing delivered until it closed, and was told nothing. Now the stray bytes are
+/// answered at once and every event after them is delivered.
+#[tokio::test]
+async fn a_stray_write_before_newline_less_events_swallows_nothing() {
+    let (_hub, mut sender, mut listener) = pair().await;
+    for (stray, code) in [
+        ("hello", "invalid_json"),
+        ("\"hi\"", "not_an_event"),
+        ("42", "not_an_event"),
+        ("{oops", "invalid_json"),
+    ] {
+        sender.send(stray).await;
+        // Events written after, with no delimiter, as `socket.write` in a loop does.
+        for n in 0..3 {
+            sender
+                .send(format!(r#"{{"event":"after","payload":{n}}}"#))
+                .await;
+        }
+        sender.expect_error(code).await;
+        for n in 0..3 {
+            let frame = listener.json().await;
+            assert_eq!(frame["payload"], n, "after {stray:?}: {frame}");
+        }
+        // The sender hears its own events too (echo).
+        for _ in 0..3 {
+            assert_eq!(sender.json().await["event"], "after");
+        }
+    }
+}
+
+/// Issue #10 (8): a stray scalar with nothing after it is answered at once (no need
+/// to wait for a newline), but for a number, which could still go on.
+#[tokio::test]
+async fn a_complete_stray_scalar_is_answered_at_once() {
+    let (_hub, mut sender, _listener) = pair().await;
+    sender.send("\"hi\"").await;
+    sender.expect_error("not_an_event").await;
+    sender.send("true").await;
+    // `true` could not go on, but a literal is only judged at its end: send one byte.
+    sender.send(" ").await;
+    sender.expect_error("not_an_event").await;
+    sender.send("hello").await;
+    sender.expect_error("invalid_json").await;
+}
+
+/// Issue #10 (10): valid JSON with a name that is not a valid string is
+/// `not_an_event` (it was `invalid_json`), and a UTF-8 byte order mark at the start of
+/// a stream is skipped.
+#[tokio::test]
+async fn odd_names_are_not_events_and_a_leading_bom_is_skipped() {
+    let (hub, mut sender, mut listener) = pair().await;
+    sender.send("{\"event\":\"\\ud800\",\"payload\":1}\n").await;
+    let message = sender.expect_error("not_an_event").await;
+    assert!(message.contains("Unicode"), "{message}");
+    sender.send("{\"event\":1e400,\"payload\":1}\n").await;
+    sender.expect_error("not_an_event").await;
+    let mut fresh = hub.connect().await;
+    fresh
+        .send(b"\xEF\xBB\xBF{\"event\":\"bom\",\"payload\":1}\n")
+        .await;
+    hears_next(&mut listener, "bom").await;
+    assert_eq!(fresh.json().await["event"], "bom");
+}

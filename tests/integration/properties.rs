@@ -266,3 +266,145 @@ proptest! {
         );
     }
 }
+
+/// Splits `stream` at the given cut points.
+fn split_at<'a>(stream: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+    points.sort_unstable();
+    let mut chunks = Vec::new();
+    let mut from = 0;
+    for point in points.into_iter().chain([stream.len()]) {
+        chunks.push(&stream[from..point]);
+        from = point;
+    }
+    chunks
+}
+
+/// Garbage a client might write before its events: stray words, scalars, broken or
+/// unfinished JSON, random bytes.
+fn garbage() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "hello",
+            "\"hi\"",
+            "42",
+            "-",
+            "tru",
+            "true",
+            "null",
+            "{",
+            "[",
+            "\"",
+            "{\"a\":",
+            "{\"a\":[",
+            "{oops",
+            "}",
+            "]",
+            ",",
+            "\\",
+            "\"\\",
+            "{{{{",
+            "[1 2 3]",
+            "1e400",
+            "\u{feff}",
+            "{\"event\":\"x\"",
+            "{\"event\":\"a\",oops}",
+        ])
+        .prop_map(|s| s.as_bytes().to_vec()),
+        "[{}\\[\\]\":,\\\\ ae0-9tfnul.-]{1,40}".prop_map(|s| s.into_bytes()),
+        prop::collection::vec(any::<u8>(), 1..40),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Issue #10 (8): garbage of any kind followed by events, with or without newlines,
+    /// split anywhere: the garbage is answered with at least one `$error` and the
+    /// decoder resynchronises: every event after the resync point is delivered (at
+    /// most the first can be swallowed, by garbage such as an open string). At least
+    /// two events: garbage such as `[` followed by one event is still valid JSON so
+    /// far, and no decoder can tell before the next byte.
+    #[test]
+    fn garbage_then_events_resynchronise(
+        garbage in garbage(),
+        names in prop::collection::vec(event_name(), 2..5),
+        newlines in any::<bool>(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        // Skip garbage that is itself a valid event stream (nothing to resync from).
+        prop_assume!(!garbage.iter().all(u8::is_ascii_whitespace));
+        let events: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!(r#"{{"event":"{n}","payload":{i}}}"#))
+            .collect();
+        let mut stream = garbage.clone();
+        for event in &events {
+            stream.extend_from_slice(event.as_bytes());
+            if newlines {
+                stream.push(b'\n');
+            }
+        }
+        let (whole, fatal) = decode(1 << 20, &[&stream]);
+        prop_assert_eq!(fatal, None);
+        let delivered: Vec<String> = whole
+            .iter()
+            .filter_map(|f| f.as_ref().ok())
+            .map(|l| String::from_utf8_lossy(l).trim_end().to_string())
+            .filter(|l| events.contains(l))
+            .collect();
+        let errors = whole.iter().filter(|f| f.is_err()).count();
+        let bom = garbage == "\u{feff}".as_bytes();
+        if !bom {
+            prop_assert!(errors >= 1, "no $error for {:?}", String::from_utf8_lossy(&garbage));
+        }
+        prop_assert!(delivered.len() + 1 >= events.len(), "{:?} -> {:?}", String::from_utf8_lossy(&stream), whole);
+        prop_assert_eq!(&delivered[..], &events[events.len() - delivered.len()..]);
+        let (split, fatal) = decode(1 << 20, &split_at(&stream, &cuts));
+        prop_assert_eq!(fatal, None);
+        prop_assert_eq!(split, whole);
+    }
+
+    /// Issue #10 (4): a frame with raw line breaks (pretty-printed, or broken) is judged
+    /// exactly as serde judges the same text: accepted with the same name and payload
+    /// when it is a valid event, never accepted (and changed) when it is not JSON.
+    #[test]
+    fn multiline_frames_are_judged_as_serde_judges_them(
+        pieces in prop::collection::vec(fragment(), 1..12),
+        breaks in prop::collection::vec(any::<prop::sample::Index>(), 1..4),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+    ) {
+        let mut text = String::from("{\"event\":\"e\",\"payload\":");
+        text.push_str(&pieces.concat());
+        text.push('}');
+        let mut bytes = text.into_bytes();
+        for at in &breaks {
+            let at = at.index(bytes.len() - 1) + 1;
+            bytes.insert(at, b'\n');
+        }
+        let Ok(text) = String::from_utf8(bytes) else { return Ok(()) };
+        // The decoder frames the first value; what follows is another matter.
+        let Some(verdict) = serde_json::Deserializer::from_str(&text).into_iter::<Value>().next() else {
+            return Ok(());
+        };
+        let (frames, _) = decode(1 << 20, &split_at(text.as_bytes(), &cuts));
+        match verdict {
+            Ok(Value::Object(object)) if object.get("event").is_some_and(Value::is_string)
+                && object.contains_key("payload")
+                && !object.get("room").is_some_and(|r| !r.is_string()) => {
+                let first = frames.first().expect("no frame").as_ref().expect("a valid event was rejected");
+                let line: Value = serde_json::from_slice(first).unwrap();
+                prop_assert_eq!(&line["event"], &object["event"]);
+                prop_assert_eq!(&line["payload"], &object["payload"]);
+            }
+            Ok(_) => {}
+            // Unfinished (an open string, say): valid so far, nothing to judge yet.
+            Err(e) if e.is_eof() => {}
+            Err(_) => {
+                let first = frames.first().expect("no frame");
+                prop_assert!(first.is_err(), "invalid JSON {:?} was accepted as {:?}", text, first);
+            }
+        }
+    }
+}
