@@ -7,6 +7,10 @@ use crate::frame::DEFAULT_MAX_FRAME;
 /// The default bound on each client's outbound queue: 8 MiB.
 pub const DEFAULT_MAX_PENDING: usize = 8 << 20;
 
+/// The longest duration any setting or payload field may have: 365 days (longer ones
+/// are refused rather than overflowing a clock, as `--idle-timeout 500000000000y` did).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The default time the hub spends flushing queued events to a client before closing it.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -475,6 +475,12 @@ impl Connection<'_> {
             self.hub.publish(self.client.id, event);
             return;
         }
+        // A `$pong` nobody asked for costs a unit of the error budget (without a
+        // reply): 100 of them, of 1 MiB each, used to cost nothing.
+        if event.name().as_str() == "$pong" && !self.liveness.answered() {
+            self.charge_error();
+            return;
+        }
         match control::handle(self.hub, self.client, &mut self.liveness, &event) {
             Ok(reply) => {
                 if let Some(reply) = reply {
@@ -492,6 +498,11 @@ impl Connection<'_> {
     fn reject(&mut self, error: ProtocolError) {
         self.client.outbox.push(error.to_frame());
         self.hub.rejected(self.client.id, error);
+        self.charge_error();
+    }
+
+    /// Spends one unit of the error budget; the last one closes the connection.
+    fn charge_error(&mut self) {
         let config = self.hub.config();
         let now = Instant::now();
         self.errors.push_back(now);
@@ -507,7 +518,7 @@ impl Connection<'_> {
             let error = ProtocolError::new(
                 ErrorCode::TooManyErrors,
                 format!(
-                    "more than {} bad frames within {:?}; closing the connection",
+                    "more than {} bad frames (or $pongs not asked for) within {:?}; closing the connection",
                     config.max_errors, config.error_window
                 ),
             );

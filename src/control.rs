@@ -114,7 +114,8 @@ pub(crate) fn handle(
                 .map_err(|e| invalid_payload(name, &e.to_string()))?,
         )
         .map(|e| e.line().clone()),
-        // The answer to our `$ping`: hearing it is all that matters.
+        // The answer to our `$ping` (the connection counts one that was not asked for
+        // against the error budget before it gets here).
         "$pong" => return Ok(None),
         _ => {
             return Err(ProtocolError::new(
@@ -197,6 +198,8 @@ pub(crate) struct Liveness {
     heartbeat: Option<Duration>,
     last_heard: Instant,
     next_ping: Option<Instant>,
+    /// `$ping`s sent and not answered yet: a `$pong` beyond them was not asked for.
+    pings_out: u32,
 }
 
 /// What the timer asks the connection to do.
@@ -213,6 +216,7 @@ impl Liveness {
             heartbeat: None,
             last_heard: Instant::now(),
             next_ping: None,
+            pings_out: 0,
         }
     }
 
@@ -221,15 +225,25 @@ impl Liveness {
         self.last_heard = Instant::now();
     }
 
+    /// Takes a `$pong`: `false` if no `$ping` was waiting for one.
+    pub(crate) fn answered(&mut self) -> bool {
+        let asked = self.pings_out > 0;
+        self.pings_out = self.pings_out.saturating_sub(1);
+        asked
+    }
+
     fn set_heartbeat(&mut self, every: Duration) {
         self.heartbeat = Some(every);
-        self.next_ping = Some(Instant::now() + every);
+        self.next_ping = Instant::now().checked_add(every);
     }
 
     /// The next moment something is due, if any timer is set.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        let idle = self.idle.map(|d| self.last_heard + d);
-        let silent = self.heartbeat.map(|d| self.last_heard + d * 2);
+        // Checked: a deadline past the clock's range is never (no overflow panic).
+        let idle = self.idle.and_then(|d| self.last_heard.checked_add(d));
+        let silent = self
+            .heartbeat
+            .and_then(|d| self.last_heard.checked_add(d.saturating_mul(2)));
         [idle, silent, self.next_ping].into_iter().flatten().min()
     }
 
@@ -254,7 +268,8 @@ impl Liveness {
         }
         match (self.next_ping, self.heartbeat) {
             (Some(at), Some(every)) if at <= now => {
-                self.next_ping = Some(now + every);
+                self.next_ping = now.checked_add(every);
+                self.pings_out = self.pings_out.saturating_add(1);
                 Due::Ping
             }
             _ => Due::Nothing,

@@ -115,12 +115,21 @@ pub struct ProtocolError {
 }
 
 impl ProtocolError {
-    /// An error with `code` and a human-readable `message`.
+    /// An error with `code` and a human-readable `message`. A message longer than
+    /// [`MAX_MESSAGE`] bytes is cut there (messages may quote the client's input, and
+    /// must not echo a megabyte back).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError {
-            code,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            let total = message.len();
+            message.truncate(end);
+            message.push_str(&format!("… ({total} bytes)"));
         }
+        ProtocolError { code, message }
     }
 
     /// The `$error` line (with its trailing `\n`) that tells the client about this error.
@@ -151,6 +160,40 @@ impl ProtocolError {
 /// The most bytes of a client's own input quoted back in a `$error` message or a log
 /// line (issue #10: a 512 KiB pattern was echoed whole, into the log too).
 pub const MAX_EXCERPT: usize = 200;
+
+/// The longest `$error` message, in bytes.
+pub const MAX_MESSAGE: usize = 400;
+
+/// `text` made safe for one log line: control characters (newlines, carriage
+/// returns, escape sequences) written as escapes, and at most [`MAX_MESSAGE`] bytes of
+/// it. Unlike [`excerpt`] it is not quoted: for messages that are the hub's own words
+/// with the client's text quoted inside.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::protocol::printable;
+/// assert_eq!(printable("plain"), "plain");
+/// assert_eq!(printable("a\nforged line\r"), "a\\nforged line\\r");
+/// ```
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_MESSAGE && !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len().min(MAX_MESSAGE) + 16);
+    for c in text.chars() {
+        if out.len() >= MAX_MESSAGE {
+            out.push_str(&format!("… ({} bytes)", text.len()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
 
 /// Client-supplied text made safe to quote in a message or a log line: as a quoted,
 /// escaped string (so a newline cannot forge a log line), at most [`MAX_EXCERPT`]

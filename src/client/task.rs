@@ -172,7 +172,9 @@ impl Session {
         let mut inbound = Vec::new();
         // Set once this side has finished sending and waits for the hub to close.
         let mut closing_until: Option<Instant> = None;
-        let mut idle_at = self.idle_timeout.map(|idle| Instant::now() + idle);
+        let mut idle_at = self
+            .idle_timeout
+            .and_then(|idle| Instant::now().checked_add(idle));
         loop {
             tokio::select! {
                 biased;
@@ -208,7 +210,7 @@ impl Session {
                         };
                     }
                     Ok(_) => {
-                        idle_at = self.idle_timeout.map(|idle| Instant::now() + idle);
+                        idle_at = self.idle_timeout.and_then(|idle| Instant::now().checked_add(idle));
                         if let Err(e) = decode(self.mode, &mut rbuf, &mut inbound) {
                             self.listeners.dispatch(ClientEvent::Error(e)).await;
                             return Outcome::Lost { had_error: true };
@@ -226,7 +228,7 @@ impl Session {
                 },
                 _ = sleep_until(idle_at), if idle_at.is_some() => {
                     let idle = self.idle_timeout.unwrap_or_default();
-                    idle_at = Some(Instant::now() + idle);
+                    idle_at = Instant::now().checked_add(idle);
                     self.listeners.dispatch(ClientEvent::Timeout { idle }).await;
                 }
                 _ = sleep_until(closing_until), if closing_until.is_some() => {

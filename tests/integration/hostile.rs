@@ -572,3 +572,107 @@ async fn odd_names_are_not_events_and_a_leading_bom_is_skipped() {
     hears_next(&mut listener, "bom").await;
     assert_eq!(fresh.json().await["event"], "bom");
 }
+
+/// Issue #10 (5): names, rooms and messages were logged raw, so a client could forge a
+/// log line with a newline in an event name, or write a raw `\r` into the log.
+#[tokio::test]
+async fn client_text_cannot_forge_log_lines() {
+    let hub = HubProcess::spawn(HubProcess::command(&["serve", "--port", "0"])).await;
+    let mut client = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    let forged = "x\n2099-01-01T00:00:00Z  INFO hubcast::serve: close client=#1 reason=FORGED";
+    let frames = [
+        json!({"event": forged, "payload": "p\nq"}).to_string(),
+        json!({"event": "$join", "payload": {"room": "r\roomy\n2099"}}).to_string(),
+        json!({"event": "y", "room": "r\roomy\n2099", "payload": 1}).to_string(),
+        json!({"event": "$subscribe", "payload": {"events": ["a..b\n2099-01-01 forged"]}})
+            .to_string(),
+    ];
+    for frame in &frames {
+        client
+            .write_all(format!("{frame}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    ask(
+        &mut client,
+        r#"{"event":"$ping","payload":"done"}"#,
+        "$pong",
+    )
+    .await;
+    let lines = hub.stop().await;
+    for line in &lines {
+        assert!(!line.starts_with("2099"), "forged line: {line}");
+        assert!(!line.contains('\r'), "raw CR: {line:?}");
+    }
+    let all = lines.join("\n");
+    assert!(
+        all.contains(r"x\n2099"),
+        "the name is logged, escaped: {all}"
+    );
+}
+
+/// Issue #10 (6): `--quiet` still logged every control event with its payload, and
+/// unanswered-for `$pong`s cost nothing: 100 of 1 MiB grew the log by 100 MiB. Now
+/// `--quiet` is quiet, an unsolicited `$pong` spends the error budget, and no log line
+/// or `$error` carries more than a bounded excerpt of what the client sent.
+#[tokio::test]
+async fn quiet_is_quiet_and_big_inputs_are_not_echoed() {
+    let hub = HubProcess::spawn(HubProcess::command(&["serve", "--port", "0", "--quiet"])).await;
+    let mut client = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    // A 512 KiB pattern: refused, and not echoed back whole.
+    let pattern = "a".repeat(512 << 10);
+    let frame = json!({"event": "$subscribe", "payload": {"events": [pattern]}}).to_string();
+    client
+        .write_all(format!("{frame}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(client);
+    let mut line = String::new();
+    within(reader.read_line(&mut line)).await.unwrap();
+    assert!(
+        line.contains("invalid_pattern"),
+        "{}",
+        &line[..line.len().min(300)]
+    );
+    assert!(line.len() < 1024, "the $error carries {} bytes", line.len());
+    // Unsolicited $pongs of 64 KiB each: the 11th closes the connection.
+    let pong = json!({"event": "$pong", "payload": "p".repeat(64 << 10)}).to_string() + "\n";
+    let mut client = reader.into_inner();
+    for _ in 0..11 {
+        if client.write_all(pong.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let mut rest = String::new();
+    let _ = within(BufReader::new(client).read_to_string(&mut rest)).await;
+    assert!(
+        rest.contains("too_many_errors"),
+        "{}",
+        &rest[..rest.len().min(300)]
+    );
+    let lines = hub.stop().await;
+    let logged: usize = lines.iter().map(String::len).sum();
+    assert!(logged < 16 << 10, "--quiet logged {logged} bytes");
+    assert!(
+        lines.iter().all(|l| l.len() < 1024),
+        "a log line over 1 KiB"
+    );
+}
+
+/// Issue #10 (9): `--idle-timeout 500000000000y` was accepted, then every connection
+/// task panicked adding it to an instant. Durations out of range are exit 2.
+#[tokio::test]
+async fn absurd_durations_are_refused() {
+    for (flag, value) in [
+        ("--idle-timeout", "500000000000y"),
+        ("--drain-timeout", "500000000000y"),
+        ("--idle-timeout", "0s"),
+    ] {
+        let mut command = HubProcess::command(&["serve", "--port", "0", flag, value]);
+        command.kill_on_drop(true);
+        let output = within(command.output()).await.unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}

@@ -41,10 +41,27 @@ pub fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Parses a human duration: `100ms`, `5s`, `1m 30s`.
+/// Parses a human duration (`100ms`, `5s`, `1m 30s`) of at most
+/// [`hubcast::MAX_DURATION`] (issue #10: `500000000000y` was accepted, then overflowed).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration ({e}; examples: 100ms, 5s, 2m)"))
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}; examples: 100ms, 5s, 2m)"))?;
+    if duration > hubcast::MAX_DURATION {
+        return Err(format!(
+            "{text:?} is longer than the longest duration allowed, {}",
+            humantime::format_duration(hubcast::MAX_DURATION)
+        ));
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration`], and more than zero (for timeouts and intervals, where zero
+/// cannot work: `--idle-timeout 0s` closed every client at once).
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("{text:?}: must be more than zero")),
+        duration => Ok(duration),
+    }
 }
 
 #[cfg(test)]
@@ -72,5 +89,9 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("500000000000y").is_err());
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_positive_duration("0s").is_err());
+        assert!(parse_positive_duration("1ms").is_ok());
     }
 }

@@ -13,7 +13,7 @@ use fake::Fake;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::args::parse_duration;
+use crate::args::parse_positive_duration;
 use crate::hub_client::HubAddr;
 
 #[derive(clap::Args, Debug)]
@@ -24,13 +24,13 @@ pub struct Args {
     #[arg(long)]
     store: String,
     /// Time between orders (e.g. 500ms, 5s).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     interval: Duration,
     /// Send this many orders, then exit once all are delivered.
     #[arg(long)]
     count: Option<u64>,
     /// With --count: how long to wait for deliveries after the last order is sent.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     timeout: Duration,
 }
 

@@ -15,7 +15,7 @@ mod wire;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::args::{parse_duration, parse_positive, parse_size};
+use crate::args::{parse_positive, parse_positive_duration, parse_size};
 use wire::Target;
 
 pub use run::run;
@@ -56,7 +56,7 @@ pub struct Args {
     #[arg(long, default_value = "1000", value_parser = parse_positive)]
     window: usize,
     /// Stop and report when no message has arrived for this long.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     stall_timeout: Duration,
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
