@@ -676,3 +676,27 @@ async fn absurd_durations_are_refused() {
         assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
     }
 }
+
+/// Issue #10 (10), decided: a client that shuts down its write side is treated as
+/// Node treats one by default (`allowHalfOpen: false`): the hub stops reading, sends
+/// everything it owes that client (here its echo and the answer to its `$ping`), then
+/// closes. Events sent to it afterwards by others are not delivered.
+#[tokio::test]
+async fn a_half_closed_client_gets_what_it_was_owed_then_the_hub_closes() {
+    let (hub, mut sender, mut listener) = pair().await;
+    sender
+        .send(format!(
+            "{}\n{}\n",
+            event("last", json!(1)),
+            r#"{"event":"$ping","payload":"bye"}"#
+        ))
+        .await;
+    sender.writer.shutdown().await.unwrap();
+    assert_eq!(sender.json().await["event"], "last");
+    assert_eq!(sender.json().await["event"], "$pong");
+    sender.expect_eof().await;
+    let (had_error, reason) = hub.wait_close(sender.id).await;
+    assert!(!had_error);
+    assert_eq!(reason, hubcast::CloseReason::PeerClosed);
+    hears_next(&mut listener, "last").await;
+}

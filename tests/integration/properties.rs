@@ -408,3 +408,48 @@ proptest! {
         }
     }
 }
+
+/// A pattern of up to 6 segments from a small alphabet, so that literals, `*` and `>`
+/// collide often.
+fn small_pattern() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(vec!["a", "b", "*", ">"]), 1..6)
+        .prop_map(|segments| segments.join("."))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Issue #10 (2): the router (a compact trie plus an exact-name map) matches
+    /// exactly what a scan of every subscription would, through inserts and removals.
+    /// (`fuzz/fuzz_targets/routing.rs` runs the same model under libFuzzer.)
+    #[test]
+    fn the_router_agrees_with_a_naive_model(
+        ops in prop::collection::vec((0u8..3, 0u8..8, small_pattern()), 1..80),
+        names in prop::collection::vec(prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..7), 1..10),
+    ) {
+        use hubcast::routing::{Pattern, Router};
+        let mut router = Router::default();
+        let mut model = std::collections::BTreeSet::new();
+        for (kind, key, text) in ops {
+            let Ok(pattern) = Pattern::parse(&text) else { continue };
+            if kind < 2 {
+                prop_assert_eq!(router.insert(&pattern, key), model.insert((text, key)));
+            } else {
+                prop_assert_eq!(router.remove(&pattern, key), model.remove(&(text, key)));
+            }
+            prop_assert_eq!(router.len(), model.len());
+        }
+        for name in names {
+            let name = name.join(".");
+            let mut got = Vec::new();
+            router.matches(&name, &mut got);
+            got.sort_unstable();
+            let want: std::collections::BTreeSet<u8> = model
+                .iter()
+                .filter(|(p, _)| Pattern::parse(p).unwrap().matches(&name))
+                .map(|&(_, k)| k)
+                .collect();
+            prop_assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "{}", name);
+        }
+    }
+}
