@@ -110,14 +110,19 @@ impl Run {
         Bytes::copy_from_slice(&self.bytes[event.start..event.start + event.parts.end + 1])
     }
 
-    /// Event `index` on its own.
+    /// Event `index` on its own, sharing the run's chunk (no copy: this is what an
+    /// observer is shown; do not queue it to a client, see [`Run::line`]).
     ///
     /// # Panics
     ///
-    /// If `index` is out of bounds.
+    /// If `index` is out of bounds, or (a broken invariant, which the decoder's tests
+    /// and fuzzing rule out) if the event does not re-validate.
     pub fn event(&self, index: usize) -> Event {
-        let parts = self.events[index].parts.clone();
-        Event::from_parts(self.line(index), parts).expect("a run holds valid events only")
+        let event = &self.events[index];
+        let line = self
+            .bytes
+            .slice(event.start..event.start + event.parts.end + 1);
+        Event::from_parts(line, event.parts.clone()).expect("a run holds valid events only")
     }
 }
 

@@ -11,6 +11,7 @@ mod delivery;
 mod demo;
 mod faults;
 mod hostile;
+mod logging;
 mod node;
 mod pool;
 mod properties;

@@ -4,6 +4,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Writes one line to standard error, never panicking: `eprintln!` panics when stderr
+/// is a closed pipe (`hubcast ... 2>&1 | head`).
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// mimalloc: steadier memory than glibc's malloc under churn, and it can hand cached
 /// memory back when the hub goes idle (`memory.rs`); see docs/testing.md.
 #[global_allocator]
@@ -13,6 +22,7 @@ mod args;
 mod bench;
 mod driver;
 mod hub_client;
+mod logging;
 mod memory;
 mod output;
 mod publish;
@@ -52,7 +62,7 @@ fn main() -> ExitCode {
         // Whoever read our output has gone (`hubcast sub | head`): not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("hubcast: error: {err:#}");
+            report!("hubcast: error: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -84,14 +94,17 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Logs go to stderr; `RUST_LOG` sets levels (default `info`).
+/// Logs go to stderr, through a bounded queue and a writer thread (`logging.rs`);
+/// `RUST_LOG` sets levels (default `info`).
 fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(logging::LogQueue::to_stderr())
         .with_ansi(std::io::stderr().is_terminal())
+        // A failed write is not reported with `eprintln!` (which panics on EPIPE).
+        .log_internal_errors(false)
         .init();
 }

@@ -67,7 +67,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(payload) => send(&client, &name, &payload).await?,
         None => {
             if let Err(message) = send_lines(&client, &name).await? {
-                eprintln!("hubcast: error: {message}");
+                report!("hubcast: error: {message}");
                 code = ExitCode::from(2);
             }
         }
@@ -76,14 +76,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     client.close().await;
     let rejected = rejected.load(Ordering::Relaxed);
     if rejected > 0 {
-        eprintln!("hubcast: error: the hub rejected {rejected} event(s) (see the messages above)");
+        report!("hubcast: error: the hub rejected {rejected} event(s) (see the messages above)");
         return Ok(ExitCode::FAILURE);
     }
     Ok(code)
 }
 
 fn usage(message: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("hubcast: error: {message}");
+    report!("hubcast: error: {message}");
     Ok(ExitCode::from(2))
 }
 

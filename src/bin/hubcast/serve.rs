@@ -2,6 +2,8 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -109,7 +111,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     raise_open_files_limit(config.max_connections, "clients");
     let quiet = args.quiet;
     let signals = Signals::install()?;
-    let hub = Hub::with_observer(config, move |event| log(event, quiet));
+    let events = (!quiet).then(EventLog::start);
+    let hub = Hub::with_observer(config, move |event| match (event, &events) {
+        // Per-event lines are formatted by a task of their own, never on the
+        // connection that routes the event (issue #11).
+        (HubEvent::Event { .. }, Some(events)) => events.queue(event),
+        _ => log(event, quiet),
+    });
     let host = args.host.trim_start_matches('[').trim_end_matches(']');
     let server = Server::bind((host, args.port), hub.clone())
         .await
@@ -167,6 +175,135 @@ impl Signals {
         self.recv().await;
         warn!("second signal: exiting without waiting");
         std::process::exit(130);
+    }
+}
+
+/// Per-event log lines, formatted off the hot path: the observer queues each event
+/// (a reference-counted clone, no copy) and a task formats and logs it. The queue is
+/// bounded in bytes: past it, lines are skipped and counted, and the count is logged.
+struct EventLog {
+    queue: tokio::sync::mpsc::Sender<HubEvent>,
+    /// Bytes of events queued and not logged yet.
+    queued: Arc<AtomicUsize>,
+    skipped: Arc<AtomicU64>,
+    /// Lines per second: what logging may cost is bounded, whatever the load.
+    rate: RateLimit,
+}
+
+fn report_skipped(skipped: &AtomicU64) {
+    let skipped = skipped.swap(0, Ordering::Relaxed);
+    if skipped > 0 {
+        info!(
+            skipped,
+            "event lines not logged: more than {EVENT_LOG_RATE} events a second (the hub delivered them all)"
+        );
+    }
+}
+
+/// At most `per_second` takes per wall-clock second (a fixed window: cheap, and
+/// exact enough for a log).
+struct RateLimit {
+    per_second: u64,
+    /// The current second (since the Unix epoch) and takes in it, packed: the high
+    /// 40 bits hold the second, the low 24 the count.
+    window: AtomicU64,
+}
+
+impl RateLimit {
+    fn new(per_second: u64) -> Self {
+        RateLimit {
+            per_second,
+            window: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self) -> bool {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            & ((1 << 40) - 1);
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let (at, count) = (current >> 24, current & ((1 << 24) - 1));
+            let next = if at == second {
+                if count >= self.per_second {
+                    return false;
+                }
+                current + 1
+            } else {
+                (second << 24) | 1
+            };
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+}
+
+/// Most bytes of events waiting to be logged.
+const EVENT_LOG_BYTES: usize = 8 << 20;
+/// Most events waiting to be logged.
+const EVENT_LOG_LINES: usize = 8192;
+/// Most event lines logged per second; the rest are counted, and the count logged.
+const EVENT_LOG_RATE: u64 = 2000;
+
+impl EventLog {
+    fn start() -> EventLog {
+        let (queue, mut events) = tokio::sync::mpsc::channel::<HubEvent>(EVENT_LOG_LINES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let skipped = Arc::new(AtomicU64::new(0));
+        let (done, missed) = (Arc::clone(&queued), Arc::clone(&skipped));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = tick.tick() => {
+                        report_skipped(&missed);
+                        continue;
+                    }
+                };
+                let Some(event) = event else { break };
+                report_skipped(&missed);
+                log(&event, false);
+                if let HubEvent::Event { event, .. } = &event {
+                    done.fetch_sub(event.line().len(), Ordering::Relaxed);
+                }
+            }
+        });
+        EventLog {
+            queue,
+            queued,
+            skipped,
+            rate: RateLimit::new(EVENT_LOG_RATE),
+        }
+    }
+
+    /// Queues an event's line for the logger, or counts it as skipped.
+    fn queue(&self, event: &HubEvent) {
+        let HubEvent::Event { event: e, .. } = event else {
+            return;
+        };
+        if !self.rate.take() {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let len = e.line().len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > EVENT_LOG_BYTES {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.queue.try_send(event.clone()).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -266,6 +403,14 @@ fn one_line(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::summary;
+
+    #[test]
+    fn the_event_log_rate_is_bounded() {
+        let rate = super::RateLimit::new(3);
+        let taken = (0..10).filter(|_| rate.take()).count();
+        // Usually 3; 4 to 6 if the second turned during the loop.
+        assert!((3..=6).contains(&taken), "{taken}");
+    }
 
     #[test]
     fn orders_are_summarised_by_their_fields() {

@@ -120,7 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-            eprintln!(
+            report!(
                 "hubcast: error: {} of {sent} orders not delivered within {:?}: {}",
                 missing.len(),
                 args.timeout,

@@ -64,6 +64,6 @@ pub struct Args {
 }
 
 fn usage(message: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("hubcast: error: {message}");
+    report!("hubcast: error: {message}");
     Ok(ExitCode::from(2))
 }
