@@ -275,9 +275,10 @@ impl Listeners {
         any.push(handler);
     }
 
-    /// Calls the handlers, then hands the event to every stream, waiting for room:
-    /// a stream nobody reads slows the client down rather than losing events.
-    async fn dispatch(&self, event: ClientEvent) {
+    /// Calls the handlers (on the client's task, so they must not block), and returns
+    /// the streams the event is for. The task then delivers it to them in order,
+    /// never waiting on a full one while it has sends to write (see `task.rs`).
+    fn handle(&self, event: &ClientEvent) -> Vec<mpsc::Sender<ClientEvent>> {
         // Snapshots, so a handler may register handlers without deadlocking.
         let any = self
             .any
@@ -285,9 +286,9 @@ impl Listeners {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         for handler in any {
-            handler(&event);
+            handler(event);
         }
-        if let ClientEvent::Event(e) = &event {
+        if let ClientEvent::Event(e) = event {
             let named = {
                 let by_name = self.by_name.read().unwrap_or_else(PoisonError::into_inner);
                 by_name.get(e.name().as_str()).cloned()
@@ -296,14 +297,9 @@ impl Listeners {
                 handler(e);
             }
         }
-        let streams = self.lock_streams().clone();
-        let mut gone = false;
-        for stream in streams {
-            gone |= stream.send(event.clone()).await.is_err();
-        }
-        if gone {
-            self.lock_streams().retain(|s| !s.is_closed());
-        }
+        let mut streams = self.lock_streams();
+        streams.retain(|s| !s.is_closed());
+        streams.clone()
     }
 
     fn stream(&self) -> Events {
@@ -574,7 +570,8 @@ impl ClientBuilder {
         }
         let addr = addr.to_string();
         let listeners = Arc::new(self.listeners);
-        let stream = task::dial(&addr, self.connect_timeout, &listeners).await?;
+        let mut first = Vec::new();
+        let stream = task::dial(&addr, self.connect_timeout, &mut first).await?;
         let (commands, receiver) = mpsc::channel(self.buffer);
         let (connected_tx, connected) = watch::channel(true);
         let closing = CancellationToken::new();
@@ -597,6 +594,13 @@ impl ClientBuilder {
             closing: closing.clone(),
             done: done_tx,
         };
+        // The first lookup and connect are told now, before `connect` returns: a
+        // stream made on the builder sees them, one made later does not.
+        for event in first {
+            for stream in listeners.handle(&event) {
+                let _ = stream.try_send(event.clone());
+            }
+        }
         tokio::spawn(session.run(stream));
         Ok(Client {
             shared: Arc::new(Shared {
@@ -769,13 +773,28 @@ impl Client {
             line: event.line().clone(),
             ack,
         };
-        if *self.shared.connected.borrow() {
-            // Connected: wait for room, as a socket write would.
-            self.shared
-                .commands
-                .send(command)
-                .await
-                .map_err(|_| ClientError::Closed)?;
+        let mut connected = self.shared.connected.clone();
+        if *connected.borrow_and_update() {
+            // Connected: wait for room, as a socket write would, but only while the
+            // connection lasts: a send waiting when it drops is treated as one made
+            // while disconnected (issue #11: it used to wait until a reconnect, or
+            // forever).
+            tokio::select! {
+                permit = self.shared.commands.reserve() => {
+                    permit.map_err(|_| ClientError::Closed)?.send(command);
+                }
+                _ = connected.wait_for(|up| !up) => {
+                    self.shared
+                        .commands
+                        .try_send(command)
+                        .map_err(|e| match e {
+                            mpsc::error::TrySendError::Full(_) => {
+                                ClientError::BufferFull(self.shared.buffer)
+                            }
+                            mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+                        })?;
+                }
+            }
         } else {
             self.shared
                 .commands
@@ -950,8 +969,14 @@ impl Client {
     }
 
     /// A stream of everything from now on (use [`ClientBuilder::events`] to miss
-    /// nothing from the start). Read it: an unread stream holds the client back (after
-    /// 1024 items) rather than losing anything.
+    /// nothing from the start).
+    ///
+    /// Each stream holds up to 1024 items. When one is full the client stops reading
+    /// from the hub (rather than losing anything) but keeps sending, so a consumer that
+    /// awaits [`Client::emit`] for each event it takes never deadlocks. A stream that
+    /// stays unread makes the hub's queue for this client fill, and the hub disconnects
+    /// it as a slow consumer: once read again, the stream yields what it holds, then
+    /// the hub's `slow_consumer` error ([`ClientEvent::HubError`]), then the close.
     ///
     /// # Examples
     ///

@@ -1,6 +1,7 @@
 //! The client's background task: owns the socket, writes queued sends, reads and
 //! reports what arrives, and reconnects when the connection is lost (if asked to).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub(crate) struct Session {
     pub(crate) done: watch::Sender<bool>,
 }
 
+/// Most events waiting for streams before the task stops reading the socket.
+const MAX_PENDING_EVENTS: usize = 64;
+
 /// How one connection ended.
 enum Outcome {
     /// Closed on purpose: the client is done.
@@ -48,11 +52,12 @@ enum Outcome {
     Lost { had_error: bool },
 }
 
-/// Resolves `addr` and connects to the first address that answers.
+/// Resolves `addr` and connects to the first address that answers; the lifecycle
+/// events on the way (`Lookup`, `Connect`) are added to `report`.
 pub(crate) async fn dial(
     addr: &str,
     timeout: Duration,
-    listeners: &Listeners,
+    report: &mut Vec<ClientEvent>,
 ) -> Result<TcpStream, ClientError> {
     let timed_out = || ClientError::ConnectTimeout {
         addr: addr.to_string(),
@@ -67,20 +72,16 @@ pub(crate) async fn dial(
             reason: e.to_string(),
         })?
         .collect();
-    listeners
-        .dispatch(ClientEvent::Lookup {
-            host: addr.to_string(),
-            addrs: addrs.clone(),
-        })
-        .await;
+    report.push(ClientEvent::Lookup {
+        host: addr.to_string(),
+        addrs: addrs.clone(),
+    });
     let mut last_error = String::from("no addresses");
     for candidate in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(candidate)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                listeners
-                    .dispatch(ClientEvent::Connect { addr: candidate })
-                    .await;
+                report.push(ClientEvent::Connect { addr: candidate });
                 return Ok(stream);
             }
             Ok(Err(e)) => last_error = e.to_string(),
@@ -93,56 +94,82 @@ pub(crate) async fn dial(
     })
 }
 
+/// An event handed to the handlers, still to be delivered to some streams.
+struct Pending {
+    event: ClientEvent,
+    streams: Vec<mpsc::Sender<ClientEvent>>,
+    /// The next stream to deliver to (those before it have it).
+    next: usize,
+}
+
 impl Session {
     pub(crate) async fn run(mut self, first: TcpStream) {
+        let mut pending = VecDeque::new();
         let mut stream = first;
         loop {
-            let outcome = self.serve(stream).await;
+            let outcome = self.serve(stream, &mut pending).await;
             self.connected.send_replace(false);
             let had_error = matches!(outcome, Outcome::Lost { had_error: true });
-            self.listeners
-                .dispatch(ClientEvent::Close { had_error })
-                .await;
+            self.offer(&mut pending, ClientEvent::Close { had_error });
             if matches!(outcome, Outcome::Finished) {
                 break;
             }
-            match self.reconnect().await {
+            match self.reconnect(&mut pending).await {
                 Some(next) => stream = next,
                 None => break,
             }
         }
-        self.finish();
+        self.finish(pending);
+    }
+
+    /// Hands `event` to the handlers now, and queues it for the streams behind what
+    /// is already queued (so each stream sees events in order). Never waits.
+    fn offer(&self, pending: &mut VecDeque<Pending>, event: ClientEvent) {
+        let streams = self.listeners.handle(&event);
+        if !streams.is_empty() {
+            pending.push_back(Pending {
+                event,
+                streams,
+                next: 0,
+            });
+            deliver(pending);
+        }
     }
 
     /// Tries again with backoff until connected, closed, or out of attempts.
-    async fn reconnect(&mut self) -> Option<TcpStream> {
+    async fn reconnect(&mut self, pending: &mut VecDeque<Pending>) -> Option<TcpStream> {
         let policy = self.reconnect.clone()?;
         for attempt in 1.. {
             if policy.max_attempts.is_some_and(|max| attempt > max) {
                 break;
             }
             let delay = policy.delay(attempt);
-            self.listeners
-                .dispatch(ClientEvent::Reconnecting { attempt, delay })
-                .await;
+            self.offer(pending, ClientEvent::Reconnecting { attempt, delay });
             tokio::select! {
                 _ = self.closing.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
+            let mut report = Vec::new();
             let dialed = tokio::select! {
                 _ = self.closing.cancelled() => return None,
-                dialed = dial(&self.addr, self.connect_timeout, &self.listeners) => dialed,
+                dialed = dial(&self.addr, self.connect_timeout, &mut report) => dialed,
             };
+            for event in report {
+                self.offer(pending, event);
+            }
             match dialed {
                 Ok(stream) => return Some(stream),
-                Err(e) => self.listeners.dispatch(ClientEvent::Error(e)).await,
+                Err(e) => self.offer(pending, ClientEvent::Error(e)),
             }
         }
         None
     }
 
-    /// The client is closed for good: refuse what still waits, end the streams.
-    fn finish(mut self) {
+    /// The client is closed for good: refuse what still waits, end the streams. What
+    /// a stream has not taken by now is dropped with it.
+    fn finish(mut self, mut pending: VecDeque<Pending>) {
+        deliver(&mut pending);
+        drop(pending);
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             let _ = command.ack.send(Err(ClientError::Closed));
@@ -152,8 +179,10 @@ impl Session {
         self.done.send_replace(true);
     }
 
-    /// Runs one connection until it ends.
-    async fn serve(&mut self, stream: TcpStream) -> Outcome {
+    /// Runs one connection until it ends. While a stream is full, the socket is not
+    /// read (the hub holds what the client has not taken), but sends are still
+    /// written: a consumer that awaits `emit` for each event it takes keeps going.
+    async fn serve(&mut self, stream: TcpStream, pending: &mut VecDeque<Pending>) -> Outcome {
         let (mut reader, mut writer) = stream.into_split();
         // Tell the hub again who we are and what we want, before anything else.
         let restore = self
@@ -163,7 +192,7 @@ impl Session {
             .frames();
         if !restore.is_empty() {
             if let Err(e) = writer.write_all(&restore).await {
-                return self.lost(e).await;
+                return self.lost(pending, e);
             }
         }
         self.connected.send_replace(true);
@@ -185,7 +214,7 @@ impl Session {
                         batch.push(command);
                     }
                     if let Err(e) = write_batch(&mut writer, &mut batch).await {
-                        return self.lost(e).await;
+                        return self.lost(pending, e);
                     }
                     let _ = writer.shutdown().await;
                     closing_until = Some(Instant::now() + CLOSE_GRACE);
@@ -197,12 +226,13 @@ impl Session {
                         continue;
                     }
                     if let Err(e) = write_batch(&mut writer, &mut batch).await {
-                        return self.lost(e).await;
+                        return self.lost(pending, e);
                     }
                 }
-                read = reader.read_buf(&mut rbuf) => match read {
+                _ = room(pending), if !pending.is_empty() => deliver(pending),
+                read = reader.read_buf(&mut rbuf), if pending.len() < MAX_PENDING_EVENTS => match read {
                     Ok(0) => {
-                        self.listeners.dispatch(ClientEvent::End).await;
+                        self.offer(pending, ClientEvent::End);
                         return if closing_until.is_some() {
                             Outcome::Finished
                         } else {
@@ -212,24 +242,24 @@ impl Session {
                     Ok(_) => {
                         idle_at = self.idle_timeout.and_then(|idle| Instant::now().checked_add(idle));
                         if let Err(e) = decode(self.mode, &mut rbuf, &mut inbound) {
-                            self.listeners.dispatch(ClientEvent::Error(e)).await;
+                            self.offer(pending, ClientEvent::Error(e));
                             return Outcome::Lost { had_error: true };
                         }
                         for event in inbound.drain(..) {
                             if let Some(pong) = pong_for(&event) {
                                 if let Err(e) = writer.write_all(&pong).await {
-                                    return self.lost(e).await;
+                                    return self.lost(pending, e);
                                 }
                             }
-                            self.listeners.dispatch(event).await;
+                            self.offer(pending, event);
                         }
                     }
-                    Err(e) => return self.lost(e).await,
+                    Err(e) => return self.lost(pending, e),
                 },
                 _ = sleep_until(idle_at), if idle_at.is_some() => {
                     let idle = self.idle_timeout.unwrap_or_default();
                     idle_at = Instant::now().checked_add(idle);
-                    self.listeners.dispatch(ClientEvent::Timeout { idle }).await;
+                    self.offer(pending, ClientEvent::Timeout { idle });
                 }
                 _ = sleep_until(closing_until), if closing_until.is_some() => {
                     return Outcome::Finished;
@@ -238,10 +268,34 @@ impl Session {
         }
     }
 
-    async fn lost(&self, error: std::io::Error) -> Outcome {
+    fn lost(&self, pending: &mut VecDeque<Pending>, error: std::io::Error) -> Outcome {
         let error = ClientError::ConnectionLost(error.to_string());
-        self.listeners.dispatch(ClientEvent::Error(error)).await;
+        self.offer(pending, ClientEvent::Error(error));
         Outcome::Lost { had_error: true }
+    }
+}
+
+/// Delivers queued events to their streams as far as they have room, in order.
+fn deliver(pending: &mut VecDeque<Pending>) {
+    while let Some(front) = pending.front_mut() {
+        while let Some(stream) = front.streams.get(front.next) {
+            match stream.try_send(front.event.clone()) {
+                // A stream whose reader is gone is skipped.
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => front.next += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => return,
+            }
+        }
+        pending.pop_front();
+    }
+}
+
+/// Completes when the stream the first queued event is waiting for has room.
+async fn room(pending: &VecDeque<Pending>) {
+    match pending.front().and_then(|p| p.streams.get(p.next)) {
+        // The permit is dropped at once: only this task sends to the stream, so the
+        // room is still there for `deliver`.
+        Some(stream) => drop(stream.reserve().await),
+        None => std::future::pending().await,
     }
 }
 

@@ -308,3 +308,233 @@ async fn emit_to_reaches_only_the_room() {
         Err(ClientError::InvalidEvent(_))
     ));
 }
+
+/// Sends `count` `tick` events from a raw connection as fast as it can, then `done`;
+/// returns the connection, which must stay open until the test is done (closed with
+/// unread data, it would be reset, and the hub would lose what it had not read yet).
+async fn broadcast_ticks(hub: &TestHub, count: usize) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    // Hears nothing itself.
+    raw.write_all(b"{\"event\":\"$subscribe\",\"payload\":{\"events\":[\"none\"]}}\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 54];
+    within(raw.read_exact(&mut answer)).await.unwrap();
+    let mut batch = String::new();
+    for n in 0..count {
+        batch.push_str(&format!("{{\"event\":\"tick\",\"payload\":{n}}}\n"));
+        if batch.len() > 60_000 {
+            raw.write_all(batch.as_bytes()).await.unwrap();
+            batch.clear();
+        }
+    }
+    batch.push_str("{\"event\":\"done\",\"payload\":null}\n");
+    raw.write_all(batch.as_bytes()).await.unwrap();
+    raw
+}
+
+/// Issue #11 (3): a consumer that awaits `emit` for each event it hears used to hang
+/// after its stream filled: the client's task waited for room in the stream while the
+/// consumer waited for the task to write its reply. 100,000 events, each answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_replies_to_every_event_never_deadlocks() {
+    const COUNT: usize = 100_000;
+    let hub = TestHub::start_with(
+        Config {
+            // This test is about the client, not the hub's slow-consumer limit.
+            max_pending: 256 << 20,
+            ..Config::default()
+        },
+        false,
+    )
+    .await;
+    let builder = Client::builder().echo(false).subscribe(&["tick", "done"]);
+    let mut events = builder.events();
+    let client = builder.connect(hub.addr).await.unwrap();
+    let answers = Client::builder().subscribe(&["tock"]);
+    let mut tocks = answers.events();
+    let _answers = answers.connect(hub.addr).await.unwrap();
+    hub.wait_clients(2).await;
+    // Both subscriptions are in place once the hub has answered them.
+    next_control(&mut events, "$subscribed").await;
+    next_control(&mut tocks, "$subscribed").await;
+    let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&progress);
+    let replier = tokio::spawn(async move {
+        let mut replied = 0;
+        while let Some(event) = events.next().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let ClientEvent::Event(e) = event {
+                if e.name().as_str() == "done" {
+                    break;
+                }
+                client.emit("tock", &e.payload().to_string()).await.unwrap();
+                replied += 1;
+            }
+        }
+        replied
+    });
+    let _broadcaster = broadcast_ticks(&hub, COUNT).await;
+    let replied = match tokio::time::timeout(Duration::from_secs(20), replier).await {
+        Ok(replied) => replied.unwrap(),
+        Err(_) => panic!(
+            "the replier hung after {} items; hub stats {:?}",
+            progress.load(std::sync::atomic::Ordering::Relaxed),
+            hub.hub.stats()
+        ),
+    };
+    assert_eq!(replied, COUNT);
+    let mut heard = 0;
+    while heard < COUNT {
+        next_named(&mut tocks, "tock").await;
+        heard += 1;
+    }
+}
+
+/// Issue #11 (3): the same with handlers that send a reply for each event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_that_reply_to_every_event_never_deadlock() {
+    const COUNT: usize = 20_000;
+    let hub = TestHub::start_with(
+        Config {
+            max_pending: 256 << 20,
+            ..Config::default()
+        },
+        false,
+    )
+    .await;
+    let builder = Client::builder().echo(false).subscribe(&["tick"]);
+    let mut control = builder.events();
+    let client = builder.connect(hub.addr).await.unwrap();
+    let replier = client.clone();
+    client.on("tick", move |e| {
+        let replier = replier.clone();
+        let payload = e.payload().to_string();
+        tokio::spawn(async move { replier.emit("tock", &payload).await.unwrap() });
+    });
+    let answers = Client::builder().subscribe(&["tock"]);
+    let mut tocks = answers.events();
+    let _answers = answers.connect(hub.addr).await.unwrap();
+    hub.wait_clients(2).await;
+    next_control(&mut control, "$subscribed").await;
+    next_control(&mut tocks, "$subscribed").await;
+    drop(control);
+    let _broadcaster = broadcast_ticks(&hub, COUNT).await;
+    for _ in 0..COUNT {
+        tokio::time::timeout(Duration::from_secs(60), next_named(&mut tocks, "tock"))
+            .await
+            .expect("replies stopped");
+    }
+}
+
+/// The next control frame named `name` (such as `$subscribed`).
+async fn next_control(events: &mut Events, name: &str) {
+    loop {
+        match within(events.next()).await {
+            Some(ClientEvent::Control(e)) if e.name().as_str() == name => return,
+            Some(_) => continue,
+            None => panic!("closed while waiting for {name}"),
+        }
+    }
+}
+
+/// Issue #11 (3): a consumer that stops reading gets a documented outcome, never a
+/// hang: its stream buffers 1,024 items, then the client stops reading the socket,
+/// the hub's queue for it fills, and the hub cuts it as a slow consumer. When the
+/// consumer reads again it gets what was buffered, then the hub's `slow_consumer`
+/// error, then the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_cut_by_the_hub_and_told() {
+    let hub = TestHub::start(Config {
+        max_pending: 64 << 10,
+        ..Config::default()
+    })
+    .await;
+    let builder = Client::builder().subscribe(&["tick", "done"]);
+    let mut events = builder.events();
+    let client = builder.connect(hub.addr).await.unwrap();
+    hub.wait_clients(1).await;
+    next_control(&mut events, "$subscribed").await;
+    let _broadcaster = broadcast_ticks(&hub, 20_000).await;
+    hub.wait_for(|e| matches!(e, HubEvent::SlowConsumer { .. }))
+        .await;
+    let mut ticks = 0;
+    let mut told = false;
+    loop {
+        match within(events.next()).await {
+            Some(ClientEvent::Event(_)) => ticks += 1,
+            Some(ClientEvent::HubError(e)) if e.code == ErrorCode::SlowConsumer => told = true,
+            Some(ClientEvent::Close { had_error }) => {
+                assert!(!had_error || told);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the stream ended without a close"),
+        }
+    }
+    assert!(told, "the slow_consumer error was not passed on");
+    assert!(ticks < 20_000, "{ticks}");
+    assert!(!client.is_connected());
+}
+
+/// Issue #11 (3): a send that waits for room in the command buffer while connected
+/// used to go on waiting when the connection dropped (until a reconnect, or forever if
+/// none came). Now it is refused like any send made while disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_when_the_connection_drops_is_refused_not_stuck() {
+    // A "hub" that accepts one connection and never reads from it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = tokio::spawn(async move { listener.accept().await.unwrap().0 });
+    let client = Client::builder()
+        .buffer(2)
+        .reconnect(Reconnect {
+            initial_delay: Duration::from_secs(3600),
+            ..Reconnect::default()
+        })
+        .connect(addr)
+        .await
+        .unwrap();
+    let hub_side = within(accepted).await.unwrap();
+    // 1 MiB events until the socket's buffers are full and the command buffer too.
+    let big = hubcast::Event::new("big", &"x".repeat(1 << 20)).unwrap();
+    let mut sends = Vec::new();
+    for _ in 0..32 {
+        let (client, big) = (client.clone(), big.clone());
+        sends.push(tokio::spawn(async move {
+            // Returns once the event is in the buffer (or refused), not when written.
+            client.enqueue(&big).await.map(drop)
+        }));
+    }
+    // Wait until the sends that fit are in (no more finish for a while) and the rest
+    // wait for room; then drop the connection.
+    within(async {
+        let (mut finished, mut calm) = (0, 0);
+        while calm < 1000 {
+            tokio::task::yield_now().await;
+            let now = sends.iter().filter(|s| s.is_finished()).count();
+            calm = if now == finished && now > 0 {
+                calm + 1
+            } else {
+                0
+            };
+            finished = now;
+        }
+    })
+    .await;
+    assert!(
+        sends.iter().any(|s| !s.is_finished()),
+        "nothing waits for room"
+    );
+    drop(hub_side);
+    let mut refused = 0;
+    for send in sends {
+        match within(send).await.unwrap() {
+            Err(ClientError::BufferFull(_)) => refused += 1,
+            Ok(()) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(refused > 0);
+}
