@@ -25,6 +25,31 @@ const QUEUE: usize = 4096;
 pub struct LogQueue {
     lines: SyncSender<Vec<u8>>,
     skipped: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+}
+
+/// Lines queued and lines the writer thread is done with (written or dropped), so
+/// that the process can wait for its last lines before it exits.
+#[derive(Default)]
+struct Progress {
+    queued: AtomicU64,
+    done: AtomicU64,
+}
+
+/// The queue of the process's log (set by `LogQueue::to_stderr`).
+static PROGRESS: std::sync::OnceLock<Arc<Progress>> = std::sync::OnceLock::new();
+
+/// Waits (at most `limit`) until every line queued so far has been written: called
+/// before the process exits, so that its last lines (the totals) are not lost.
+pub fn flush(limit: std::time::Duration) {
+    let Some(progress) = PROGRESS.get() else {
+        return;
+    };
+    let target = progress.queued.load(Ordering::Acquire);
+    let deadline = std::time::Instant::now() + limit;
+    while progress.done.load(Ordering::Acquire) < target && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 impl LogQueue {
@@ -33,29 +58,37 @@ impl LogQueue {
         let (lines, queue) = sync_channel::<Vec<u8>>(QUEUE);
         let skipped = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&skipped);
+        let progress = Arc::new(Progress::default());
+        let _ = PROGRESS.set(Arc::clone(&progress));
+        let written = Arc::clone(&progress);
         let spawned = std::thread::Builder::new()
             .name("hubcast-log".into())
             .spawn(move || {
                 let mut stderr = std::io::stderr();
                 let mut broken = false;
                 for line in queue {
-                    if broken {
-                        continue;
+                    if !broken {
+                        let missed = counter.swap(0, Ordering::Relaxed);
+                        if missed > 0 {
+                            let note = format!(
+                                "... {missed} log lines skipped (the log could not keep up)\n"
+                            );
+                            broken = stderr.write_all(note.as_bytes()).is_err();
+                        }
+                        broken = broken || stderr.write_all(&line).is_err();
                     }
-                    let missed = counter.swap(0, Ordering::Relaxed);
-                    if missed > 0 {
-                        let note =
-                            format!("... {missed} log lines skipped (the log could not keep up)\n");
-                        broken = stderr.write_all(note.as_bytes()).is_err();
-                    }
-                    broken = broken || stderr.write_all(&line).is_err();
+                    written.done.fetch_add(1, Ordering::Release);
                 }
             });
         if spawned.is_err() {
             // No thread, no log: the queue's receiver is gone and every line is
             // dropped, which is still better than blocking.
         }
-        LogQueue { lines, skipped }
+        LogQueue {
+            lines,
+            skipped,
+            progress,
+        }
     }
 }
 
@@ -82,7 +115,9 @@ impl Drop for QueuedLine {
             return;
         }
         match self.queue.lines.try_send(std::mem::take(&mut self.line)) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.queue.progress.queued.fetch_add(1, Ordering::Release);
+            }
             Err(TrySendError::Full(_)) => {
                 self.queue.skipped.fetch_add(1, Ordering::Relaxed);
             }
@@ -112,6 +147,7 @@ mod tests {
         let log = LogQueue {
             lines,
             skipped: Arc::new(AtomicU64::new(0)),
+            progress: Arc::default(),
         };
         for n in 0..5 {
             let mut line = log.make_writer();

@@ -57,7 +57,10 @@ enum Command {
 fn main() -> ExitCode {
     // Bad flags: clap prints the problem and exits with code 2.
     let cli = Cli::parse();
-    match run(cli) {
+    let outcome = run(cli);
+    // The last log lines (a hub's totals) are written before the process ends.
+    logging::flush(std::time::Duration::from_secs(2));
+    match outcome {
         Ok(code) => code,
         // Whoever read our output has gone (`hubcast sub | head`): not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
