@@ -262,3 +262,38 @@ async fn sub_into_head_exits_0_when_head_is_done() {
     assert_eq!(output.status.code(), Some(0), "the pipeline failed");
     assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 3);
 }
+
+/// Issue #11 (6): a payload nested 200 deep, `1e400` or `"\ud800"` (all forwarded by
+/// the hub, correctly) made `sub --pretty` exit 1. It prints whatever the hub forwards,
+/// in the sender's key order.
+#[tokio::test]
+async fn sub_pretty_prints_whatever_the_hub_forwards() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let mut sub = join(&hub, &["sub", "--pretty"]).await;
+    hub.wait_for(|e| matches!(e, hubcast::HubEvent::Connection { .. }))
+        .await;
+    let mut sender = hub.connect().await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    for payload in [deep.as_str(), "1e400", r#""\ud800""#, r#"{"z":1,"a":2}"#] {
+        sender
+            .send(format!("{{\"event\":\"odd\",\"payload\":{payload}}}\n"))
+            .await;
+    }
+    let mut stdout = BufReader::new(sub.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    let mut event = String::new();
+    while seen.len() < 4 {
+        let mut line = String::new();
+        let n = within(stdout.read_line(&mut line)).await.unwrap();
+        assert!(n > 0, "sub exited; status {:?}", sub.try_wait());
+        event.push_str(&line);
+        if line == "}\n" {
+            seen.push(std::mem::take(&mut event));
+        }
+    }
+    assert!(seen[1].contains("1e400"), "{}", seen[1]);
+    assert!(seen[2].contains(r"\ud800"), "{}", seen[2]);
+    assert!(seen[3].find("\"z\"").unwrap() < seen[3].find("\"a\"").unwrap());
+    assert!(sub.try_wait().unwrap().is_none(), "sub must still run");
+    sub.kill().await.unwrap();
+}

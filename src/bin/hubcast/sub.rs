@@ -65,11 +65,108 @@ fn print(out: &mut impl Write, next: &ClientEvent, args: &Args) -> anyhow::Resul
     let ClientEvent::Event(event) = next else {
         return Ok(());
     };
-    if args.pretty {
-        let value: serde_json::Value = serde_json::from_slice(event.line())?;
-        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
-    } else {
-        out.write_all(event.line())?;
+    match args.pretty.then(|| pretty(event.line())).flatten() {
+        Some(text) => writeln!(out, "{text}")?,
+        // Not pretty-printing, or text the re-indenter cannot follow: as it came.
+        None => out.write_all(event.line())?,
     }
     Ok(())
+}
+
+/// Re-indents JSON text, two spaces a level, without parsing it into values: so it
+/// prints whatever the hub forwards (nesting of any depth, `1e400`, a lone surrogate
+/// escape, none of which a `serde_json::Value` round trip survives) and keeps the
+/// sender's key order (issue #11). `None` if the brackets do not balance.
+fn pretty(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?.trim_end();
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.extend(std::iter::repeat_n("  ", depth));
+    };
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                while chars.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+                    chars.next();
+                }
+                if matches!(chars.peek(), Some('}' | ']')) {
+                    out.extend(chars.next());
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.checked_sub(1)?;
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_ascii_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    (depth == 0 && !in_string).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pretty;
+
+    #[test]
+    fn pretty_matches_serde_for_ordinary_events_and_keeps_key_order() {
+        let line = br#"{"event":"a","payload":{"z":1,"a":[1,2,{}],"s":"x:{,}\"y"}}"#;
+        let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let ours = pretty(line).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&ours).unwrap(),
+            value
+        );
+        assert!(
+            ours.find("\"z\"").unwrap() < ours.find("\"a\": [").unwrap(),
+            "{ours}"
+        );
+        assert!(ours.contains("\n    \"z\": 1,\n"), "{ours}");
+        assert!(ours.contains("[]") || ours.contains("{}"), "{ours}");
+    }
+
+    /// Issue #11 (6): what `serde_json::Value` cannot hold is printed as it came.
+    #[test]
+    fn pretty_prints_what_a_value_cannot_hold() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for payload in [deep.as_str(), "1e400", r#""\ud800""#] {
+            let line = format!(r#"{{"event":"a","payload":{payload}}}"#);
+            let ours = pretty(line.as_bytes()).unwrap();
+            let squeezed: String = ours.split_whitespace().collect();
+            assert_eq!(
+                squeezed.replace(":", ":"),
+                line.replace(' ', ""),
+                "{payload}"
+            );
+        }
+        assert_eq!(pretty(b"{\"event\":\"a\"}}"), None);
+    }
 }
