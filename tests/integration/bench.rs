@@ -53,7 +53,7 @@ fn assert_complete(report: &Value, deliveries: u64) {
 #[tokio::test]
 async fn embedded_run_counts_every_delivery() {
     // 3,001 messages do not split evenly between two publishers: both shares count.
-    let (code, report) = bench_json(&["--embedded", "-n", "3", "-p", "2", "-k", "3001"]).await;
+    let (code, report) = bench_json(&["--embedded", "-n", "3", "-P", "2", "-k", "3001"]).await;
     assert_eq!(code, Some(0), "{report:#}");
     assert_complete(&report, 3 * 3001);
     assert_eq!(report["published"], 3001);
@@ -102,9 +102,8 @@ async fn bad_flags_are_refused_with_exit_code_2() {
 
 #[tokio::test]
 async fn an_unreachable_server_is_named() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // Nothing listens on port 1 (a port found free and let go could be taken).
+    let addr = "127.0.0.1:1";
     let output = bench(&["-t", &format!("nats://{addr}")]).await;
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -203,43 +202,47 @@ async fn lost_messages_are_counted_and_located() {
 /// Starts an external server for the comparison and waits until it logs `ready`, or
 /// says why it cannot. Under CI (`.ci/run` installs both) a missing server fails the
 /// test; elsewhere it is skipped with a note.
-async fn external(program: &str, args: &[&str], ready: &str) -> Option<Child> {
-    let installed = std::process::Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !installed {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is not installed (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: {program} is not installed");
+/// Starts `program` (with the arguments `args` makes for a port) on a free loopback
+/// port and waits until it says `ready`; `None` if it is not installed (see
+/// `support::require`). A port is found free and let go before the server binds it, so
+/// something else could take it in between: then the server fails to start, and it is
+/// tried again on another port (and it never answers on a port someone else holds).
+async fn external(
+    program: &str,
+    args: impl Fn(&str) -> Vec<String>,
+    ready: &str,
+) -> Option<(Child, u16)> {
+    if !crate::support::require(program) {
         return None;
     }
-    let mut child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    // nats-server logs to stderr, redis-server to stdout.
-    let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut lines = merged_lines(stdout, stderr);
-    loop {
-        let line = within(lines.recv())
-            .await
-            .unwrap_or_else(|| panic!("{program} exited before it was ready"));
-        if line.contains(ready) {
-            break;
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(program)
+            .args(args(&port.to_string()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // nats-server logs to stderr, redis-server to stdout.
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut lines = merged_lines(stdout, stderr);
+        let started = loop {
+            match within(lines.recv()).await {
+                Some(line) if line.contains(ready) => break true,
+                Some(_) => {}
+                // Exited before it was ready: the port was taken; try another.
+                None => break false,
+            }
+        };
+        if started {
+            // Keep draining its output so it never blocks on a full pipe.
+            tokio::spawn(async move { while lines.recv().await.is_some() {} });
+            return Some((child, port));
         }
     }
-    // Keep draining its output so it never blocks on a full pipe.
-    tokio::spawn(async move { while lines.recv().await.is_some() {} });
-    Some(child)
+    panic!("{program} did not start on any of five ports");
 }
 
 /// Lines from both of a child's output streams, in arrival order.
@@ -272,34 +275,38 @@ fn free_port() -> u16 {
 
 /// Runs a small workload against the server at `target` and checks it was complete.
 async fn same_workload(target: &str) {
-    let (code, report) = bench_json(&["-t", target, "-n", "3", "-p", "2", "-k", "2000"]).await;
+    let (code, report) = bench_json(&["-t", target, "-n", "3", "-P", "2", "-k", "2000"]).await;
     assert_eq!(code, Some(0), "{report:#}");
     assert_complete(&report, 3 * 2000);
 }
 
 #[tokio::test]
 async fn nats_server_speaks_the_same_workload() {
-    let port = free_port().to_string();
-    let args = ["-a", "127.0.0.1", "-p", &port];
-    if let Some(_server) = external("nats-server", &args, "Server is ready").await {
+    let args = |port: &str| ["-a", "127.0.0.1", "-p", port].map(String::from).to_vec();
+    if let Some((_server, port)) = external("nats-server", args, "Server is ready").await {
         same_workload(&format!("nats://127.0.0.1:{port}")).await;
     }
 }
 
 #[tokio::test]
 async fn redis_pub_sub_speaks_the_same_workload() {
-    let port = free_port().to_string();
-    let args = [
-        "--port",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ];
-    if let Some(_server) = external("redis-server", &args, "Ready to accept connections").await {
+    let args = |port: &str| {
+        [
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    if let Some((_server, port)) =
+        external("redis-server", args, "Ready to accept connections").await
+    {
         same_workload(&format!("redis://127.0.0.1:{port}")).await;
     }
 }

@@ -99,19 +99,19 @@ async fn bad_flags_exit_2_naming_the_problem() {
 
 #[tokio::test]
 async fn the_port_can_come_from_the_environment() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    // PORT=0: a port of the system's choosing, so not the default 3000 (and no port
+    // found free, let go and reused).
     let mut child = hubcast()
         .arg("serve")
-        .env("PORT", port.to_string())
+        .env("PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = within(lines.next_line()).await.unwrap().unwrap();
-    assert_eq!(first, format!("Server up on 127.0.0.1:{port}"));
+    let port = first.strip_prefix("Server up on 127.0.0.1:").expect(&first);
+    assert_ne!(port, "3000", "the default port, not the environment's");
     child.kill().await.unwrap();
 }
 
@@ -295,5 +295,104 @@ async fn sub_pretty_prints_whatever_the_hub_forwards() {
     assert!(seen[2].contains(r"\ud800"), "{}", seen[2]);
     assert!(seen[3].find("\"z\"").unwrap() < seen[3].find("\"a\"").unwrap());
     assert!(sub.try_wait().unwrap().is_none(), "sub must still run");
+    sub.kill().await.unwrap();
+}
+
+/// Runs `hubcast ARGS` to completion (bounded), returning its exit code and stderr.
+async fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
+    let output = within(
+        hubcast()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Issue #11 (5, 7): settings that cannot work, and CLI wording.
+#[tokio::test]
+async fn cli_misuse_is_named_and_wording_fits_the_problem() {
+    // Exit 2, naming the flag.
+    for (args, flag) in [
+        (vec!["sub", "--room", ""], "--room"),
+        (vec!["vendor", "--store", "acme", "--count", "0"], "--count"),
+        (
+            vec!["vendor", "--store", "acme", "--interval", "0s"],
+            "--interval",
+        ),
+    ] {
+        let (code, stderr) = run_to_end(&args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+    // A name that does not resolve is not a question of whether a hub runs.
+    let (code, stderr) = run_to_end(&[
+        "pub",
+        "--host",
+        "no-such-host.invalid",
+        "x",
+        "1",
+        "--no-reconnect",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("resolve"), "{stderr}");
+    assert!(!stderr.contains("hubcast serve"), "{stderr}");
+    // No hub there: bench suggests --embedded; -p is the port, as everywhere.
+    // (Port 1: nothing listens there; a port found free and let go could be taken.)
+    let (code, stderr) = run_to_end(&["bench", "-p", "1", "-n", "1", "-k", "10"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--embedded"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+}
+
+/// Issue #11 (7): `pub` says how many events it sent.
+#[tokio::test]
+async fn pub_says_how_many_it_sent() {
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let mut child = hubcast()
+        .args(["pub", "--port", &hub.addr.port().to_string(), "tick"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"1\n2\n3\n").await.unwrap();
+    drop(stdin);
+    let output = within(child.wait_with_output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sent 3 events"), "{stderr}");
+}
+
+/// Issue #11 (7): the client commands never said "reconnected".
+#[tokio::test]
+async fn sub_says_when_it_has_reconnected() {
+    let mut first = crate::support::TestHub::start_keeping_port(hubcast::Config::default()).await;
+    let mut sub = hubcast()
+        .args(["sub", "--port", &first.addr.port().to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    first.wait_clients(1).await;
+    first.begin_shutdown();
+    first.stopped().await;
+    let second = first.successor(hubcast::Config::default());
+    second.wait_clients(1).await;
+    let mut log = BufReader::new(sub.stderr.take().unwrap()).lines();
+    loop {
+        let line = within(log.next_line()).await.unwrap().expect("sub exited");
+        if line.contains("reconnected to the hub") {
+            break;
+        }
+    }
     sub.kill().await.unwrap();
 }

@@ -136,9 +136,8 @@ async fn lifecycle_events_come_in_the_lecture_order() {
 
 #[tokio::test]
 async fn a_refused_connection_is_a_clear_error() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    // Nothing listens on port 1 (a port found free and let go could be taken).
+    let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let error = Client::connect(addr).await.unwrap_err();
     assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
     assert!(error.to_string().contains(&addr.to_string()), "{error}");
@@ -177,7 +176,7 @@ fn quick_reconnect() -> Reconnect {
 
 #[tokio::test]
 async fn the_client_reconnects_after_the_hub_restarts() {
-    let mut first = TestHub::start(Config::default()).await;
+    let mut first = TestHub::start_keeping_port(Config::default()).await;
     let addr = first.addr;
     let client = Client::builder()
         .reconnect(quick_reconnect())
@@ -185,9 +184,12 @@ async fn the_client_reconnects_after_the_hub_restarts() {
         .await
         .unwrap();
     let mut events = client.events();
+    // In the pool before the hub stops: a connection still in the listening socket's
+    // backlog would wait there for the successor.
+    first.wait_clients(1).await;
     first.begin_shutdown();
     first.stopped().await;
-    let second = TestHub::start_on(addr, Config::default(), true).await;
+    let second = first.successor(Config::default());
     // Lost, then back: a close, reconnect attempts, and a new connect.
     let mut saw = Vec::new();
     loop {
@@ -210,7 +212,7 @@ async fn the_client_reconnects_after_the_hub_restarts() {
 /// reconnect; past the bound they are refused, never dropped silently.
 #[tokio::test(flavor = "current_thread")]
 async fn sends_while_away_are_buffered_up_to_the_bound_then_refused() {
-    let mut first = TestHub::start(Config::default()).await;
+    let mut first = TestHub::start_keeping_port(Config::default()).await;
     let addr = first.addr;
     let client = Client::builder()
         .reconnect(quick_reconnect())
@@ -219,6 +221,8 @@ async fn sends_while_away_are_buffered_up_to_the_bound_then_refused() {
         .await
         .unwrap();
     let mut events = client.events();
+    // In the pool before the hub stops (see above).
+    first.wait_clients(1).await;
     first.begin_shutdown();
     first.stopped().await;
     while !matches!(
@@ -237,7 +241,7 @@ async fn sends_while_away_are_buffered_up_to_the_bound_then_refused() {
         client.emit("one-too-many", &3).await,
         Err(ClientError::BufferFull(3))
     );
-    let second = TestHub::start_on(addr, Config::default(), true).await;
+    let second = first.successor(Config::default());
     while let Some(sent) = within(waiting.join_next()).await {
         sent.unwrap().unwrap();
     }
@@ -250,7 +254,7 @@ async fn sends_while_away_are_buffered_up_to_the_bound_then_refused() {
 /// Issue #4: subscriptions and rooms are told to the new hub after a reconnect.
 #[tokio::test]
 async fn subscriptions_and_rooms_are_restored_after_a_reconnect() {
-    let mut first = TestHub::start(Config::default()).await;
+    let mut first = TestHub::start_keeping_port(Config::default()).await;
     let addr = first.addr;
     let builder = Client::builder()
         .reconnect(quick_reconnect())
@@ -258,9 +262,10 @@ async fn subscriptions_and_rooms_are_restored_after_a_reconnect() {
     let mut events = builder.events();
     let client = builder.connect(addr).await.unwrap();
     client.join("acme").await.unwrap();
+    first.wait_clients(1).await;
     first.begin_shutdown();
     first.stopped().await;
-    let second = TestHub::start_on(addr, Config::default(), true).await;
+    let second = first.successor(Config::default());
     while !matches!(
         within(events.next()).await.unwrap(),
         ClientEvent::Connect { .. }

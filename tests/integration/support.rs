@@ -23,6 +23,8 @@ pub struct TestHub {
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
     log: Arc<Log>,
+    /// The listening socket, kept for a successor (see `start_keeping_port`).
+    kept: Option<std::net::TcpListener>,
 }
 
 /// What the observer saw: every event (unless `record` is off) and some counters.
@@ -41,11 +43,39 @@ impl TestHub {
 
     /// `record: false` keeps only counters: for tests that move 100,000s of events.
     pub async fn start_with(config: Config, record: bool) -> TestHub {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), config, record).await
+        let (hub, log) = Self::observed(config, record);
+        let server = Server::bind("127.0.0.1:0", hub.clone()).await.unwrap();
+        Self::serve(server, hub, log, None)
     }
 
-    /// A hub on a given address: to bring a hub back on the port of one that stopped.
-    pub async fn start_on(addr: SocketAddr, config: Config, record: bool) -> TestHub {
+    /// A hub whose listening socket outlives it: [`TestHub::successor`] brings a new
+    /// hub up on the same port without binding it again (issue #11: a port let go and
+    /// bound again could be taken by anything in between).
+    pub async fn start_keeping_port(config: Config) -> TestHub {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::on_listener(listener, config)
+    }
+
+    /// A new hub on this one's listening socket, once this one has stopped: clients
+    /// that reconnect meanwhile wait in the socket's backlog.
+    pub fn successor(&mut self, config: Config) -> TestHub {
+        let listener = self.kept.take().expect("started with start_keeping_port");
+        Self::on_listener(listener, config)
+    }
+
+    fn on_listener(listener: std::net::TcpListener, config: Config) -> TestHub {
+        let clone = listener.try_clone().unwrap();
+        clone.set_nonblocking(true).unwrap();
+        let (hub, log) = Self::observed(config, true);
+        let server = Server::from_listener(
+            tokio::net::TcpListener::from_std(clone).unwrap(),
+            hub.clone(),
+        );
+        Self::serve(server, hub, log, Some(listener))
+    }
+
+    /// A hub whose observer records what it reports into a [`Log`].
+    fn observed(config: Config, record: bool) -> (Hub, Arc<Log>) {
         let log = Arc::new(Log {
             record,
             events: Mutex::default(),
@@ -63,7 +93,15 @@ impl TestHub {
             observer_log.events.lock().unwrap().push(event.clone());
             observer_log.seen.send_modify(|n| *n += 1);
         });
-        let server = Server::bind(addr, hub.clone()).await.unwrap();
+        (hub, log)
+    }
+
+    fn serve(
+        server: Server,
+        hub: Hub,
+        log: Arc<Log>,
+        kept: Option<std::net::TcpListener>,
+    ) -> TestHub {
         let addr = server.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
@@ -73,6 +111,7 @@ impl TestHub {
             shutdown,
             task: Some(task),
             log,
+            kept,
         }
     }
 
@@ -248,6 +287,34 @@ impl TestClient {
             String::from_utf8_lossy(&rest)
         );
     }
+}
+
+/// Whether `program` (a tool the full suite needs: `node`, `nats-server`,
+/// `redis-server`) is installed. One policy for every such test (issue #11): under
+/// `CI=true` a missing tool fails the test (`.ci/run` installs them all); elsewhere the
+/// test is skipped, with a line written straight to stderr so that `cargo test`
+/// shows it (it captures only what `eprintln!` writes).
+pub fn require(program: &str) -> bool {
+    let installed = std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if installed {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !ci,
+        "{program} is not installed, and CI is set: the full suite needs it (.ci/run installs it)"
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED: {program} is not installed (the README lists what the full suite needs)"
+    );
+    false
 }
 
 /// Runs `fut`, failing the test if it takes longer than [`PATIENCE`].

@@ -1,7 +1,6 @@
 //! What the client subcommands share: where the hub is, and connecting to it.
 
-use anyhow::Context;
-use hubcast::client::{Client, ClientBuilder, ClientEvent, Reconnect};
+use hubcast::client::{Client, ClientBuilder, ClientError, ClientEvent, Reconnect};
 use tracing::{debug, info, warn};
 
 /// Where the hub is.
@@ -42,18 +41,33 @@ impl HubAddr {
     /// Connects `builder` to the hub, with an error that says what to check.
     pub async fn connect(&self, builder: ClientBuilder) -> anyhow::Result<Client> {
         let addr = self.addr();
-        builder
-            .connect(&addr)
-            .await
-            .with_context(|| format!("is `hubcast serve` running at {addr}?"))
+        builder.connect(&addr).await.map_err(|e| match e {
+            // A name that does not resolve: no hub question to ask.
+            ClientError::Resolve { .. } => anyhow::Error::new(e),
+            _ => anyhow::Error::new(e).context(format!("is `hubcast serve` running at {addr}?")),
+        })
     }
 }
 
+/// Whether the connection was lost since the last connect: the next one is a
+/// reconnection, and says so.
+static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn log_lifecycle(event: &ClientEvent) {
+    use std::sync::atomic::Ordering;
     match event {
+        ClientEvent::Connect { addr } if LOST.swap(false, Ordering::Relaxed) => {
+            info!(%addr, "reconnected to the hub")
+        }
         ClientEvent::Connect { addr } => debug!(%addr, "connected to the hub"),
-        ClientEvent::Close { had_error: false } => debug!("connection to the hub closed"),
-        ClientEvent::Close { had_error: true } => warn!("connection to the hub lost"),
+        ClientEvent::Close { had_error } => {
+            LOST.store(true, Ordering::Relaxed);
+            if *had_error {
+                warn!("connection to the hub lost");
+            } else {
+                debug!("connection to the hub closed");
+            }
+        }
         ClientEvent::Reconnecting { attempt, delay } => {
             info!(attempt, "reconnecting in {delay:?}")
         }

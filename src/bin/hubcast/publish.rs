@@ -101,6 +101,10 @@ async fn send(client: &Client, name: &EventName, payload: &RawValue) -> anyhow::
 /// names that line.
 async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<(), String>> {
     let progress = progress_bar();
+    if std::io::stdin().is_terminal() {
+        report!("reading payloads from standard input, one JSON value per line; end with Ctrl-D");
+    }
+    let mut sent = 0u64;
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut line = Vec::new();
     let mut in_flight = VecDeque::new();
@@ -134,6 +138,7 @@ async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<
         let event = Event::new(name.as_str(), &payload)
             .map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
         in_flight.push_back(client.enqueue(&event).await.context("sending to the hub")?);
+        sent += 1;
         if in_flight.len() >= IN_FLIGHT {
             if let Some(oldest) = in_flight.pop_front() {
                 oldest.await.context("sending to the hub")?;
@@ -146,6 +151,8 @@ async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
+    let plural = if sent == 1 { "" } else { "s" };
+    report!("sent {sent} event{plural}");
     Ok(verdict)
 }
 

@@ -27,11 +27,16 @@ pub struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     interval: Duration,
     /// Send this many orders, then exit once all are delivered.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_count)]
     count: Option<u64>,
     /// With --count: how long to wait for deliveries after the last order is sent.
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     timeout: Duration,
+}
+
+/// A count of at least one (`--count 0` would send nothing and exit 0).
+fn parse_count(text: &str) -> Result<u64, String> {
+    crate::args::parse_positive(text).map(|n| n as u64)
 }
 
 /// An order, as the lab's vendor sends it.

@@ -37,8 +37,11 @@ pub struct Args {
     /// Subscribers: connections that receive every message.
     #[arg(long, short = 'n', default_value = "10", value_parser = parse_positive)]
     subs: usize,
+    /// The target's port (overrides the one in --target; -p means port everywhere).
+    #[arg(long, short = 'p', conflicts_with = "embedded")]
+    port: Option<u16>,
     /// Publishers: connections that send the messages, each its share.
-    #[arg(long, short = 'p', default_value = "1", value_parser = parse_positive)]
+    #[arg(long, short = 'P', default_value = "1", value_parser = parse_positive)]
     pubs: usize,
     /// Messages to publish in all (split evenly between publishers).
     #[arg(long, short = 'k', default_value = "100000", value_parser = parse_positive)]

@@ -60,7 +60,7 @@ impl Shared {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.size < MIN_SIZE {
         return usage(&format!(
-            "--size must be at least {MIN_SIZE} bytes (a message carries a {MIN_SIZE}-byte stamp)"
+            "--size must be at least {MIN_SIZE} bytes (each message carries a stamp of {MIN_SIZE} bytes)"
         ));
     }
     if args.events < args.pubs {
@@ -71,7 +71,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let (target, token) = start_embedded().await?;
         (target, Some(token))
     } else {
-        (args.target.clone(), None)
+        let mut target = args.target.clone();
+        if let Some(port) = args.port {
+            target.set_port(port);
+        }
+        (target, None)
     };
     let counts = (0..args.pubs)
         .map(|p| (args.events / args.pubs + usize::from(p < args.events % args.pubs)) as u64)
@@ -222,7 +226,12 @@ async fn connect(target: &Target) -> anyhow::Result<TcpStream> {
     let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target.addr))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {target} timed out after 10 s"))?
-        .with_context(|| format!("cannot connect to {target}"))?;
+        .map_err(|e| match (e.kind(), target.kind) {
+            (std::io::ErrorKind::ConnectionRefused, Kind::Hubcast) => anyhow::anyhow!(
+                "cannot connect to {target} ({e}): is `hubcast serve` running there? To measure a hub started inside the bench, use --embedded"
+            ),
+            _ => anyhow::Error::new(e).context(format!("cannot connect to {target}")),
+        })?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

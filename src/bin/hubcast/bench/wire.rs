@@ -43,6 +43,17 @@ impl fmt::Display for Target {
     }
 }
 
+impl Target {
+    /// Replaces the port of the address (`-p/--port`).
+    pub fn set_port(&mut self, port: u16) {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(host, _)| host);
+        self.addr = format!("{host}:{port}");
+    }
+}
+
 impl FromStr for Target {
     type Err = String;
 
