@@ -112,6 +112,7 @@ impl Server {
         let mut backoff = Duration::ZERO;
         // One permit per connection: taken at accept, given back when it closes.
         let slots = Arc::new(Semaphore::new(hub.config().max_connections));
+        let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -121,7 +122,7 @@ impl Server {
                 Ok((stream, peer)) => {
                     backoff = Duration::ZERO;
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        refuse(&hub, stream, peer);
+                        refuse(&hub, stream, peer, &lingering);
                         continue;
                     };
                     let task = serve(hub.clone(), stream, peer, phases.clone(), reading.clone());
@@ -171,9 +172,18 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Tells a connection over the limit why it is closed, without waiting on it: the
-/// socket is new, so its send buffer has room for one short line.
-fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr) {
+/// Refusals that may wait (up to [`REFUSAL_LINGER`]) for their client to read why.
+const MAX_LINGERING_REFUSALS: usize = 64;
+/// How long a refusal waits for its client to close after reading the line.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Tells a connection over the limit why it is closed. Closing a socket whose peer has
+/// sent bytes we did not read makes the kernel send a reset, which discards what was
+/// not yet transmitted (the line itself, on a slow path): so the refusal writes the
+/// line, shuts its side down (FIN after the line), and reads and discards until the
+/// client closes, for at most a second, at most 64 at once; past that, a non-blocking
+/// write and close.
+fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr, lingering: &Arc<Semaphore>) {
     let error = ProtocolError::new(
         ErrorCode::TooManyConnections,
         format!(
@@ -181,10 +191,31 @@ fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr) {
             hub.config().max_connections
         ),
     );
-    if let Ok(stream) = stream.into_std() {
-        let _ = (&stream).write(&error.to_frame());
-    }
     hub.refused(peer);
+    let Ok(permit) = Arc::clone(lingering).try_acquire_owned() else {
+        if let Ok(stream) = stream.into_std() {
+            let _ = (&stream).write(&error.to_frame());
+        }
+        return;
+    };
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let mut sink = [0u8; 512];
+        // The whole refusal is bounded: a client that neither reads nor closes
+        // costs one task and 512 bytes for a second.
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            let _ = stream.write_all(&error.to_frame()).await;
+            let _ = stream.shutdown().await;
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        drop(permit);
+    });
 }
 
 /// Errors that concern one incoming connection only, not the listener.

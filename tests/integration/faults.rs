@@ -357,3 +357,32 @@ async fn sigterm_during_a_stream_delivers_everything_accepted_to_every_reader() 
             .collect::<Vec<_>>()
     );
 }
+
+/// Issue #11 (8): a refused client that had already sent something could lose the
+/// `too_many_connections` line to a reset (the hub closed with its bytes unread). The
+/// hub now shuts down its side and lets the client read the line before it closes.
+#[tokio::test]
+async fn a_refused_client_that_already_sent_still_reads_why() {
+    let hub = TestHub::start(Config {
+        max_connections: 1,
+        ..Config::default()
+    })
+    .await;
+    let _inside = hub.connect().await;
+    for _ in 0..20 {
+        let mut extra = TcpStream::connect(hub.addr).await.unwrap();
+        // Class-style: write at once, read later.
+        let _ = extra.write_all(&[b'x'; 4096]).await;
+        hub.wait_for(|e| matches!(e, HubEvent::Refused { .. }))
+            .await;
+        let mut lines = BufReader::new(extra).lines();
+        let refusal = within(lines.next_line()).await;
+        let refusal = refusal.unwrap_or_else(|e| panic!("the refusal was lost: {e}"));
+        assert!(
+            refusal
+                .as_deref()
+                .is_some_and(|l| l.contains("too_many_connections")),
+            "{refusal:?}"
+        );
+    }
+}
