@@ -89,14 +89,19 @@ impl Run {
 
     /// The name of event `index`.
     ///
+    /// A run holds only events the decoder validated: their names are UTF-8 by
+    /// construction. [`Run::name`] and [`Run::event`] treat a broken invariant the same
+    /// way (a panic naming it, never a silently wrong answer); the property tests check
+    /// both on every run they decode, against the frame-by-frame decoder, and the
+    /// differential fuzz target does the same on arbitrary input.
+    ///
     /// # Panics
     ///
-    /// If `index` is out of bounds.
+    /// If `index` is out of bounds, or on the broken invariant above.
     pub fn name(&self, index: usize) -> &str {
         let event = &self.events[index];
         let at = event.start + event.parts.name.start..event.start + event.parts.name.end;
-        // Validated by the fast path; the fallback is unreachable.
-        std::str::from_utf8(&self.bytes[at]).unwrap_or_default()
+        std::str::from_utf8(&self.bytes[at]).expect("a run holds valid events only")
     }
 
     /// Event `index`'s line, in an allocation of its own: a slice would keep the whole

@@ -251,6 +251,10 @@ impl Tally {
                 self.resumed.push((client.id, missed));
             }
             Push::Dropped => self.dropped += events,
+            Push::ResumedThenDropped(missed) => {
+                self.dropped += events;
+                self.resumed.push((client.id, missed));
+            }
             Push::Overflow | Push::Closed => {}
         }
     }
@@ -440,7 +444,11 @@ impl Hub {
     pub fn send_to(&self, client: ClientId, event: &Event) -> Result<(), SendError> {
         let target = self.read_pool().clients.get(&client).cloned();
         let target = target.ok_or(SendError::NoSuchClient(client))?;
-        match target.outbox.push(event.line().clone()) {
+        let push = target.outbox.push(event.line().clone());
+        if let Push::Resumed(count) | Push::ResumedThenDropped(count) = push {
+            self.emit(|| HubEvent::EventsDropped { client, count });
+        }
+        match push {
             Push::Queued | Push::Resumed(_) => {
                 self.shared
                     .counters
@@ -449,7 +457,7 @@ impl Hub {
                 Ok(())
             }
             Push::Overflow => Err(SendError::SlowConsumer(client)),
-            Push::Dropped => {
+            Push::Dropped | Push::ResumedThenDropped(_) => {
                 self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 Err(SendError::Dropped(client))
             }

@@ -41,6 +41,10 @@ pub(crate) enum Push {
     /// Queued, right after an `events_dropped` notice ending a drop episode of this
     /// many events.
     Resumed(usize),
+    /// A drop episode of this many events ended (its notice is queued), and this push
+    /// did not fit after the notice, so it was discarded and begins a new episode. The
+    /// ended episode must still be reported: its notice is on its way to the client.
+    ResumedThenDropped(usize),
     /// The client is closing; nothing more is accepted.
     Closed,
 }
@@ -117,7 +121,10 @@ impl Outbox {
         if pending + len > self.max_pending {
             if self.drop_when_full {
                 state.dropped += events;
-                return Push::Dropped;
+                return match resumed {
+                    Some(count) => Push::ResumedThenDropped(count),
+                    None => Push::Dropped,
+                };
             }
             state.closed = Some(Closed::Overflow);
             state.queue = VecDeque::new();
@@ -318,5 +325,23 @@ mod tests {
         outbox.written(cost(10));
         assert_eq!(outbox.end_drops_if_drained(), Some(1));
         assert_eq!(outbox.end_drops_if_drained(), None);
+    }
+
+    /// Issue #11 (8): an episode that ends on a push too big to follow its notice is
+    /// still reported, and the push begins the next episode.
+    #[test]
+    fn an_episode_ended_by_a_push_that_does_not_fit_is_still_reported() {
+        let outbox = Outbox::new(cost(100), true);
+        assert_eq!(outbox.push(frame(100)), Push::Queued);
+        assert_eq!(outbox.push(frame(1)), Push::Dropped);
+        outbox.written(cost(100));
+        // Drained, but this frame is bigger than the room left after the notice.
+        assert_eq!(outbox.push(frame(100)), Push::ResumedThenDropped(1));
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch);
+        assert_eq!(batch.len(), 1, "only the notice went in");
+        assert!(String::from_utf8_lossy(&batch[0]).contains("\"count\":1"));
+        outbox.written(outbox.pending());
+        assert_eq!(outbox.end_drops_if_drained(), Some(1), "the next episode");
     }
 }
