@@ -332,15 +332,15 @@ mod tests {
     #[test]
     fn an_episode_ended_by_a_push_that_does_not_fit_is_still_reported() {
         let outbox = Outbox::new(cost(100), true);
-        assert_eq!(outbox.push(frame(100)), Push::Queued);
-        assert_eq!(outbox.push(frame(1)), Push::Dropped);
-        outbox.written(cost(100));
-        // Drained, but this frame is bigger than the room left after the notice.
+        assert_eq!(outbox.push(frame(10)), Push::Queued);
+        assert_eq!(outbox.push(frame(100)), Push::Dropped);
+        // Under half full, so the episode ends; but this frame does not fit beside
+        // what is queued, so it is dropped in turn.
         assert_eq!(outbox.push(frame(100)), Push::ResumedThenDropped(1));
         let mut batch = VecDeque::new();
         outbox.take(&mut batch);
-        assert_eq!(batch.len(), 1, "only the notice went in");
-        assert!(String::from_utf8_lossy(&batch[0]).contains("\"count\":1"));
+        assert_eq!(batch.len(), 2, "the first frame, then the notice");
+        assert!(String::from_utf8_lossy(&batch[1]).contains("\"count\":1"));
         outbox.written(outbox.pending());
         assert_eq!(outbox.end_drops_if_drained(), Some(1), "the next episode");
     }
