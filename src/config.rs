@@ -38,25 +38,51 @@ pub const DEFAULT_MAX_ERRORS: usize = 10;
 /// ... within this window.
 pub const DEFAULT_ERROR_WINDOW: Duration = Duration::from_secs(10);
 
-/// How a hub behaves.
+/// How a hub behaves, in sections: [`Limits`], [`Delivery`] and [`Timeouts`]. The
+/// sections to come (TLS, authentication, the store, the cluster) are added beside
+/// them; the struct is `#[non_exhaustive]` so that adding one breaks no embedding code.
+///
+/// Build one with [`Config::builder`] (which validates), or start from
+/// [`Config::default`] and set fields; [`Hub::try_new`](crate::Hub::try_new) validates
+/// either way.
 ///
 /// # Examples
 ///
 /// ```
-/// let config = hubcast::Config { echo: false, ..hubcast::Config::default() };
-/// assert_eq!(config.max_frame, 1 << 20);
+/// let config = hubcast::Config::builder().echo(false).max_frame(64 << 10).build()?;
+/// assert_eq!(config.limits.max_frame, 64 << 10);
+/// assert!(!config.delivery.echo);
+///
+/// // Settings that cannot work are refused, naming the setting.
+/// let err = hubcast::Config::builder().max_pending(1000).build().unwrap_err();
+/// assert_eq!(err.setting(), hubcast::Setting::MaxPending);
+/// # Ok::<(), hubcast::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Config {
+    /// What one client, and all of them together, may cost the hub.
+    pub limits: Limits,
+    /// Who hears what, and what happens to a client that cannot keep up.
+    pub delivery: Delivery,
+    /// How long the hub waits for quiet and closing clients.
+    pub timeouts: Timeouts,
+}
+
+/// What one client, and all of them together, may cost the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
     /// The longest frame a client may send, in bytes; longer closes the connection.
     pub max_frame: usize,
-    /// The most bytes queued for one client before it counts as a slow consumer.
+    /// The most bytes queued for one client before it counts as a slow consumer
+    /// (each queued frame also counts [`QUEUE_ENTRY_OVERHEAD`] bytes).
     pub max_pending: usize,
-    /// Whether a sender also receives its own events (the lecture's behaviour).
-    pub echo: bool,
-    /// How long closing connections may spend flushing what is queued for them
-    /// (at shutdown, after end of stream, or to deliver a final `$error`).
-    pub drain_timeout: Duration,
+    /// The most bytes all connections' read buffers (frames in progress) may hold;
+    /// past it, connections whose frames need more are not read until memory frees.
+    pub max_inbound_memory: usize,
+    /// The most clients connected at once; more are answered `too_many_connections`.
+    pub max_connections: usize,
     /// The most subscription patterns one connection may hold.
     pub max_subscriptions: usize,
     /// The most segments one subscription pattern may have: a pattern's matching cost
@@ -67,20 +93,33 @@ pub struct Config {
     pub max_pattern_bytes: usize,
     /// The most rooms one connection may be in.
     pub max_rooms: usize,
-    /// Close connections that send nothing for this long (`None`: never).
-    pub idle_timeout: Option<Duration>,
-    /// The most clients connected at once; more are answered `too_many_connections`.
-    pub max_connections: usize,
     /// A connection that sends more than this many bad frames within `error_window`
     /// is closed (`too_many_errors`).
     pub max_errors: usize,
     /// The window for `max_errors`.
     pub error_window: Duration,
+}
+
+/// Who hears what, and what happens to a client that cannot keep up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// Whether a sender also receives its own events (the default, as in the class's
+    /// broadcast server).
+    pub echo: bool,
     /// What to do with a client whose queue is full.
     pub slow_consumer: SlowConsumerPolicy,
-    /// The most bytes all connections' read buffers (frames in progress) may hold;
-    /// past it, connections whose frames need more are not read until memory frees.
-    pub max_inbound_memory: usize,
+}
+
+/// How long the hub waits for quiet and closing clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Timeouts {
+    /// Close connections that send nothing for this long (`None`: never).
+    pub idle: Option<Duration>,
+    /// How long closing connections may spend flushing what is queued for them
+    /// (at shutdown, after end of stream, or to deliver a final `$error`).
+    pub drain: Duration,
 }
 
 /// What the hub does with a client that reads too slowly (its queue is full).
@@ -95,23 +134,395 @@ pub enum SlowConsumerPolicy {
     Drop,
 }
 
-impl Default for Config {
+impl Default for Limits {
     fn default() -> Self {
-        Config {
+        Limits {
             max_frame: DEFAULT_MAX_FRAME,
             max_pending: DEFAULT_MAX_PENDING,
-            echo: true,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_inbound_memory: DEFAULT_MAX_INBOUND_MEMORY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_pattern_segments: DEFAULT_MAX_PATTERN_SEGMENTS,
             max_pattern_bytes: DEFAULT_MAX_PATTERN_BYTES,
             max_rooms: DEFAULT_MAX_ROOMS,
-            idle_timeout: None,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_errors: DEFAULT_MAX_ERRORS,
             error_window: DEFAULT_ERROR_WINDOW,
-            slow_consumer: SlowConsumerPolicy::Disconnect,
-            max_inbound_memory: DEFAULT_MAX_INBOUND_MEMORY,
         }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            echo: true,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: None,
+            drain: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// One setting of [`Config`], as a [`ConfigError`] names it: [`Setting::key`] is its
+/// path in the config (and in a config file), [`Setting::flag`] its `hubcast serve` flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Setting {
+    /// [`Limits::max_frame`]
+    MaxFrame,
+    /// [`Limits::max_pending`]
+    MaxPending,
+    /// [`Limits::max_inbound_memory`]
+    MaxInboundMemory,
+    /// [`Limits::max_connections`]
+    MaxConnections,
+    /// [`Limits::max_subscriptions`]
+    MaxSubscriptions,
+    /// [`Limits::max_pattern_segments`]
+    MaxPatternSegments,
+    /// [`Limits::max_pattern_bytes`]
+    MaxPatternBytes,
+    /// [`Limits::max_rooms`]
+    MaxRooms,
+    /// [`Limits::max_errors`]
+    MaxErrors,
+    /// [`Limits::error_window`]
+    ErrorWindow,
+    /// [`Delivery::echo`]
+    Echo,
+    /// [`Delivery::slow_consumer`]
+    SlowConsumer,
+    /// [`Timeouts::idle`]
+    IdleTimeout,
+    /// [`Timeouts::drain`]
+    DrainTimeout,
+}
+
+impl Setting {
+    /// Its path in [`Config`], e.g. `limits.max_pending`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Setting::MaxFrame => "limits.max_frame",
+            Setting::MaxPending => "limits.max_pending",
+            Setting::MaxInboundMemory => "limits.max_inbound_memory",
+            Setting::MaxConnections => "limits.max_connections",
+            Setting::MaxSubscriptions => "limits.max_subscriptions",
+            Setting::MaxPatternSegments => "limits.max_pattern_segments",
+            Setting::MaxPatternBytes => "limits.max_pattern_bytes",
+            Setting::MaxRooms => "limits.max_rooms",
+            Setting::MaxErrors => "limits.max_errors",
+            Setting::ErrorWindow => "limits.error_window",
+            Setting::Echo => "delivery.echo",
+            Setting::SlowConsumer => "delivery.slow_consumer",
+            Setting::IdleTimeout => "timeouts.idle",
+            Setting::DrainTimeout => "timeouts.drain",
+        }
+    }
+
+    /// Its `hubcast serve` flag, e.g. `--max-pending`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Setting::MaxFrame => "--max-frame",
+            Setting::MaxPending => "--max-pending",
+            Setting::MaxInboundMemory => "--max-inbound-memory",
+            Setting::MaxConnections => "--max-conns",
+            Setting::MaxSubscriptions => "--max-subscriptions",
+            Setting::MaxPatternSegments => "--max-pattern-segments",
+            Setting::MaxPatternBytes => "--max-pattern-bytes",
+            Setting::MaxRooms => "--max-rooms",
+            Setting::MaxErrors => "--max-errors",
+            Setting::ErrorWindow => "--error-window",
+            Setting::Echo => "--no-echo",
+            Setting::SlowConsumer => "--slow-consumer",
+            Setting::IdleTimeout => "--idle-timeout",
+            Setting::DrainTimeout => "--drain-timeout",
+        }
+    }
+}
+
+/// A setting that cannot work, and why: what [`Config::validate`] and
+/// [`ConfigBuilder::build`] return.
+///
+/// Its `Display` names settings by their [`Setting::key`];
+/// [`ConfigError::describe`] names them any other way (the CLI uses flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    setting: Setting,
+    problem: Problem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Problem {
+    /// Zero (or an empty duration) where that stops the hub from working.
+    Zero(&'static str),
+    /// A duration past [`MAX_DURATION`].
+    TooLong(Duration),
+    /// Smaller than another setting allows: (value, other setting, least value, why).
+    BelowOther(usize, Setting, usize, &'static str),
+}
+
+impl ConfigError {
+    /// The setting at fault.
+    pub fn setting(&self) -> Setting {
+        self.setting
+    }
+
+    /// The problem in one line, naming each setting with `name` (e.g. [`Setting::flag`]).
+    pub fn describe(&self, name: impl Fn(Setting) -> &'static str) -> String {
+        let this = name(self.setting);
+        match &self.problem {
+            Problem::Zero(why) => format!("{this} must be greater than zero: {why}"),
+            Problem::TooLong(value) => format!(
+                "{this} is {value:?}, longer than the longest allowed ({} days)",
+                MAX_DURATION.as_secs() / 86_400
+            ),
+            Problem::BelowOther(value, other, least, why) => format!(
+                "{this} is {value} bytes; with this {} it must be at least {least} bytes: {why}",
+                name(*other)
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe(Setting::key))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What one queued frame costs a client's [`Limits::max_pending`] besides its bytes:
+/// its slot in the queue and its allocation's header and rounding.
+pub const QUEUE_ENTRY_OVERHEAD: usize = crate::outbox::ENTRY_OVERHEAD;
+
+impl Config {
+    /// A builder, starting from the defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// Checks that the settings can work together: every limit that must be positive
+    /// is, durations are at most [`MAX_DURATION`], a client's queue holds at least one
+    /// frame of the largest size, and the inbound budget holds two.
+    ///
+    /// # Errors
+    ///
+    /// The first setting that cannot work, as a [`ConfigError`] naming it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |setting, problem| Err(ConfigError { setting, problem });
+        let limits = &self.limits;
+        let positive = [
+            (Setting::MaxFrame, limits.max_frame, "no event would fit"),
+            (
+                Setting::MaxConnections,
+                limits.max_connections,
+                "every client would be refused",
+            ),
+            (
+                Setting::MaxPatternSegments,
+                limits.max_pattern_segments,
+                "no pattern would fit",
+            ),
+            (
+                Setting::MaxPatternBytes,
+                limits.max_pattern_bytes,
+                "no pattern would fit",
+            ),
+        ];
+        for (setting, value, why) in positive {
+            if value == 0 {
+                return fail(setting, Problem::Zero(why));
+            }
+        }
+        let durations = [
+            (
+                Setting::ErrorWindow,
+                Some(limits.error_window),
+                "no error would ever count",
+            ),
+            (
+                Setting::IdleTimeout,
+                self.timeouts.idle,
+                "every client would be closed at once (leave it unset to never close idle clients)",
+            ),
+            (Setting::DrainTimeout, Some(self.timeouts.drain), ""),
+        ];
+        for (setting, value, why) in durations {
+            match value {
+                Some(d) if d.is_zero() && !why.is_empty() => {
+                    return fail(setting, Problem::Zero(why))
+                }
+                Some(d) if d > MAX_DURATION => return fail(setting, Problem::TooLong(d)),
+                _ => {}
+            }
+        }
+        // A full-size frame is queued with its `\n` and the per-entry overhead.
+        let one_frame = limits.max_frame.saturating_add(1 + QUEUE_ENTRY_OVERHEAD);
+        if limits.max_pending < one_frame {
+            return fail(
+                Setting::MaxPending,
+                Problem::BelowOther(
+                    limits.max_pending,
+                    Setting::MaxFrame,
+                    one_frame,
+                    "every receiver of a full-size event would be cut as a slow consumer",
+                ),
+            );
+        }
+        let two_frames = limits.max_frame.saturating_add(1).saturating_mul(2);
+        if limits.max_inbound_memory < two_frames {
+            return fail(
+                Setting::MaxInboundMemory,
+                Problem::BelowOther(
+                    limits.max_inbound_memory,
+                    Setting::MaxFrame,
+                    two_frames,
+                    "half of it is for ordinary reads and half for full-size frames in progress",
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Config`], one setting per method, validated by [`ConfigBuilder::build`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+;)*) => {
+        impl ConfigBuilder {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: $ty) -> Self {
+                    self.config.$($field).+ = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`Limits::max_frame`].
+    max_frame: usize => limits.max_frame;
+    /// Sets [`Limits::max_pending`].
+    max_pending: usize => limits.max_pending;
+    /// Sets [`Limits::max_inbound_memory`].
+    max_inbound_memory: usize => limits.max_inbound_memory;
+    /// Sets [`Limits::max_connections`].
+    max_connections: usize => limits.max_connections;
+    /// Sets [`Limits::max_subscriptions`].
+    max_subscriptions: usize => limits.max_subscriptions;
+    /// Sets [`Limits::max_pattern_segments`].
+    max_pattern_segments: usize => limits.max_pattern_segments;
+    /// Sets [`Limits::max_pattern_bytes`].
+    max_pattern_bytes: usize => limits.max_pattern_bytes;
+    /// Sets [`Limits::max_rooms`].
+    max_rooms: usize => limits.max_rooms;
+    /// Sets [`Limits::max_errors`].
+    max_errors: usize => limits.max_errors;
+    /// Sets [`Limits::error_window`].
+    error_window: Duration => limits.error_window;
+    /// Sets [`Delivery::echo`].
+    echo: bool => delivery.echo;
+    /// Sets [`Delivery::slow_consumer`].
+    slow_consumer: SlowConsumerPolicy => delivery.slow_consumer;
+    /// Sets [`Timeouts::idle`].
+    idle_timeout: Option<Duration> => timeouts.idle;
+    /// Sets [`Timeouts::drain`].
+    drain_timeout: Duration => timeouts.drain;
+}
+
+impl ConfigBuilder {
+    /// The config, once [`Config::validate`] accepts it.
+    ///
+    /// # Errors
+    ///
+    /// The first setting that cannot work.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    /// Issue #11 (5): settings that cannot work are refused, naming the setting.
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let cases = [
+            (
+                Config::builder().idle_timeout(Some(Duration::ZERO)),
+                Setting::IdleTimeout,
+            ),
+            (
+                Config::builder().max_frame(1 << 20).max_pending(1 << 20),
+                Setting::MaxPending,
+            ),
+            (Config::builder().max_frame(0), Setting::MaxFrame),
+            (
+                Config::builder().max_connections(0),
+                Setting::MaxConnections,
+            ),
+            (
+                Config::builder().drain_timeout(MAX_DURATION * 2),
+                Setting::DrainTimeout,
+            ),
+            (
+                Config::builder().max_inbound_memory(1 << 20),
+                Setting::MaxInboundMemory,
+            ),
+            (
+                Config::builder().error_window(Duration::ZERO),
+                Setting::ErrorWindow,
+            ),
+        ];
+        for (builder, setting) in cases {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err.setting(), setting, "{err}");
+            assert!(err.to_string().starts_with(setting.key()), "{err}");
+            assert!(err.describe(Setting::flag).starts_with(setting.flag()));
+        }
+    }
+
+    #[test]
+    fn the_smallest_workable_queue_is_accepted() {
+        let config = Config::builder()
+            .max_frame(1000)
+            .max_pending(1000 + 1 + QUEUE_ENTRY_OVERHEAD)
+            .drain_timeout(Duration::ZERO)
+            .build();
+        assert!(config.is_ok(), "{config:?}");
+    }
+
+    #[test]
+    fn a_message_names_both_settings() {
+        let err = Config::builder().max_pending(10).build().unwrap_err();
+        let line = err.describe(Setting::flag);
+        assert!(
+            line.contains("--max-pending") && line.contains("--max-frame"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
     }
 }

@@ -232,10 +232,10 @@ where
     let mut conn = Connection {
         hub,
         client,
-        decoder: FrameDecoder::new(hub.config().max_frame),
+        decoder: FrameDecoder::new(hub.config().limits.max_frame),
         input: ReadBuffer::default(),
         batch: Batch::default(),
-        liveness: Liveness::new(hub.config().idle_timeout),
+        liveness: Liveness::new(hub.config().timeouts.idle),
         errors: VecDeque::new(),
         over_budget: false,
         backlog: false,
@@ -509,17 +509,17 @@ impl Connection<'_> {
         while self
             .errors
             .front()
-            .is_some_and(|&at| now.duration_since(at) > config.error_window)
+            .is_some_and(|&at| now.duration_since(at) > config.limits.error_window)
         {
             self.errors.pop_front();
         }
-        if self.errors.len() > config.max_errors && !self.over_budget {
+        if self.errors.len() > config.limits.max_errors && !self.over_budget {
             self.over_budget = true;
             let error = ProtocolError::new(
                 ErrorCode::TooManyErrors,
                 format!(
                     "more than {} bad frames (or $pongs not asked for) within {:?}; closing the connection",
-                    config.max_errors, config.error_window
+                    config.limits.max_errors, config.limits.error_window
                 ),
             );
             self.client.outbox.push(error.to_frame());
@@ -556,14 +556,14 @@ impl Connection<'_> {
                     ErrorCode::SlowConsumer,
                     format!(
                         "more than {} bytes were waiting for this client; disconnecting",
-                        self.hub.config().max_pending
+                        self.hub.config().limits.max_pending
                     ),
                 );
                 self.batch.frames.push_back(error.to_frame());
             }
             _ => self.client.outbox.close(),
         }
-        let deadline = self.hub.config().drain_timeout;
+        let deadline = self.hub.config().timeouts.drain;
         match tokio::time::timeout(deadline, self.flush(writer)).await {
             Ok(Ok(())) => reason,
             Ok(Err(e)) if reason == CloseReason::SlowConsumer => {
@@ -678,10 +678,12 @@ mod tests {
     /// Issue #4: `--idle-timeout` closes a silent connection (paused clock: no waiting).
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_is_closed_after_the_idle_timeout() {
-        let hub = Hub::new(Config {
-            idle_timeout: Some(Duration::from_secs(30)),
-            ..Config::default()
-        });
+        let hub = Hub::new(
+            Config::builder()
+                .idle_timeout(Some(Duration::from_secs(30)))
+                .build()
+                .unwrap(),
+        );
         let started = Instant::now();
         let (mut peer, task) = serve_pipe(&hub);
         let mut lines = BufReader::new(&mut peer).lines();
@@ -697,10 +699,12 @@ mod tests {
     /// Issue #4: activity resets the idle timer.
     #[tokio::test(start_paused = true)]
     async fn activity_keeps_a_connection_open() {
-        let hub = Hub::new(Config {
-            idle_timeout: Some(Duration::from_secs(30)),
-            ..Config::default()
-        });
+        let hub = Hub::new(
+            Config::builder()
+                .idle_timeout(Some(Duration::from_secs(30)))
+                .build()
+                .unwrap(),
+        );
         let started = Instant::now();
         let (mut peer, task) = serve_pipe(&hub);
         for _ in 0..3 {

@@ -68,8 +68,8 @@ pub(crate) fn handle(
                 "version": PROTOCOL_VERSION,
                 "server": concat!("hubcast ", env!("CARGO_PKG_VERSION")),
                 "id": client.id.0,
-                "max_frame": hub.config().max_frame,
-                "max_pending": hub.config().max_pending,
+                "max_frame": hub.config().limits.max_frame,
+                "max_pending": hub.config().limits.max_pending,
             });
             if let Some(seconds) = hello.heartbeat {
                 if !(seconds > 0.0 && seconds <= MAX_HEARTBEAT_SECS) {
@@ -140,13 +140,13 @@ fn patterns(hub: &Hub, name: &str, texts: &[String]) -> Result<Vec<Pattern>, Pro
             "\"events\" must list at least one pattern",
         ));
     }
-    if texts.len() > config.max_subscriptions {
+    if texts.len() > config.limits.max_subscriptions {
         return Err(ProtocolError::new(
             ErrorCode::LimitExceeded,
             format!(
                 "{name} lists {} patterns; a connection may hold at most {}",
                 texts.len(),
-                config.max_subscriptions
+                config.limits.max_subscriptions
             ),
         ));
     }
@@ -157,14 +157,14 @@ fn patterns(hub: &Hub, name: &str, texts: &[String]) -> Result<Vec<Pattern>, Pro
             continue;
         }
         let pattern = Pattern::parse(text)?;
-        if pattern.segments() > config.max_pattern_segments {
+        if pattern.segments() > config.limits.max_pattern_segments {
             return Err(ProtocolError::new(
                 ErrorCode::LimitExceeded,
                 format!(
                     "pattern {} has {} segments; the limit is {}",
                     crate::protocol::excerpt(text),
                     pattern.segments(),
-                    config.max_pattern_segments
+                    config.limits.max_pattern_segments
                 ),
             ));
         }

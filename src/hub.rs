@@ -14,7 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::sync::watch;
 
-use crate::config::{Config, SlowConsumerPolicy};
+use crate::config::{Config, ConfigError, SlowConsumerPolicy};
 use crate::event::{Event, RoomName};
 use crate::frame::Run;
 use crate::inbound::InboundBudget;
@@ -23,7 +23,7 @@ use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::{Pattern, Router};
 
 /// Events routed per hold of the pool's read lock: matching is bounded per event
-/// (see `Config::max_pattern_segments`), so this bounds how long a writer waits.
+/// (see `Limits::max_pattern_segments`), so this bounds how long a writer waits.
 const EVENTS_PER_LOCK: usize = 16;
 
 /// A connected client's number, unique for the hub's lifetime (starts at 1).
@@ -207,7 +207,7 @@ struct Routes {
     /// Set by the first `$subscribe`: from then on only matches are heard.
     subscribed: bool,
     patterns: HashSet<Pattern, foldhash::fast::RandomState>,
-    /// The patterns' total length, against `Config::max_pattern_bytes`.
+    /// The patterns' total length, against `Limits::max_pattern_bytes`.
     pattern_bytes: usize,
     rooms: Vec<RoomName>,
 }
@@ -334,8 +334,32 @@ impl fmt::Debug for Hub {
 
 impl Hub {
     /// A hub with no observer.
+    ///
+    /// # Panics
+    ///
+    /// If `config` cannot work ([`Config::validate`]); [`Hub::try_new`] returns the
+    /// error instead.
     pub fn new(config: Config) -> Self {
-        Self::build(config, None)
+        Self::try_new(config).unwrap_or_else(|e| panic!("invalid hub config: {e}"))
+    }
+
+    /// A hub with no observer, if `config` can work.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut config = hubcast::Config::default();
+    /// config.timeouts.idle = Some(std::time::Duration::ZERO); // would close everyone
+    /// let err = hubcast::Hub::try_new(config).unwrap_err();
+    /// assert_eq!(err.setting(), hubcast::Setting::IdleTimeout);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] of [`Config::validate`].
+    pub fn try_new(config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self::build(config, None))
     }
 
     /// A hub that reports every [`HubEvent`] to `observer`.
@@ -351,11 +375,29 @@ impl Hub {
     /// });
     /// # drop(hub);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `config` cannot work, as [`Hub::new`].
     pub fn with_observer(
         config: Config,
         observer: impl Fn(&HubEvent) + Send + Sync + 'static,
     ) -> Self {
-        Self::build(config, Some(Arc::new(observer)))
+        Self::try_with_observer(config, observer)
+            .unwrap_or_else(|e| panic!("invalid hub config: {e}"))
+    }
+
+    /// A hub that reports every [`HubEvent`] to `observer`, if `config` can work.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] of [`Config::validate`].
+    pub fn try_with_observer(
+        config: Config,
+        observer: impl Fn(&HubEvent) + Send + Sync + 'static,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self::build(config, Some(Arc::new(observer))))
     }
 
     fn build(config: Config, observer: Option<Observer>) -> Self {
@@ -366,7 +408,10 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 observer,
                 counters: Counters::default(),
-                inbound: InboundBudget::new(config.max_inbound_memory, config.max_frame),
+                inbound: InboundBudget::new(
+                    config.limits.max_inbound_memory,
+                    config.limits.max_frame,
+                ),
                 config,
             }),
         }
@@ -418,7 +463,7 @@ impl Hub {
     }
 
     /// Bytes held right now in connections' read buffers (frames in progress and the
-    /// space for the next read); bounded by [`Config::max_inbound_memory`] but for
+    /// space for the next read); bounded by [`Limits::max_inbound_memory`](crate::Limits::max_inbound_memory) but for
     /// 512 bytes per connection.
     pub fn inbound_memory(&self) -> usize {
         self.shared.inbound.used()
@@ -645,24 +690,24 @@ impl Hub {
             .filter(|p| !routes.patterns.contains(*p))
             .collect();
         let count = routes.patterns.len() + fresh.len();
-        if count > config.max_subscriptions {
+        if count > config.limits.max_subscriptions {
             return Err(ProtocolError::new(
                 ErrorCode::LimitExceeded,
                 format!(
                     "a connection may hold at most {} subscriptions; this one holds {} and asked for {} more",
-                    config.max_subscriptions,
+                    config.limits.max_subscriptions,
                     routes.patterns.len(),
                     fresh.len()
                 ),
             ));
         }
         let bytes = routes.pattern_bytes + fresh.iter().map(|p| p.as_str().len()).sum::<usize>();
-        if bytes > config.max_pattern_bytes {
+        if bytes > config.limits.max_pattern_bytes {
             return Err(ProtocolError::new(
                 ErrorCode::LimitExceeded,
                 format!(
                     "a connection's patterns may total at most {} bytes; these would make {bytes}",
-                    config.max_pattern_bytes
+                    config.limits.max_pattern_bytes
                 ),
             ));
         }
@@ -697,7 +742,7 @@ impl Hub {
 
     /// Makes a client a member of `room` (idempotent).
     pub(crate) fn join_room(&self, id: ClientId, room: &RoomName) -> Result<(), ProtocolError> {
-        let max = self.shared.config.max_rooms;
+        let max = self.shared.config.limits.max_rooms;
         let mut guard = self.write_pool();
         let pool = &mut *guard;
         let routes = pool.routes.entry(id).or_default();
@@ -731,10 +776,10 @@ impl Hub {
         let client = Arc::new(Client {
             id,
             outbox: Outbox::new(
-                self.shared.config.max_pending,
-                self.shared.config.slow_consumer == SlowConsumerPolicy::Drop,
+                self.shared.config.limits.max_pending,
+                self.shared.config.delivery.slow_consumer == SlowConsumerPolicy::Drop,
             ),
-            echo: AtomicBool::new(self.shared.config.echo),
+            echo: AtomicBool::new(self.shared.config.delivery.echo),
         });
         {
             let mut pool = self.write_pool();

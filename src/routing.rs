@@ -156,7 +156,7 @@ impl fmt::Display for Pattern {
 /// at most two branches (the literal and `*`) per segment: bounded by the name's
 /// segments and the patterns' depth, never by how many keys subscribed. Patterns of
 /// many segments mixing `*` and literals make that walk wide (issue #10), so the hub
-/// limits segments per pattern (`Config::max_pattern_segments`).
+/// limits segments per pattern (`Limits::max_pattern_segments`).
 ///
 /// # Examples
 ///

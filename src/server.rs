@@ -111,7 +111,7 @@ impl Server {
         let (reading, mut all_stopped) = mpsc::channel::<()>(1);
         let mut backoff = Duration::ZERO;
         // One permit per connection: taken at accept, given back when it closes.
-        let slots = Arc::new(Semaphore::new(hub.config().max_connections));
+        let slots = Arc::new(Semaphore::new(hub.config().limits.max_connections));
         let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
         loop {
             let accepted = tokio::select! {
@@ -148,7 +148,7 @@ impl Server {
         tracker.close();
         phases.stop_reading.cancel();
         drop(reading);
-        let deadline = hub.config().drain_timeout;
+        let deadline = hub.config().timeouts.drain;
         // Reading stops at once; the timeout only guards against a bug.
         let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
         phases.drain.cancel();
@@ -188,7 +188,7 @@ fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr, lingering: &Arc<Semaph
         ErrorCode::TooManyConnections,
         format!(
             "the hub is at its limit of {} connections; try again later",
-            hub.config().max_connections
+            hub.config().limits.max_connections
         ),
     );
     hub.refused(peer);

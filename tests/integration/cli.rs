@@ -326,10 +326,40 @@ async fn cli_misuse_is_named_and_wording_fits_the_problem() {
             vec!["vendor", "--store", "acme", "--interval", "0s"],
             "--interval",
         ),
+        (
+            vec!["serve", "--port", "0", "--idle-timeout", "0s"],
+            "--idle-timeout",
+        ),
+        // Each parses alone; together they cannot work. `Config::validate` names the
+        // flag in one line, before anything listens.
+        (
+            vec![
+                "serve",
+                "--port",
+                "0",
+                "--max-pending",
+                "1KiB",
+                "--max-frame",
+                "64KiB",
+            ],
+            "--max-pending",
+        ),
+        (
+            vec!["serve", "--port", "0", "--max-inbound-memory", "1MiB"],
+            "--max-inbound-memory",
+        ),
     ] {
         let (code, stderr) = run_to_end(&args).await;
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        if args.contains(&"--max-pending") || args.contains(&"--max-inbound-memory") {
+            assert!(stderr.starts_with("hubcast: error:"), "{stderr}");
+        }
+        // Ours, not clap's (which adds a hint line): exactly one line.
+        if stderr.starts_with("hubcast: error:") {
+            assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+            assert!(!stderr.contains("Server up"), "{stderr}");
+        }
     }
     // A name that does not resolve is not a question of whether a hub runs.
     let (code, stderr) = run_to_end(&[

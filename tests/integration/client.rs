@@ -346,11 +346,11 @@ async fn broadcast_ticks(hub: &TestHub, count: usize) -> tokio::net::TcpStream {
 async fn a_consumer_that_replies_to_every_event_never_deadlocks() {
     const COUNT: usize = 100_000;
     let hub = TestHub::start_with(
-        Config {
+        Config::builder()
             // This test is about the client, not the hub's slow-consumer limit.
-            max_pending: 256 << 20,
-            ..Config::default()
-        },
+            .max_pending(256 << 20)
+            .build()
+            .unwrap(),
         false,
     )
     .await;
@@ -402,10 +402,7 @@ async fn a_consumer_that_replies_to_every_event_never_deadlocks() {
 async fn handlers_that_reply_to_every_event_never_deadlock() {
     const COUNT: usize = 20_000;
     let hub = TestHub::start_with(
-        Config {
-            max_pending: 256 << 20,
-            ..Config::default()
-        },
+        Config::builder().max_pending(256 << 20).build().unwrap(),
         false,
     )
     .await;
@@ -451,10 +448,13 @@ async fn next_control(events: &mut Events, name: &str) {
 /// error, then the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_reading_is_cut_by_the_hub_and_told() {
-    let hub = TestHub::start(Config {
-        max_pending: 64 << 10,
-        ..Config::default()
-    })
+    let hub = TestHub::start(
+        Config::builder()
+            .max_frame(16 << 10)
+            .max_pending(64 << 10)
+            .build()
+            .unwrap(),
+    )
     .await;
     let builder = Client::builder().subscribe(&["tick", "done"]);
     let mut events = builder.events();

@@ -207,11 +207,11 @@ async fn malformed_control_events_get_an_error_naming_the_problem() {
 
 #[tokio::test]
 async fn limits_answer_limit_exceeded() {
-    let config = Config {
-        max_subscriptions: 2,
-        max_rooms: 1,
-        ..Config::default()
-    };
+    let config = Config::builder()
+        .max_subscriptions(2)
+        .max_rooms(1)
+        .build()
+        .unwrap();
     let hub = TestHub::start(config).await;
     let mut client = hub.connect().await;
     subscribe(&mut client, &["a", "b"]).await;

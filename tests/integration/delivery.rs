@@ -17,14 +17,15 @@ const WINDOW: usize = 2_000;
 /// readers that keep up receive every one of 100,000 events, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_cut_off_while_ten_readers_get_everything() {
-    let config = Config {
-        max_pending: 1 << 20,
-        echo: false,
+    let config = Config::builder()
+        .max_frame(64 << 10)
+        .max_pending(1 << 20)
+        .echo(false)
         // The slow client reads only after the readers finish; until then the hub keeps
         // trying to hand it the final `$error`.
-        drain_timeout: Duration::from_secs(60),
-        ..Config::default()
-    };
+        .drain_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let hub = TestHub::start_with(config, false).await;
     let mut slow = hub.connect_small_window().await;
     let mut progress = Vec::new();
@@ -86,10 +87,7 @@ async fn a_slow_consumer_is_cut_off_while_ten_readers_get_everything() {
 /// Issue #2: on shutdown, whatever the hub accepted is still delivered before it closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_delivers_what_was_queued() {
-    let config = Config {
-        echo: false,
-        ..Config::default()
-    };
+    let config = Config::builder().echo(false).build().unwrap();
     let mut hub = TestHub::start_with(config, true).await;
     let mut reader = hub.connect_small_window().await;
     let mut publisher = hub.connect().await;

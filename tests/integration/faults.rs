@@ -19,11 +19,7 @@ async fn still_serving(hub: &TestHub, tag: &str) {
 
 #[tokio::test]
 async fn connections_over_the_limit_are_told_and_closed() {
-    let hub = TestHub::start(Config {
-        max_connections: 3,
-        ..Config::default()
-    })
-    .await;
+    let hub = TestHub::start(Config::builder().max_connections(3).build().unwrap()).await;
     let mut a = hub.connect().await;
     let mut b = hub.connect().await;
     let c = hub.connect().await;
@@ -75,12 +71,13 @@ async fn the_error_budget_tolerates_ten_bad_frames_and_closes_on_the_eleventh() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drop_policy_keeps_the_client_and_accounts_for_every_event() {
     let hub = TestHub::start_with(
-        Config {
-            max_pending: 64 << 10,
-            slow_consumer: SlowConsumerPolicy::Drop,
-            echo: false,
-            ..Config::default()
-        },
+        Config::builder()
+            .max_frame(16 << 10)
+            .max_pending(64 << 10)
+            .slow_consumer(SlowConsumerPolicy::Drop)
+            .echo(false)
+            .build()
+            .unwrap(),
         true,
     )
     .await;
@@ -144,10 +141,12 @@ async fn a_client_killed_mid_frame_or_reset_leaves_no_trace() {
 
 #[tokio::test]
 async fn a_silent_peer_is_closed_by_the_idle_timeout() {
-    let hub = TestHub::start(Config {
-        idle_timeout: Some(Duration::from_millis(200)),
-        ..Config::default()
-    })
+    let hub = TestHub::start(
+        Config::builder()
+            .idle_timeout(Some(Duration::from_millis(200)))
+            .build()
+            .unwrap(),
+    )
     .await;
     let mut silent = hub.connect().await;
     silent.expect_error("idle_timeout").await;
@@ -363,11 +362,7 @@ async fn sigterm_during_a_stream_delivers_everything_accepted_to_every_reader() 
 /// hub now shuts down its side and lets the client read the line before it closes.
 #[tokio::test]
 async fn a_refused_client_that_already_sent_still_reads_why() {
-    let hub = TestHub::start(Config {
-        max_connections: 1,
-        ..Config::default()
-    })
-    .await;
+    let hub = TestHub::start(Config::builder().max_connections(1).build().unwrap()).await;
     let _inside = hub.connect().await;
     for _ in 0..20 {
         let mut extra = TcpStream::connect(hub.addr).await.unwrap();

@@ -75,11 +75,7 @@ async fn every_client_hears_every_event_including_the_sender() {
 
 #[tokio::test]
 async fn no_echo_leaves_the_sender_out() {
-    let hub = TestHub::start(Config {
-        echo: false,
-        ..Config::default()
-    })
-    .await;
+    let hub = TestHub::start(Config::builder().echo(false).build().unwrap()).await;
     let mut sender = hub.connect().await;
     let mut other = hub.connect().await;
     sender.send(event("one", json!(1))).await;

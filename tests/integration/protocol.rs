@@ -134,10 +134,7 @@ async fn invalid_utf8_is_rejected() {
 
 #[tokio::test]
 async fn an_oversized_frame_closes_only_that_connection() {
-    let config = Config {
-        max_frame: 1024,
-        ..Config::default()
-    };
+    let config = Config::builder().max_frame(1024).build().unwrap();
     let hub = TestHub::start(config).await;
     let mut big = hub.connect().await;
     let mut other = hub.connect().await;

@@ -64,12 +64,30 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // Whoever read our output has gone (`hubcast sub | head`): not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        // Flags that parse but cannot work together: misuse, as clap's own errors.
+        Err(err) if err.downcast_ref::<UsageError>().is_some() => {
+            report!("hubcast: error: {err}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             report!("hubcast: error: {err:#}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// Command-line misuse found after parsing (settings that cannot work together): the
+/// process exits with code 2 and this one line, as for a flag clap refuses.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging();

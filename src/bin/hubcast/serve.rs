@@ -61,6 +61,13 @@ pub struct Args {
     /// it, connections whose frames need more are not read until memory frees.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     max_inbound_memory: usize,
+    /// A connection that sends more than this many bad frames within
+    /// --error-window is closed (`too_many_errors`).
+    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_ERRORS)]
+    max_errors: usize,
+    /// The window for --max-errors (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    error_window: Duration,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -90,25 +97,28 @@ pub fn raise_open_files_limit(connections: usize, what: &str) {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = Config {
-        max_frame: args.max_frame,
-        max_pending: args.max_pending,
-        echo: !args.no_echo,
-        drain_timeout: args.drain_timeout,
-        max_subscriptions: args.max_subscriptions,
-        max_rooms: args.max_rooms,
-        max_pattern_segments: args.max_pattern_segments,
-        max_pattern_bytes: args.max_pattern_bytes,
-        idle_timeout: args.idle_timeout,
-        max_connections: args.max_conns,
-        max_inbound_memory: args.max_inbound_memory,
-        slow_consumer: match args.slow_consumer {
+    let config = Config::builder()
+        .max_frame(args.max_frame)
+        .max_pending(args.max_pending)
+        .max_inbound_memory(args.max_inbound_memory)
+        .max_connections(args.max_conns)
+        .max_subscriptions(args.max_subscriptions)
+        .max_pattern_segments(args.max_pattern_segments)
+        .max_pattern_bytes(args.max_pattern_bytes)
+        .max_rooms(args.max_rooms)
+        .max_errors(args.max_errors)
+        .error_window(args.error_window)
+        .echo(!args.no_echo)
+        .slow_consumer(match args.slow_consumer {
             SlowConsumer::Disconnect => SlowConsumerPolicy::Disconnect,
             SlowConsumer::Drop => SlowConsumerPolicy::Drop,
-        },
-        ..Config::default()
-    };
-    raise_open_files_limit(config.max_connections, "clients");
+        })
+        .idle_timeout(args.idle_timeout)
+        .drain_timeout(args.drain_timeout)
+        .build()
+        // Flags that cannot work together: one line naming the flag, exit 2.
+        .map_err(|e| crate::UsageError(e.describe(hubcast::Setting::flag)))?;
+    raise_open_files_limit(config.limits.max_connections, "clients");
     let quiet = args.quiet;
     let signals = Signals::install()?;
     let events = (!quiet).then(EventLog::start);
