@@ -1,5 +1,5 @@
 //! A hub embedded in another program: it watches the hub's lifecycle events, greets
-//! each client as it connects (the lecture's `socket.write(...)` on `'connection'`),
+//! each client as it connects (the Node class's `socket.write(...)` on `'connection'`),
 //! and announces the time to everyone every few seconds, through the same bounded
 //! queues the hub uses for client events.
 //!

@@ -1,4 +1,4 @@
-//! A minimal listener in the lecture's style: `on(event, handler)` for the events it
+//! A minimal listener in the Node class's style: `on(event, handler)` for the events it
 //! cares about, plus a look at the connection's lifecycle.
 //!
 //! Run a hub (`cargo run -- serve`), then: `cargo run --example listener`. Stop with Ctrl-C.

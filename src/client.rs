@@ -3,7 +3,7 @@
 //! A [`Client`] is a cheap handle to one background task that owns the socket (as in
 //! async-nats). Sends go through a bounded channel to that task and complete once the
 //! bytes are written to the socket. What the task hears, and what happens to the
-//! connection (the lecture's socket events: lookup, connect, data, end, timeout, error,
+//! connection (the Node class's socket events: lookup, connect, data, end, timeout, error,
 //! close), is reported as [`ClientEvent`]s to handlers ([`Client::on`],
 //! [`Client::on_any`]) and to streams ([`Client::events`]).
 

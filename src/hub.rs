@@ -77,7 +77,7 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// What happens in the hub, as the lecture's server and socket events name it.
+/// What happens in the hub, as the Node class's server and socket events name it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum HubEvent {
@@ -307,7 +307,7 @@ struct Shared {
 /// The hub: the pool of clients and everything that can be done with it.
 ///
 /// Cheap to clone; all clones share one pool. Embedding code uses it to send its own
-/// events, to one client or to all (the lecture's `socketPool[0].write(...)`).
+/// events, to one client or to all (the Node class's `socketPool[0].write(...)`).
 ///
 /// # Examples
 ///

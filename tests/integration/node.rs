@@ -1,4 +1,4 @@
-//! Interop with clients written exactly as the Node.js lecture writes them.
+//! Interop with clients written exactly as the Node.js class writes them.
 
 use std::process::Stdio;
 
@@ -81,4 +81,56 @@ async fn a_class_style_client_still_hears_everything_while_others_filter() {
     let heard = within(stdout.next_line()).await.unwrap().unwrap();
     assert_eq!(heard, "heard pickup,order.new,status,order.paid");
     assert!(within(node.wait()).await.unwrap().success());
+}
+
+/// Issue #11 (10): the README's ten-line Node client, run as printed, splits on
+/// newlines: it parses every event of a chunk that holds several, and one that arrives
+/// split across chunks.
+#[tokio::test]
+async fn the_readme_node_client_parses_events_that_arrive_together_or_split() {
+    if !require("node") {
+        return;
+    }
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("```js\n// hello.js")
+        .expect("the README's Node client")
+        + "```js\n".len();
+    let script = &readme[start..start + readme[start..].find("```").unwrap()];
+    let path = std::env::temp_dir().join(format!("hubcast-readme-{}.js", std::process::id()));
+    std::fs::write(&path, script).unwrap();
+
+    let hub = TestHub::start(Config::default()).await;
+    let mut node = Command::new("node")
+        .arg(&path)
+        .env("PORT", hub.addr.port().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot run `node`");
+    let mut stdout = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
+    // Its own hello, echoed: it is connected and parsing.
+    let first = within(stdout.next_line()).await.unwrap().unwrap();
+    assert_eq!(first, "hello { from: 'node' }");
+    // Two events in one write (one chunk for node), then one event too big for one
+    // chunk (node reads at most 64 KiB at a time).
+    let mut other = hub.connect().await;
+    other
+        .send(concat!(
+            r#"{"event":"one","payload":1}"#,
+            "\n",
+            r#"{"event":"two","payload":2}"#
+        ))
+        .await;
+    let big = "x".repeat(300_000);
+    other
+        .send(&format!(r#"{{"event":"three","payload":"{big}"}}"#))
+        .await;
+    for name in ["one", "two", "three"] {
+        let line = within(stdout.next_line()).await.unwrap().unwrap();
+        assert!(line.starts_with(&format!("{name} ")), "{line}");
+    }
+    node.kill().await.unwrap();
+    let _ = std::fs::remove_file(&path);
 }

@@ -57,7 +57,7 @@ onEvents(vendor, (msg) => {
     });
   } else if (msg.event === 'driver-ready' && !driverJoined) {
     driverJoined = true;
-    // A burst, one write per event, no delimiter: the way the lecture writes.
+    // A burst, one write per event, no delimiter: the way the Node class writes.
     for (let i = 0; i < orders; i++) {
       const order = {
         store: 'Café Ünïcode 1-206-flowers',
