@@ -65,6 +65,7 @@ mod outbox;
 pub mod protocol;
 pub mod routing;
 mod server;
+mod transport;
 
 pub use client::{Client, ClientEvent};
 pub use config::{

@@ -6,12 +6,12 @@
 //! reading (no new events can enter), then, once none reads, all flush their queues
 //! within the drain deadline and close.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream, ToSocketAddrs};
+use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{self, Phases};
 use crate::hub::{CloseReason, Hub, HubEvent};
 use crate::protocol::{ErrorCode, ProtocolError};
+use crate::transport::{Listener, PeerInfo, Transport};
 
 /// The longest pause between retries when `accept` keeps failing (for example
 /// when the process is out of file descriptors).
@@ -27,13 +28,6 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// Connections the kernel may hold for us before `accept` (it caps this at
 /// `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 4096;
-
-/// TCP keepalive for every client socket: first probe after 60 s of silence, then
-/// every 10 s; 5 unanswered probes and the kernel reports the connection dead.
-const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
-    .with_time(Duration::from_secs(60))
-    .with_interval(Duration::from_secs(10))
-    .with_retries(5);
 
 /// A bound listener plus the hub it feeds.
 ///
@@ -101,60 +95,70 @@ impl Server {
     /// deadline), and returns once all connections have closed.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, hub } = self;
-        if let Ok(addr) = listener.local_addr() {
-            hub.emit(|| HubEvent::Listening { addr });
-        }
-        let tracker = TaskTracker::new();
-        let phases = Phases::default();
-        // Each connection holds a sender while it reads; `recv` returns `None` once
-        // all of them (and ours) are gone.
-        let (reading, mut all_stopped) = mpsc::channel::<()>(1);
-        let mut backoff = Duration::ZERO;
-        // One permit per connection: taken at accept, given back when it closes.
-        let slots = Arc::new(Semaphore::new(hub.config().limits.max_connections));
-        let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    backoff = Duration::ZERO;
-                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        refuse(&hub, stream, peer, &lingering);
-                        continue;
-                    };
-                    let task = serve(hub.clone(), stream, peer, phases.clone(), reading.clone());
-                    tracker.spawn(async move {
-                        task.await;
-                        drop(slot);
-                    });
-                }
-                Err(e) if is_per_connection(&e) => continue,
-                Err(e) => {
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
-                    hub.emit(|| HubEvent::Error {
-                        message: format!("accept failed: {e}; retrying in {backoff:?}"),
-                    });
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
+        accept_loop(listener, hub, shutdown).await;
+    }
+}
+
+/// Accepts from any [`Listener`] and serves each stream in a task of its own, until
+/// `shutdown`; then the two-step shutdown the module describes.
+pub(crate) async fn accept_loop<L: Listener>(
+    mut listener: L,
+    hub: Hub,
+    shutdown: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        hub.emit(|| HubEvent::Listening { addr });
+    }
+    let tracker = TaskTracker::new();
+    let phases = Phases::default();
+    // Each connection holds a sender while it reads; `recv` returns `None` once
+    // all of them (and ours) are gone.
+    let (reading, mut all_stopped) = mpsc::channel::<()>(1);
+    let mut backoff = Duration::ZERO;
+    // One permit per connection: taken at accept, given back when it closes.
+    let slots = Arc::new(Semaphore::new(hub.config().limits.max_connections));
+    let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    refuse(&hub, stream, peer.addr, &lingering);
+                    continue;
+                };
+                let task = serve(hub.clone(), stream, peer, phases.clone(), reading.clone());
+                tracker.spawn(async move {
+                    task.await;
+                    drop(slot);
+                });
+            }
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
+                hub.emit(|| HubEvent::Error {
+                    message: format!("accept failed: {e}; retrying in {backoff:?}"),
+                });
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
                 }
             }
         }
-        drop(listener);
-        tracker.close();
-        phases.stop_reading.cancel();
-        drop(reading);
-        let deadline = hub.config().timeouts.drain;
-        // Reading stops at once; the timeout only guards against a bug.
-        let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
-        phases.drain.cancel();
-        tracker.wait().await;
-        hub.emit(|| HubEvent::Shutdown);
     }
+    drop(listener);
+    tracker.close();
+    phases.stop_reading.cancel();
+    drop(reading);
+    let deadline = hub.config().timeouts.drain;
+    // Reading stops at once; the timeout only guards against a bug.
+    let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
+    phases.drain.cancel();
+    tracker.wait().await;
+    hub.emit(|| HubEvent::Shutdown);
 }
 
 /// Binds and listens with a backlog for bursts of connections. (`TcpListener::bind`
@@ -183,7 +187,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// line, shuts its side down (FIN after the line), and reads and discards until the
 /// client closes, for at most a second, at most 64 at once; past that, a non-blocking
 /// write and close.
-fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr, lingering: &Arc<Semaphore>) {
+fn refuse<T: Transport>(hub: &Hub, stream: T, peer: SocketAddr, lingering: &Arc<Semaphore>) {
     let error = ProtocolError::new(
         ErrorCode::TooManyConnections,
         format!(
@@ -193,21 +197,20 @@ fn refuse(hub: &Hub, stream: TcpStream, peer: SocketAddr, lingering: &Arc<Semaph
     );
     hub.refused(peer);
     let Ok(permit) = Arc::clone(lingering).try_acquire_owned() else {
-        if let Ok(stream) = stream.into_std() {
-            let _ = (&stream).write(&error.to_frame());
-        }
+        stream.write_now_and_close(&error.to_frame());
         return;
     };
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = stream;
+        let (mut reader, mut writer) = stream.split();
         let mut sink = [0u8; 512];
         // The whole refusal is bounded: a client that neither reads nor closes
         // costs one task and 512 bytes for a second.
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-            let _ = stream.write_all(&error.to_frame()).await;
-            let _ = stream.shutdown().await;
-            while let Ok(n) = stream.read(&mut sink).await {
+            let _ = writer.write_all(&error.to_frame()).await;
+            let _ = writer.shutdown().await;
+            while let Ok(n) = reader.read(&mut sink).await {
                 if n == 0 {
                     break;
                 }
@@ -230,18 +233,14 @@ fn is_per_connection(e: &io::Error) -> bool {
 }
 
 /// One connection's task: join the pool, serve, and leave whatever happens.
-async fn serve(
+async fn serve<T: Transport>(
     hub: Hub,
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: T,
+    peer: PeerInfo,
     phases: Phases,
     reading: mpsc::Sender<()>,
 ) {
-    // Writes are batched already; Nagle would only add latency.
-    let _ = stream.set_nodelay(true);
-    // Finds peers that vanished without a FIN (a pulled cable, a crashed host).
-    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
-    let client = hub.join(peer);
+    let client = hub.join(peer.addr);
     let mut membership = Membership {
         hub: &hub,
         client: client.id,

@@ -1,0 +1,214 @@
+//! The transport seam: where connections come from ([`Listener`]) and what the
+//! session loop reads and writes ([`Transport`]).
+//!
+//! The session loop (`connection.rs`) serves any [`Transport`]: a stream that splits
+//! into a read half ([`Source`]) and a write half (`AsyncWrite`). Plain TCP is one; a
+//! TLS stream (rustls over TCP) or a WebSocket adapter is another, and plugs in here
+//! without touching the loop: its listener accepts, does its handshake, and hands over
+//! the stream with a [`PeerInfo`] saying who is on the other end.
+//!
+//! TCP keeps one refinement of its own: its read half can wait for readiness without a
+//! buffer ([`Source::WAITS_UNBUFFERED`]), which is what keeps an idle connection at a
+//! few KiB. Streams that cannot (any stream served through `tokio::io::split`) keep
+//! their buffer while they wait, and are otherwise served the same way.
+
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncWrite;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::connection::Source;
+
+/// TCP keepalive for every client socket: first probe after 60 s of silence, then
+/// every 10 s; 5 unanswered probes and the kernel reports the connection dead.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(5);
+
+/// Who is on the other end of a connection, as its listener established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerInfo {
+    /// The peer's address.
+    pub(crate) addr: SocketAddr,
+    // To come: the identity a TLS client certificate proves (the security issue).
+}
+
+impl PeerInfo {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        PeerInfo { addr }
+    }
+}
+
+/// A connected stream the session loop can serve.
+pub(crate) trait Transport: Send + 'static {
+    /// The read half, borrowed from the stream.
+    type Reader<'a>: Source + Send
+    where
+        Self: 'a;
+    /// The write half, borrowed from the stream.
+    type Writer<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+
+    /// Splits the stream for one task to read and write at once.
+    fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+
+    /// Writes `line` if the stream can take it at once, never waiting, then drops the
+    /// stream: for a refusal when the hub cannot spare a task to wait. The default
+    /// only drops it.
+    fn write_now_and_close(self, line: &[u8])
+    where
+        Self: Sized,
+    {
+        let _ = line;
+    }
+}
+
+impl Transport for TcpStream {
+    type Reader<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Writer<'a> = tokio::net::tcp::WriteHalf<'a>;
+
+    fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        TcpStream::split(self)
+    }
+
+    fn write_now_and_close(self, line: &[u8]) {
+        // A new socket's send buffer has room for one short line.
+        if let Ok(stream) = self.into_std() {
+            let _ = (&stream).write(line);
+        }
+    }
+}
+
+/// Any `AsyncRead + AsyncWrite` stream, served through `tokio::io::split`; it keeps
+/// its read buffer while it waits. Only the tests serve one today (an in-memory pipe,
+/// proving the seam); the TLS transport will be the first outside them.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Plain<S>(pub(crate) S);
+
+#[cfg(test)]
+impl<S> Transport for Plain<S>
+where
+    S: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Reader<'a> = tokio::io::ReadHalf<&'a mut S>;
+    type Writer<'a> = tokio::io::WriteHalf<&'a mut S>;
+
+    fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        tokio::io::split(&mut self.0)
+    }
+}
+
+/// Where connections come from: accepts them (after any handshake) with who they are.
+pub(crate) trait Listener: Send + 'static {
+    /// The streams it hands over.
+    type Stream: Transport;
+
+    /// The next connection. Errors that concern only that connection are retried by
+    /// the server; others back off.
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Stream, PeerInfo)>> + Send;
+
+    /// The address it listens on.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(TcpStream, PeerInfo)> {
+        let (stream, addr) = TcpListener::accept(self).await?;
+        // Writes are batched already; Nagle would only add latency.
+        let _ = stream.set_nodelay(true);
+        // Finds peers that vanished without a FIN (a pulled cable, a crashed host).
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
+        Ok((stream, PeerInfo::new(addr)))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpListener::local_addr(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Hub};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    /// Connections handed over in memory: a transport that is not TCP.
+    struct InMemory(mpsc::Receiver<(DuplexStream, SocketAddr)>);
+
+    impl Listener for InMemory {
+        type Stream = Plain<DuplexStream>;
+
+        async fn accept(&mut self) -> io::Result<(Self::Stream, PeerInfo)> {
+            match self.0.recv().await {
+                Some((stream, addr)) => Ok((Plain(stream), PeerInfo::new(addr))),
+                // Nothing more will come: wait for shutdown.
+                None => std::future::pending().await,
+            }
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 0)))
+        }
+    }
+
+    /// The seam holds: the server's accept loop serves streams that are not TCP, as
+    /// peers of each other in one pool, and shuts them down gracefully.
+    #[tokio::test]
+    async fn the_server_serves_any_stream_its_listener_hands_over() {
+        let peers_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers_seen.clone();
+        let hub = Hub::with_observer(Config::default(), move |event| {
+            if let crate::HubEvent::Connection { peer, .. } = event {
+                seen.lock().unwrap().push(*peer);
+            }
+        });
+        let (connect, accepted) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(crate::server::accept_loop(
+            InMemory(accepted),
+            hub.clone(),
+            shutdown.clone(),
+        ));
+        let mut peers = Vec::new();
+        for port in [1, 2] {
+            let (ours, theirs) = tokio::io::duplex(4096);
+            connect
+                .send((theirs, SocketAddr::from(([10, 0, 0, 1], port))))
+                .await
+                .unwrap();
+            peers.push(BufReader::new(ours));
+        }
+        let mut clients = hub.watch_clients();
+        clients.wait_for(|&n| n == 2).await.unwrap();
+        // Each peer as its listener named it.
+        let mut seen = peers_seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [1, 2].map(|port| SocketAddr::from(([10, 0, 0, 1], port)))
+        );
+
+        peers[0]
+            .get_mut()
+            .write_all(b"{\"event\":\"hi\",\"payload\":1}")
+            .await
+            .unwrap();
+        let mut line = String::new();
+        peers[1].read_line(&mut line).await.unwrap();
+        assert_eq!(line, "{\"event\":\"hi\",\"payload\":1}\n");
+
+        shutdown.cancel();
+        server.await.unwrap();
+        assert_eq!(hub.clients(), 0);
+    }
+}
