@@ -603,7 +603,7 @@ impl ClientBuilder {
         }
         tokio::spawn(session.run(stream));
         Ok(Client {
-            shared: Arc::new(Shared {
+            shared: Arc::new(ClientState {
                 commands,
                 connected,
                 listeners,
@@ -622,7 +622,7 @@ pub(crate) struct Command {
     ack: oneshot::Sender<Result<(), ClientError>>,
 }
 
-struct Shared {
+struct ClientState {
     commands: mpsc::Sender<Command>,
     connected: watch::Receiver<bool>,
     listeners: Arc<Listeners>,
@@ -634,7 +634,7 @@ struct Shared {
     state: Arc<Mutex<SessionState>>,
 }
 
-impl Drop for Shared {
+impl Drop for ClientState {
     fn drop(&mut self) {
         // The last handle is gone: flush what was sent and close.
         self.closing.cancel();
@@ -662,7 +662,7 @@ impl Drop for Shared {
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    shared: Arc<Shared>,
+    shared: Arc<ClientState>,
 }
 
 impl fmt::Debug for Client {

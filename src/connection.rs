@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder, Run};
-use crate::hub::{Client, CloseReason, Hub, HubEvent, RunProgress};
+use crate::hub::{CloseReason, Hub, HubEvent, Member, RunProgress};
 use crate::inbound::{Prepared, ReadBuffer};
 use crate::outbox::{self, Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -170,7 +170,7 @@ impl<W: AsyncWrite + Unpin> Future for WriteBatch<'_, W> {
 
 struct Connection<'a> {
     hub: &'a Hub,
-    client: &'a Client,
+    client: &'a Member,
     decoder: FrameDecoder,
     /// What the client sent and the hub has not consumed yet.
     input: ReadBuffer,
@@ -219,7 +219,7 @@ impl Connection<'_> {
 /// server this connection will not add events any more.
 pub(crate) async fn run<R, W>(
     hub: &Hub,
-    client: &Client,
+    client: &Member,
     mut reader: R,
     mut writer: W,
     phases: &Phases,
@@ -259,12 +259,12 @@ where
         }
         if let Some(count) = client.outbox.end_drops_if_drained() {
             let id = client.id;
-            hub.emit(|| HubEvent::EventsDropped { client: id, count });
+            hub.report(|| HubEvent::EventsDropped { client: id, count });
         }
         // Made before retrying, so a release in between wakes us (see `freed`).
         let freed = conn.input.is_starved().then(|| inbound.freed());
         let was_starved = freed.is_some();
-        let room = conn.decoder.room(conn.input.buf());
+        let room = conn.decoder.read_limit(conn.input.buf());
         let prepared = match reading {
             // Nothing buffered: wait for readiness, then `read_now`.
             Some(_) if R::WAITS_UNBUFFERED && conn.input.buf().is_empty() => Prepared::Parked,
@@ -276,7 +276,7 @@ where
             Prepared::Starved { first } => {
                 if first {
                     let limit = inbound.limit();
-                    hub.emit(|| HubEvent::InboundMemoryFull { limit });
+                    hub.report(|| HubEvent::InboundMemoryFull { limit });
                 }
                 hub.count_inbound_wait();
                 if !was_starved {
@@ -377,7 +377,7 @@ impl Connection<'_> {
     /// back; or the source cannot read without waiting, and reads next turn).
     fn read_now<R: Source>(&mut self, reader: &mut R) -> Option<io::Result<(usize, usize)>> {
         self.input.set_readable();
-        let room = self.decoder.room(self.input.buf());
+        let room = self.decoder.read_limit(self.input.buf());
         let Prepared::Read(offered) = self.input.prepare(self.hub.inbound(), room) else {
             return None;
         };
@@ -487,7 +487,7 @@ impl Connection<'_> {
                     self.client.outbox.push(reply);
                 }
                 let client = self.client.id;
-                self.hub.emit(|| HubEvent::Control { client, event });
+                self.hub.report(|| HubEvent::Control { client, event });
             }
             Err(error) => self.reject(error),
         }

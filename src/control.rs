@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::event::{Event, RoomName};
-use crate::hub::{Client, Hub};
+use crate::hub::{Hub, Member};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::Pattern;
 
@@ -51,7 +51,7 @@ struct Room {
 /// of the wrong shape (`invalid_payload`), a bad pattern or room, or a limit.
 pub(crate) fn handle(
     hub: &Hub,
-    client: &Client,
+    client: &Member,
     liveness: &mut Liveness,
     event: &Event,
 ) -> Result<Option<Bytes>, ProtocolError> {

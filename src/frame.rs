@@ -295,7 +295,7 @@ impl FrameDecoder {
     /// How many more bytes may be buffered before the frame in progress is too large.
     ///
     /// Reading at most this much keeps the buffer bounded by the frame limit.
-    pub fn room(&self, buf: &BytesMut) -> usize {
+    pub fn read_limit(&self, buf: &BytesMut) -> usize {
         (self.max_frame + 1).saturating_sub(buf.len()).max(1)
     }
 

@@ -180,8 +180,9 @@ pub enum SendError {
     Dropped(ClientId),
 }
 
-/// A connected client as the pool holds it.
-pub(crate) struct Client {
+/// A connected client as the pool holds it: a *member* of the pool (the library's own
+/// [`client::Client`](crate::client::Client) is the other end of a connection).
+pub(crate) struct Member {
     pub(crate) id: ClientId,
     pub(crate) outbox: Outbox,
     /// Whether it hears its own events (the hub's default, or its `$hello`).
@@ -192,9 +193,9 @@ pub(crate) struct Client {
 /// a consistent picture; it is only held for synchronous, short work.
 #[derive(Default)]
 struct Pool {
-    clients: HashMap<ClientId, Arc<Client>>,
+    clients: HashMap<ClientId, Arc<Member>>,
     /// Clients that never subscribed: they hear every event that names no room.
-    unfiltered: HashMap<ClientId, Arc<Client>>,
+    unfiltered: HashMap<ClientId, Arc<Member>>,
     router: Router<ClientId>,
     /// Subscriptions and rooms, for clients that have any.
     routes: HashMap<ClientId, Routes>,
@@ -243,7 +244,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn count(&mut self, client: &Client, push: Push, events: usize) {
+    fn count(&mut self, client: &Member, push: Push, events: usize) {
         match push {
             Push::Queued => self.queued += 1,
             Push::Resumed(missed) => {
@@ -292,7 +293,7 @@ struct Counters {
     inbound_waits: AtomicU64,
 }
 
-struct Shared {
+struct HubState {
     config: Config,
     pool: RwLock<Pool>,
     /// The pool size, for anyone waiting for clients to come or go.
@@ -320,13 +321,13 @@ struct Shared {
 /// ```
 #[derive(Clone)]
 pub struct Hub {
-    shared: Arc<Shared>,
+    state: Arc<HubState>,
 }
 
 impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hub")
-            .field("config", &self.shared.config)
+            .field("config", &self.state.config)
             .field("clients", &self.clients())
             .finish()
     }
@@ -402,7 +403,7 @@ impl Hub {
 
     fn build(config: Config, observer: Option<Observer>) -> Self {
         Hub {
-            shared: Arc::new(Shared {
+            state: Arc::new(HubState {
                 pool: RwLock::default(),
                 count: watch::Sender::new(0),
                 next_id: AtomicU64::new(1),
@@ -419,12 +420,12 @@ impl Hub {
 
     /// The configuration the hub runs with.
     pub fn config(&self) -> &Config {
-        &self.shared.config
+        &self.state.config
     }
 
     /// How many clients are in the pool.
     pub fn clients(&self) -> usize {
-        *self.shared.count.borrow()
+        *self.state.count.borrow()
     }
 
     /// The ids of the clients in the pool, lowest first.
@@ -445,12 +446,12 @@ impl Hub {
     /// # }
     /// ```
     pub fn watch_clients(&self) -> watch::Receiver<usize> {
-        self.shared.count.subscribe()
+        self.state.count.subscribe()
     }
 
     /// Counters since the hub started.
     pub fn stats(&self) -> Stats {
-        let c = &self.shared.counters;
+        let c = &self.state.counters;
         Stats {
             events: c.events.load(Ordering::Relaxed),
             deliveries: c.deliveries.load(Ordering::Relaxed),
@@ -466,15 +467,15 @@ impl Hub {
     /// space for the next read); bounded by [`Limits::max_inbound_memory`](crate::Limits::max_inbound_memory) but for
     /// 512 bytes per connection.
     pub fn inbound_memory(&self) -> usize {
-        self.shared.inbound.used()
+        self.state.inbound.used()
     }
 
     pub(crate) fn inbound(&self) -> &InboundBudget {
-        &self.shared.inbound
+        &self.state.inbound
     }
 
     pub(crate) fn count_inbound_wait(&self) {
-        self.shared
+        self.state
             .counters
             .inbound_waits
             .fetch_add(1, Ordering::Relaxed);
@@ -491,11 +492,11 @@ impl Hub {
         let target = target.ok_or(SendError::NoSuchClient(client))?;
         let push = target.outbox.push(event.line().clone());
         if let Push::Resumed(count) | Push::ResumedThenDropped(count) = push {
-            self.emit(|| HubEvent::EventsDropped { client, count });
+            self.report(|| HubEvent::EventsDropped { client, count });
         }
         match push {
             Push::Queued | Push::Resumed(_) => {
-                self.shared
+                self.state
                     .counters
                     .deliveries
                     .fetch_add(1, Ordering::Relaxed);
@@ -503,7 +504,7 @@ impl Hub {
             }
             Push::Overflow => Err(SendError::SlowConsumer(client)),
             Push::Dropped | Push::ResumedThenDropped(_) => {
-                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.state.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 Err(SendError::Dropped(client))
             }
             Push::Closed => Err(SendError::Closing(client)),
@@ -520,8 +521,8 @@ impl Hub {
     /// subscriber; the sender too if its echo is on.
     pub(crate) fn publish(&self, from: ClientId, event: Event) {
         let receivers = self.fan_out(Some(from), &event);
-        self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
-        self.emit(|| HubEvent::Event {
+        self.state.counters.events.fetch_add(1, Ordering::Relaxed);
+        self.report(|| HubEvent::Event {
             client: from,
             event,
             receivers,
@@ -600,12 +601,12 @@ impl Hub {
             &tally,
             everyone * done + matched_counts.iter().sum::<usize>(),
         );
-        let counters = &self.shared.counters;
+        let counters = &self.state.counters;
         counters.events.fetch_add(done as u64, Ordering::Relaxed);
-        if self.shared.observer.is_some() {
+        if self.state.observer.is_some() {
             for (offset, index) in (first..index).enumerate() {
                 let receivers = everyone + matched_counts.get(offset).copied().unwrap_or(0);
-                self.emit(|| HubEvent::Event {
+                self.report(|| HubEvent::Event {
                     client: from,
                     event: run.event(index),
                     receivers,
@@ -619,9 +620,9 @@ impl Hub {
     /// Reports and counts what a fan-out's pushes did.
     fn settle(&self, tally: &Tally, deliveries: usize) {
         for &(client, count) in &tally.resumed {
-            self.emit(|| HubEvent::EventsDropped { client, count });
+            self.report(|| HubEvent::EventsDropped { client, count });
         }
-        let counters = &self.shared.counters;
+        let counters = &self.state.counters;
         counters
             .deliveries
             .fetch_add(deliveries as u64, Ordering::Relaxed);
@@ -642,7 +643,7 @@ impl Hub {
                 .is_some_and(|c| !c.echo.load(Ordering::Relaxed))
         });
         let mut tally = Tally::default();
-        let mut deliver = |client: &Client| {
+        let mut deliver = |client: &Member| {
             if Some(client.id) != skip {
                 tally.count(client, client.outbox.push(line.clone()), 1);
             }
@@ -680,7 +681,7 @@ impl Hub {
         id: ClientId,
         patterns: &[Pattern],
     ) -> Result<(), ProtocolError> {
-        let config = &self.shared.config;
+        let config = &self.state.config;
         let mut guard = self.write_pool();
         let pool = &mut *guard;
         let routes = pool.routes.entry(id).or_default();
@@ -742,7 +743,7 @@ impl Hub {
 
     /// Makes a client a member of `room` (idempotent).
     pub(crate) fn join_room(&self, id: ClientId, room: &RoomName) -> Result<(), ProtocolError> {
-        let max = self.shared.config.limits.max_rooms;
+        let max = self.state.config.limits.max_rooms;
         let mut guard = self.write_pool();
         let pool = &mut *guard;
         let routes = pool.routes.entry(id).or_default();
@@ -771,23 +772,23 @@ impl Hub {
     }
 
     /// Adds a new client to the pool.
-    pub(crate) fn join(&self, peer: SocketAddr) -> Arc<Client> {
-        let id = ClientId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
-        let client = Arc::new(Client {
+    pub(crate) fn join(&self, peer: SocketAddr) -> Arc<Member> {
+        let id = ClientId(self.state.next_id.fetch_add(1, Ordering::Relaxed));
+        let client = Arc::new(Member {
             id,
             outbox: Outbox::new(
-                self.shared.config.limits.max_pending,
-                self.shared.config.delivery.slow_consumer == SlowConsumerPolicy::Drop,
+                self.state.config.limits.max_pending,
+                self.state.config.delivery.slow_consumer == SlowConsumerPolicy::Drop,
             ),
-            echo: AtomicBool::new(self.shared.config.delivery.echo),
+            echo: AtomicBool::new(self.state.config.delivery.echo),
         });
         {
             let mut pool = self.write_pool();
             pool.clients.insert(id, Arc::clone(&client));
             pool.unfiltered.insert(id, Arc::clone(&client));
-            self.shared.count.send_replace(pool.clients.len());
+            self.state.count.send_replace(pool.clients.len());
         }
-        self.emit(|| HubEvent::Connection { client: id, peer });
+        self.report(|| HubEvent::Connection { client: id, peer });
         client
     }
 
@@ -806,9 +807,9 @@ impl Hub {
                     remove_member(&mut pool.rooms, room, client);
                 }
             }
-            self.shared.count.send_replace(pool.clients.len());
+            self.state.count.send_replace(pool.clients.len());
         }
-        self.emit(|| HubEvent::Close {
+        self.report(|| HubEvent::Close {
             client,
             had_error: reason.had_error(),
             reason,
@@ -816,42 +817,39 @@ impl Hub {
     }
 
     pub(crate) fn rejected(&self, client: ClientId, error: ProtocolError) {
-        self.shared
-            .counters
-            .rejected
-            .fetch_add(1, Ordering::Relaxed);
-        self.emit(|| HubEvent::Rejected { client, error });
+        self.state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.report(|| HubEvent::Rejected { client, error });
     }
 
     pub(crate) fn refused(&self, peer: SocketAddr) {
-        self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-        self.emit(|| HubEvent::Refused { peer });
+        self.state.counters.refused.fetch_add(1, Ordering::Relaxed);
+        self.report(|| HubEvent::Refused { peer });
     }
 
     pub(crate) fn slow_consumer(&self, client: ClientId) {
-        self.shared
+        self.state
             .counters
             .slow_consumers
             .fetch_add(1, Ordering::Relaxed);
-        self.emit(|| HubEvent::SlowConsumer { client });
+        self.report(|| HubEvent::SlowConsumer { client });
     }
 
     /// Reports to the observer; `make` runs only when there is one.
-    pub(crate) fn emit(&self, make: impl FnOnce() -> HubEvent) {
-        if let Some(observer) = &self.shared.observer {
+    pub(crate) fn report(&self, make: impl FnOnce() -> HubEvent) {
+        if let Some(observer) = &self.state.observer {
             observer(&make());
         }
     }
 
     fn read_pool(&self) -> std::sync::RwLockReadGuard<'_, Pool> {
-        self.shared
+        self.state
             .pool
             .read()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write_pool(&self) -> std::sync::RwLockWriteGuard<'_, Pool> {
-        self.shared
+        self.state
             .pool
             .write()
             .unwrap_or_else(PoisonError::into_inner)

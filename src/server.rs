@@ -107,7 +107,7 @@ pub(crate) async fn accept_loop<L: Listener>(
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
-        hub.emit(|| HubEvent::Listening { addr });
+        hub.report(|| HubEvent::Listening { addr });
     }
     let tracker = TaskTracker::new();
     let phases = Phases::default();
@@ -139,7 +139,7 @@ pub(crate) async fn accept_loop<L: Listener>(
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
-                hub.emit(|| HubEvent::Error {
+                hub.report(|| HubEvent::Error {
                     message: format!("accept failed: {e}; retrying in {backoff:?}"),
                 });
                 tokio::select! {
@@ -158,7 +158,7 @@ pub(crate) async fn accept_loop<L: Listener>(
     let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
     phases.drain.cancel();
     tracker.wait().await;
-    hub.emit(|| HubEvent::Shutdown);
+    hub.report(|| HubEvent::Shutdown);
 }
 
 /// Binds and listens with a backlog for bursts of connections. (`TcpListener::bind`

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::new();
     'feed: for piece in data.chunks(chunk) {
         // As the connection does: never read more than the decoder has room for.
-        let room = decoder.room(&buf);
+        let room = decoder.read_limit(&buf);
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
         loop {
             match decoder.decode(&mut buf) {

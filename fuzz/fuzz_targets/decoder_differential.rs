@@ -24,7 +24,7 @@ fn frames(mut decoder: FrameDecoder, data: &[u8], chunk: usize) -> Vec<String> {
     let mut run = Run::default();
     let mut out = Vec::new();
     for piece in data.chunks(chunk) {
-        let room = decoder.room(&buf);
+        let room = decoder.read_limit(&buf);
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
         loop {
             // As a connection does: runs of plain events first, then frame by frame.

@@ -13,7 +13,7 @@ fn decode(max: usize, chunks: &[&[u8]]) -> (Vec<Result<Vec<u8>, String>>, Option
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     for chunk in chunks {
-        let room = decoder.room(&buf);
+        let room = decoder.read_limit(&buf);
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         loop {
             match decoder.decode(&mut buf) {
@@ -145,7 +145,7 @@ fn frames(mut decoder: FrameDecoder, chunks: &[&[u8]]) -> Vec<String> {
     let mut run = Run::default();
     let mut out = Vec::new();
     for chunk in chunks {
-        let room = decoder.room(&buf);
+        let room = decoder.read_limit(&buf);
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         loop {
             // As a connection does: runs of plain events first, then frame by frame.
