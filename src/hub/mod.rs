@@ -1,0 +1,440 @@
+//! The pool of connected clients, broadcast, and the [`Hub`] handle for embedding code.
+//!
+//! The pool maps each [`ClientId`] to its outbound queue. Broadcasting takes the pool's
+//! read lock, pushes one shared [`Bytes`](bytes::Bytes) line into every queue (a
+//! reference-count increment each, never a copy or an `.await`), and lets go. Joins and
+//! leaves take the write lock briefly. Everything the hub does is also reported as a
+//! [`HubEvent`] to an optional observer: that is how the binary logs and how tests watch.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError};
+use crate::event::Event;
+use crate::inbound::InboundBudget;
+use crate::protocol::{ErrorCode, ProtocolError};
+
+mod fanout;
+mod pool;
+
+pub(crate) use fanout::RunProgress;
+pub(crate) use pool::Member;
+use pool::Pool;
+
+/// A connected client's number, unique for the hub's lifetime (starts at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Why a client's connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client closed its side (end of stream).
+    PeerClosed,
+    /// A read or write failed (reset, broken pipe, ...).
+    Io(String),
+    /// The client sent something the hub cannot resynchronise after.
+    Protocol(ErrorCode),
+    /// The client read too slowly; its outbound queue overflowed.
+    SlowConsumer,
+    /// The hub shut down.
+    Shutdown,
+    /// The flush before closing did not finish within the drain deadline.
+    DrainTimeout,
+    /// The connection task ended abnormally (a bug); the client was still removed.
+    Aborted,
+}
+
+impl CloseReason {
+    /// Node's `had_error`: whether the connection ended because of an error.
+    pub fn had_error(&self) -> bool {
+        !matches!(self, CloseReason::PeerClosed | CloseReason::Shutdown)
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("closed by peer"),
+            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+            CloseReason::Protocol(code) => write!(f, "protocol error: {code}"),
+            CloseReason::SlowConsumer => f.write_str("slow consumer"),
+            CloseReason::Shutdown => f.write_str("hub shutdown"),
+            CloseReason::DrainTimeout => f.write_str("drain deadline passed"),
+            CloseReason::Aborted => f.write_str("connection task aborted"),
+        }
+    }
+}
+
+/// What happens in the hub, as the Node class's server and socket events name it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum HubEvent {
+    /// The server is bound and accepting (`listening`).
+    Listening {
+        /// The bound address (the real port when asked for port 0).
+        addr: SocketAddr,
+    },
+    /// A client joined the pool (`connection`).
+    Connection {
+        /// The new client.
+        client: ClientId,
+        /// Its address.
+        peer: SocketAddr,
+    },
+    /// A valid event arrived and was queued to its receivers.
+    Event {
+        /// The sender.
+        client: ClientId,
+        /// The event.
+        event: Event,
+        /// How many clients it was queued to.
+        receivers: usize,
+    },
+    /// A client's control event (`$hello`, `$subscribe`, `$join`, ...) was applied.
+    Control {
+        /// The client.
+        client: ClientId,
+        /// The control event as it sent it.
+        event: Event,
+    },
+    /// A client sent a bad frame; it was told so with a `$error`.
+    Rejected {
+        /// The sender.
+        client: ClientId,
+        /// What was wrong.
+        error: ProtocolError,
+    },
+    /// A client's outbound queue overflowed; it is being disconnected.
+    SlowConsumer {
+        /// The slow client.
+        client: ClientId,
+    },
+    /// A client that fell behind (`SlowConsumerPolicy::Drop`) has caught up to half its
+    /// queue and was told, at the gap, how many events it missed.
+    EventsDropped {
+        /// The client.
+        client: ClientId,
+        /// How many events it missed in this episode.
+        count: usize,
+    },
+    /// Frames in progress filled `--max-inbound-memory`: connections whose frames need
+    /// more memory are not read until some frees. Reported once per episode (when the
+    /// first connection starts waiting).
+    InboundMemoryFull {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// A connection was refused at the connection limit.
+    Refused {
+        /// Who tried to connect.
+        peer: SocketAddr,
+    },
+    /// A client left the pool (`close`).
+    Close {
+        /// The client.
+        client: ClientId,
+        /// Node's `had_error`.
+        had_error: bool,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// An error not tied to one client, such as a failed `accept` (`error`).
+    Error {
+        /// A description of the error.
+        message: String,
+    },
+    /// The server stopped and every connection has ended (the server's `close`).
+    Shutdown,
+}
+
+/// A function called with every [`HubEvent`]. It runs on the hub's tasks: keep it quick.
+pub type Observer = Arc<dyn Fn(&HubEvent) + Send + Sync>;
+
+/// Why [`Hub::send_to`] could not queue an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No client with that id is connected.
+    #[error("no client {0} is connected")]
+    NoSuchClient(ClientId),
+    /// The client's queue was full; it is being disconnected as a slow consumer.
+    #[error("client {0} is a slow consumer and is being disconnected")]
+    SlowConsumer(ClientId),
+    /// The client is closing.
+    #[error("client {0} is closing")]
+    Closing(ClientId),
+    /// The client's queue was full and the policy is to drop: this event was discarded.
+    #[error("client {0} is behind; the event was dropped")]
+    Dropped(ClientId),
+}
+
+/// Counters since the hub started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Valid events received from clients.
+    pub events: u64,
+    /// Event lines queued to receivers (one event to ten clients is ten).
+    pub deliveries: u64,
+    /// Frames rejected with a `$error`.
+    pub rejected: u64,
+    /// Clients disconnected as slow consumers.
+    pub slow_consumers: u64,
+    /// Deliveries discarded under `SlowConsumerPolicy::Drop`.
+    pub dropped: u64,
+    /// Connections refused at the connection limit.
+    pub refused: u64,
+    /// Times a connection had to wait to be read because frames in progress had
+    /// filled `--max-inbound-memory`.
+    pub inbound_waits: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    deliveries: AtomicU64,
+    rejected: AtomicU64,
+    slow_consumers: AtomicU64,
+    dropped: AtomicU64,
+    refused: AtomicU64,
+    inbound_waits: AtomicU64,
+}
+
+struct HubState {
+    config: Config,
+    pool: RwLock<Pool>,
+    /// The pool size, for anyone waiting for clients to come or go.
+    count: watch::Sender<usize>,
+    next_id: AtomicU64,
+    observer: Option<Observer>,
+    counters: Counters,
+    /// What read buffers may hold in all (`--max-inbound-memory`).
+    inbound: InboundBudget,
+}
+
+/// The hub: the pool of clients and everything that can be done with it.
+///
+/// Cheap to clone; all clones share one pool. Embedding code uses it to send its own
+/// events, to one client or to all (the Node class's `socketPool[0].write(...)`).
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::{Config, Event, Hub};
+/// let hub = Hub::new(Config::default());
+/// assert_eq!(hub.clients(), 0);
+/// // No one is connected yet, so a broadcast reaches nobody.
+/// assert_eq!(hub.broadcast(&Event::new("greeting", "hello").unwrap()), 0);
+/// ```
+#[derive(Clone)]
+pub struct Hub {
+    state: Arc<HubState>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.state.config)
+            .field("clients", &self.clients())
+            .finish()
+    }
+}
+
+impl Hub {
+    /// A hub with no observer.
+    ///
+    /// # Panics
+    ///
+    /// If `config` cannot work ([`Config::validate`]); [`Hub::try_new`] returns the
+    /// error instead.
+    pub fn new(config: Config) -> Self {
+        Self::try_new(config).unwrap_or_else(|e| panic!("invalid hub config: {e}"))
+    }
+
+    /// A hub with no observer, if `config` can work.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let mut config = hubcast::Config::default();
+    /// config.timeouts.idle = Some(std::time::Duration::ZERO); // would close everyone
+    /// let err = hubcast::Hub::try_new(config).unwrap_err();
+    /// assert_eq!(err.setting(), hubcast::Setting::IdleTimeout);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] of [`Config::validate`].
+    pub fn try_new(config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self::build(config, None))
+    }
+
+    /// A hub that reports every [`HubEvent`] to `observer`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hubcast::{Config, Hub, HubEvent};
+    /// let hub = Hub::with_observer(Config::default(), |event: &HubEvent| {
+    ///     if let HubEvent::Connection { client, peer } = event {
+    ///         println!("{client} connected from {peer}");
+    ///     }
+    /// });
+    /// # drop(hub);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `config` cannot work, as [`Hub::new`].
+    pub fn with_observer(
+        config: Config,
+        observer: impl Fn(&HubEvent) + Send + Sync + 'static,
+    ) -> Self {
+        Self::try_with_observer(config, observer)
+            .unwrap_or_else(|e| panic!("invalid hub config: {e}"))
+    }
+
+    /// A hub that reports every [`HubEvent`] to `observer`, if `config` can work.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] of [`Config::validate`].
+    pub fn try_with_observer(
+        config: Config,
+        observer: impl Fn(&HubEvent) + Send + Sync + 'static,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self::build(config, Some(Arc::new(observer))))
+    }
+
+    fn build(config: Config, observer: Option<Observer>) -> Self {
+        Hub {
+            state: Arc::new(HubState {
+                pool: RwLock::default(),
+                count: watch::Sender::new(0),
+                next_id: AtomicU64::new(1),
+                observer,
+                counters: Counters::default(),
+                inbound: InboundBudget::new(
+                    config.limits.max_inbound_memory,
+                    config.limits.max_frame,
+                ),
+                config,
+            }),
+        }
+    }
+
+    /// The configuration the hub runs with.
+    pub fn config(&self) -> &Config {
+        &self.state.config
+    }
+
+    /// How many clients are in the pool.
+    pub fn clients(&self) -> usize {
+        *self.state.count.borrow()
+    }
+
+    /// The ids of the clients in the pool, lowest first.
+    pub fn client_ids(&self) -> Vec<ClientId> {
+        let mut ids: Vec<ClientId> = self.read_pool().clients.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A receiver that sees the pool size change: wait on it instead of polling.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(hub: hubcast::Hub) {
+    /// let mut count = hub.watch_clients();
+    /// count.wait_for(|&n| n == 0).await.unwrap();
+    /// # }
+    /// ```
+    pub fn watch_clients(&self) -> watch::Receiver<usize> {
+        self.state.count.subscribe()
+    }
+
+    /// Counters since the hub started.
+    pub fn stats(&self) -> Stats {
+        let c = &self.state.counters;
+        Stats {
+            events: c.events.load(Ordering::Relaxed),
+            deliveries: c.deliveries.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            slow_consumers: c.slow_consumers.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            inbound_waits: c.inbound_waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes held right now in connections' read buffers (frames in progress and the
+    /// space for the next read); bounded by [`Limits::max_inbound_memory`](crate::Limits::max_inbound_memory) but for
+    /// 512 bytes per connection.
+    pub fn inbound_memory(&self) -> usize {
+        self.state.inbound.used()
+    }
+
+    pub(crate) fn inbound(&self) -> &InboundBudget {
+        &self.state.inbound
+    }
+
+    pub(crate) fn count_inbound_wait(&self) {
+        self.state
+            .counters
+            .inbound_waits
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, client: ClientId, error: ProtocolError) {
+        self.state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.report(|| HubEvent::Rejected { client, error });
+    }
+
+    pub(crate) fn refused(&self, peer: SocketAddr) {
+        self.state.counters.refused.fetch_add(1, Ordering::Relaxed);
+        self.report(|| HubEvent::Refused { peer });
+    }
+
+    pub(crate) fn slow_consumer(&self, client: ClientId) {
+        self.state
+            .counters
+            .slow_consumers
+            .fetch_add(1, Ordering::Relaxed);
+        self.report(|| HubEvent::SlowConsumer { client });
+    }
+
+    /// Reports to the observer; `make` runs only when there is one.
+    pub(crate) fn report(&self, make: impl FnOnce() -> HubEvent) {
+        if let Some(observer) = &self.state.observer {
+            observer(&make());
+        }
+    }
+
+    fn read_pool(&self) -> std::sync::RwLockReadGuard<'_, Pool> {
+        self.state
+            .pool
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_pool(&self) -> std::sync::RwLockWriteGuard<'_, Pool> {
+        self.state
+            .pool
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}

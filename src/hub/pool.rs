@@ -1,0 +1,224 @@
+//! The pool: who is connected, and who wants what (subscriptions and rooms).
+//!
+//! Membership changes take the pool's write lock briefly; fan-out (`fanout.rs`) reads
+//! it. What a client wants is decided here ([`Pool::wants`], [`Pool::echo_skip`]), so
+//! both fan-out paths ask the same questions.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::config::SlowConsumerPolicy;
+use crate::event::RoomName;
+use crate::outbox::Outbox;
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::routing::{Pattern, Router};
+
+use super::{ClientId, CloseReason, Hub, HubEvent};
+
+/// A connected client as the pool holds it: a *member* of the pool (the library's own
+/// [`client::Client`](crate::client::Client) is the other end of a connection).
+pub(crate) struct Member {
+    pub(crate) id: ClientId,
+    pub(crate) outbox: Outbox,
+    /// Whether it hears its own events (the hub's default, or its `$hello`).
+    pub(crate) echo: AtomicBool,
+}
+
+/// Who is connected and who wants what. One lock guards it all, so a broadcast sees
+/// a consistent picture; it is only held for synchronous, short work.
+#[derive(Default)]
+pub(super) struct Pool {
+    pub(super) clients: HashMap<ClientId, Arc<Member>>,
+    /// Clients that never subscribed: they hear every event that names no room.
+    pub(super) unfiltered: HashMap<ClientId, Arc<Member>>,
+    pub(super) router: Router<ClientId>,
+    /// Subscriptions and rooms, for clients that have any.
+    routes: HashMap<ClientId, Routes>,
+    pub(super) rooms: HashMap<RoomName, HashSet<ClientId>>,
+}
+
+/// One client's subscriptions and rooms.
+#[derive(Default)]
+struct Routes {
+    /// Set by the first `$subscribe`: from then on only matches are heard.
+    subscribed: bool,
+    patterns: HashSet<Pattern, foldhash::fast::RandomState>,
+    /// The patterns' total length, against `Limits::max_pattern_bytes`.
+    pattern_bytes: usize,
+    rooms: Vec<RoomName>,
+}
+
+impl Pool {
+    /// Whether `id` wants an event named `name` (rooms aside).
+    pub(super) fn wants(&self, id: ClientId, name: &str) -> bool {
+        match self.routes.get(&id) {
+            Some(routes) if routes.subscribed => routes.patterns.iter().any(|p| p.matches(name)),
+            _ => true,
+        }
+    }
+
+    /// Who must not get `from`'s own events: `from`, if its echo is off.
+    pub(super) fn echo_skip(&self, from: ClientId) -> Option<ClientId> {
+        self.clients
+            .get(&from)
+            .filter(|c| !c.echo.load(Ordering::Relaxed))
+            .map(|c| c.id)
+    }
+}
+
+impl Hub {
+    /// Adds `patterns` (distinct, already checked) to a client's subscriptions;
+    /// patterns it holds already are skipped. After its first subscription a client
+    /// hears only events that match one. Nothing is applied if a limit would be passed.
+    pub(crate) fn subscribe(
+        &self,
+        id: ClientId,
+        patterns: &[Pattern],
+    ) -> Result<(), ProtocolError> {
+        let config = &self.state.config;
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        let routes = pool.routes.entry(id).or_default();
+        // Linear: one hash lookup per pattern (issue #10: this was quadratic).
+        let fresh: Vec<&Pattern> = patterns
+            .iter()
+            .filter(|p| !routes.patterns.contains(*p))
+            .collect();
+        let count = routes.patterns.len() + fresh.len();
+        if count > config.limits.max_subscriptions {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a connection may hold at most {} subscriptions; this one holds {} and asked for {} more",
+                    config.limits.max_subscriptions,
+                    routes.patterns.len(),
+                    fresh.len()
+                ),
+            ));
+        }
+        let bytes = routes.pattern_bytes + fresh.iter().map(|p| p.as_str().len()).sum::<usize>();
+        if bytes > config.limits.max_pattern_bytes {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a connection's patterns may total at most {} bytes; these would make {bytes}",
+                    config.limits.max_pattern_bytes
+                ),
+            ));
+        }
+        if !routes.subscribed {
+            routes.subscribed = true;
+            pool.unfiltered.remove(&id);
+        }
+        routes.pattern_bytes = bytes;
+        for pattern in fresh {
+            routes.patterns.insert(pattern.clone());
+            pool.router.insert(pattern, id);
+        }
+        Ok(())
+    }
+
+    /// Removes `patterns` from a client's subscriptions (those it does not hold are
+    /// ignored). A client that unsubscribes from everything hears nothing until it
+    /// subscribes again.
+    pub(crate) fn unsubscribe(&self, id: ClientId, patterns: &[Pattern]) {
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        let Some(routes) = pool.routes.get_mut(&id) else {
+            return;
+        };
+        for pattern in patterns {
+            if routes.patterns.remove(pattern) {
+                routes.pattern_bytes -= pattern.as_str().len();
+                pool.router.remove(pattern, id);
+            }
+        }
+    }
+
+    /// Makes a client a member of `room` (idempotent).
+    pub(crate) fn join_room(&self, id: ClientId, room: &RoomName) -> Result<(), ProtocolError> {
+        let max = self.state.config.limits.max_rooms;
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        let routes = pool.routes.entry(id).or_default();
+        if routes.rooms.contains(room) {
+            return Ok(());
+        }
+        if routes.rooms.len() >= max {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!("a connection may be in at most {max} rooms"),
+            ));
+        }
+        routes.rooms.push(room.clone());
+        pool.rooms.entry(room.clone()).or_default().insert(id);
+        Ok(())
+    }
+
+    /// Takes a client out of `room` (nothing happens if it was not in it).
+    pub(crate) fn leave_room(&self, id: ClientId, room: &RoomName) {
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        if let Some(routes) = pool.routes.get_mut(&id) {
+            routes.rooms.retain(|r| r != room);
+        }
+        remove_member(&mut pool.rooms, room, id);
+    }
+
+    /// Adds a new client to the pool.
+    pub(crate) fn join(&self, peer: SocketAddr) -> Arc<Member> {
+        let id = ClientId(self.state.next_id.fetch_add(1, Ordering::Relaxed));
+        let client = Arc::new(Member {
+            id,
+            outbox: Outbox::new(
+                self.state.config.limits.max_pending,
+                self.state.config.delivery.slow_consumer == SlowConsumerPolicy::Drop,
+            ),
+            echo: AtomicBool::new(self.state.config.delivery.echo),
+        });
+        {
+            let mut pool = self.write_pool();
+            pool.clients.insert(id, Arc::clone(&client));
+            pool.unfiltered.insert(id, Arc::clone(&client));
+            self.state.count.send_replace(pool.clients.len());
+        }
+        self.report(|| HubEvent::Connection { client: id, peer });
+        client
+    }
+
+    /// Removes a client from the pool.
+    pub(crate) fn leave(&self, client: ClientId, reason: CloseReason) {
+        {
+            let mut guard = self.write_pool();
+            let pool = &mut *guard;
+            pool.clients.remove(&client);
+            pool.unfiltered.remove(&client);
+            if let Some(routes) = pool.routes.remove(&client) {
+                for pattern in &routes.patterns {
+                    pool.router.remove(pattern, client);
+                }
+                for room in &routes.rooms {
+                    remove_member(&mut pool.rooms, room, client);
+                }
+            }
+            self.state.count.send_replace(pool.clients.len());
+        }
+        self.report(|| HubEvent::Close {
+            client,
+            had_error: reason.had_error(),
+            reason,
+        });
+    }
+}
+
+/// Removes `id` from `room`, forgetting rooms left empty.
+fn remove_member(rooms: &mut HashMap<RoomName, HashSet<ClientId>>, room: &RoomName, id: ClientId) {
+    if let Some(members) = rooms.get_mut(room) {
+        members.remove(&id);
+        if members.is_empty() {
+            rooms.remove(room);
+        }
+    }
+}
