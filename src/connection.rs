@@ -24,6 +24,7 @@ use crate::control::{self, Due, Liveness};
 use crate::frame::{Frame, FrameDecoder, Run};
 use crate::hub::{CloseReason, Hub, HubEvent, Member, RunProgress};
 use crate::inbound::{Prepared, ReadBuffer};
+use crate::ingest;
 use crate::outbox::{self, Closed, Outbox};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::Event;
@@ -426,10 +427,7 @@ impl Connection<'_> {
         self.backlog = false;
         while !self.over_budget {
             if let Some(progress) = self.routing.as_mut() {
-                if !self
-                    .hub
-                    .publish_run(self.client.id, &self.run, progress, deadline)
-                {
+                if !ingest::run(self.hub, self.client.id, &self.run, progress, deadline) {
                     // Routing used up the slice: the rest of the run waits its turn.
                     self.backlog = true;
                     return Ok(());
@@ -464,15 +462,14 @@ impl Connection<'_> {
     fn finish_routing(&mut self) {
         if let Some(mut progress) = self.routing.take() {
             let never = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-            self.hub
-                .publish_run(self.client.id, &self.run, &mut progress, never);
+            ingest::run(self.hub, self.client.id, &self.run, &mut progress, never);
             self.run.clear();
         }
     }
 
     fn dispatch(&mut self, event: Event) {
         if !event.name().is_reserved() {
-            self.hub.publish(self.client.id, event);
+            ingest::event(self.hub, self.client.id, event);
             return;
         }
         // A `$pong` nobody asked for costs a unit of the error budget (without a

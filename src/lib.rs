@@ -4,30 +4,40 @@
 //! # How an event flows
 //!
 //! ```text
-//!  socket ──bytes──▶ connection task ──▶ FrameDecoder ──▶ Run / Event ──▶ Hub::publish_run
-//!  (client A)         (connection.rs)     (frame.rs)                       / Hub::publish
-//!                                                                           (hub.rs)
+//!  Listener ──▶ Transport ──bytes──▶ connection task ──▶ FrameDecoder ──▶ Run / Event
+//!  (TCP)        + PeerInfo            (connection.rs)     (frame.rs)         │
+//!  (transport.rs)                                                            ▼
+//!                                       ingest: authorize → store → backplane → fan out
+//!                                       (ingest.rs)                            (hub/fanout.rs)
 //!                                                                      │ one Bytes chunk
 //!                                                                      │ (a run of events,
 //!                                                                      │ or one line),
-//!                                                                      │ shared, per client
+//!                                                                      │ shared, per member
 //!                                                                      ▼
 //!  socket ◀──writev── connection task ◀──────────────────────────── Outbox (outbox.rs)
 //!  (client B)                                                       bounded in bytes
 //! ```
 //!
+//! * `transport`: where connections come from (a `Listener`) and what the session loop
+//!   serves (a `Transport` with a `PeerInfo`): TCP today; TLS and WebSocket plug in here.
 //! * [`frame`]: cuts the inbound byte stream into frames (no I/O); a hand-written fast
 //!   path validates typical events in one pass and takes consecutive ones as a
 //!   [`frame::Run`], with serde_json as the reference for everything else.
 //! * [`event`](Event): validates a frame into an [`Event`] with an [`EventName`].
 //! * [`protocol`](ErrorCode): error codes and the `$error` frame.
+//! * `ingest`: the one way a client's event enters the hub, in stages (authorize,
+//!   store, backplane, fan out), of which only fan-out does anything yet.
 //! * `outbox`: each client's bounded outbound queue.
-//! * [`Hub`]: the pool of clients, broadcast, counters, and [`HubEvent`]s for observers.
+//! * [`Hub`]: the handle for embedding code, counters, and [`HubEvent`]s for observers;
+//!   `hub/pool.rs` holds who is connected and who wants what, `hub/fanout.rs` queues
+//!   events to them.
 //! * `connection`: one task per client, one `select!` over reads, writes and shutdown.
 //! * [`Server`]: the accept loop and graceful shutdown.
 //! * [`routing`]: subscription patterns and the index that matches them.
-//! * `control`: the hub's `$` control events (hello, subscribe, join, ping).
-//! * [`Config`]: limits and behaviour, as `hubcast serve` exposes them.
+//! * `control`: the hub's `$` control events, one module per request.
+//! * [`Config`]: the hub's settings in sections ([`Limits`], [`Delivery`],
+//!   [`Timeouts`]), validated, as `hubcast serve` exposes them.
+//! * `inbound`: the hub-wide budget for read buffers (frames in progress).
 //! * [`client`]: a client library ([`client::Client`]) for sending and hearing events.
 //!
 //! # Examples
@@ -61,6 +71,7 @@ mod event;
 pub mod frame;
 mod hub;
 mod inbound;
+mod ingest;
 mod outbox;
 pub mod protocol;
 pub mod routing;

@@ -1,0 +1,53 @@
+//! The ingest pipeline: the one place where a validated client event passes from its
+//! connection into the hub.
+//!
+//! ```text
+//!  connection ──▶ authorize ──▶ store ──▶ backplane ──▶ fan out ──▶ members' outboxes
+//!  (validated)    may this      append to  hand to the   queue to those
+//!                 sender send   matching   other hubs    here who should
+//!                 this?         streams                  hear it
+//! ```
+//!
+//! Today only fan-out does anything: every sender may send everything, there are no
+//! streams and no other hubs. Each stage has its place here, in this order, so that
+//! the features that fill them (permissions, durable streams, the cluster) change this
+//! module and nothing upstream of it: the connection loop hands over a single event
+//! ([`event`]) or a run of plain events ([`run`]), never reaching the hub around it.
+//!
+//! A run goes through the stages as a whole (one check per run, not per event), which
+//! is what keeps runs of plain events as fast through the pipeline as they were before
+//! it (measured: BENCHMARKS.md, "the seams").
+//!
+//! Events the embedding program sends ([`Hub::broadcast`], [`Hub::send_to`]) do not
+//! pass through here: they come from the hub's owner, not from a client.
+
+use std::time::Instant;
+
+use crate::event::Event;
+use crate::frame::Run;
+use crate::hub::{ClientId, Hub, RunProgress};
+
+/// Takes one client event into the hub: through the stages, then out to its
+/// receivers.
+pub(crate) fn event(hub: &Hub, from: ClientId, event: Event) {
+    // authorize: everyone may send everything (no identities yet).
+    // store: no durable streams yet; nothing to append before confirming.
+    // backplane: a single hub; no other nodes to tell.
+    hub.publish(from, event);
+}
+
+/// Takes a run of a client's plain events into the hub, resumably: routing stops at
+/// `deadline` and says (by returning `false`) that the rest of the run is still to go;
+/// call again with the same `progress` (see [`Hub::publish_run`]).
+pub(crate) fn run(
+    hub: &Hub,
+    from: ClientId,
+    run: &Run,
+    progress: &mut RunProgress,
+    deadline: Instant,
+) -> bool {
+    // authorize, store and backplane take the run whole, once, before any of it fans
+    // out (`progress` says whether this is the first call for the run); none does
+    // anything yet (see `event`).
+    hub.publish_run(from, run, progress, deadline)
+}
