@@ -1,0 +1,95 @@
+//! The control protocol: `$`-named events a client sends to the hub itself.
+//!
+//! Each is answered on the same connection, in order: `$hello` → `$welcome`,
+//! `$subscribe` → `$subscribed`, `$unsubscribe` → `$unsubscribed`, `$join` → `$joined`,
+//! `$leave` → `$left`, `$ping` → `$pong`; a malformed one → `$error` naming the problem.
+//! Control events are never broadcast. A client that never sends one behaves exactly
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::event::Event;
+use crate::hub::{Hub, Member};
+use crate::protocol::{ErrorCode, ProtocolError};
+
+mod hello;
+mod liveness;
+mod ping;
+mod room;
+mod subscribe;
+
+pub use hello::PROTOCOL_VERSION;
+pub(crate) use liveness::{Due, Liveness};
+
+/// One control request: who sent it, on which connection, and the event itself.
+pub(crate) struct Request<'a> {
+    pub(crate) hub: &'a Hub,
+    pub(crate) client: &'a Member,
+    pub(crate) liveness: &'a mut Liveness,
+    pub(crate) event: &'a Event,
+}
+
+impl Request<'_> {
+    /// The request's name (`$hello`, ...).
+    fn name(&self) -> &str {
+        self.event.name().as_str()
+    }
+
+    /// The payload, parsed as `T`, or `invalid_payload`.
+    fn payload<T: DeserializeOwned>(&self) -> Result<T, ProtocolError> {
+        serde_json::from_str(self.event.payload())
+            .map_err(|e| invalid_payload(self.name(), &e.to_string()))
+    }
+}
+
+/// Handles one control event from `client`; returns the reply line to send it.
+///
+/// # Errors
+///
+/// A [`ProtocolError`] for the client: an unknown `$` name (`reserved_event`), a payload
+/// of the wrong shape (`invalid_payload`), a bad pattern or room, or a limit.
+pub(crate) fn handle(
+    hub: &Hub,
+    client: &Member,
+    liveness: &mut Liveness,
+    event: &Event,
+) -> Result<Option<Bytes>, ProtocolError> {
+    let mut request = Request {
+        hub,
+        client,
+        liveness,
+        event,
+    };
+    let reply = match request.name() {
+        "$hello" => hello::apply(&mut request),
+        "$subscribe" => subscribe::subscribe(&request),
+        "$unsubscribe" => subscribe::unsubscribe(&request),
+        "$join" => room::join(&request),
+        "$leave" => room::leave(&request),
+        "$ping" => ping::apply(&request),
+        // The answer to our `$ping` (the connection counts one that was not asked for
+        // against the error budget before it gets here).
+        "$pong" => return Ok(None),
+        name => {
+            return Err(ProtocolError::new(
+                ErrorCode::ReservedEvent,
+                format!(
+                    "the hub knows no event named {name:?}; names starting with '$' are reserved"
+                ),
+            ))
+        }
+    };
+    reply.map(Some)
+}
+
+pub(crate) fn reply<T: Serialize>(name: &str, payload: &T) -> Result<Bytes, ProtocolError> {
+    Event::new(name, payload).map(|e| e.line().clone())
+}
+
+pub(crate) fn invalid_payload(name: &str, why: &str) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::InvalidPayload,
+        format!("invalid {name} payload: {why}"),
+    )
+}
