@@ -4,6 +4,10 @@
 //! `$subscribe` → `$subscribed`, `$unsubscribe` → `$unsubscribed`, `$join` → `$joined`,
 //! `$leave` → `$left`, `$ping` → `$pong`; a malformed one → `$error` naming the problem.
 //! Control events are never broadcast. A client that never sends one behaves exactly
+//! as in protocol v1. One module per request (`hello`, `subscribe`, `room`, `ping`),
+//! as mini-redis has one per command; `liveness` keeps the timers behind `$hello
+//! {heartbeat}` and the hub's idle timeout. A new request is a new module and one line
+//! in [`handle`].
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
