@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::IoError;
 use crate::event::{Event, RoomName};
 use crate::protocol::ProtocolError;
 use crate::routing::Pattern;
@@ -179,20 +180,20 @@ pub enum ClientEvent {
 #[non_exhaustive]
 pub enum ClientError {
     /// The address could not be resolved.
-    #[error("cannot resolve {addr}: {reason}")]
+    #[error("cannot resolve {addr}")]
     Resolve {
         /// The address as given.
         addr: String,
         /// Why.
-        reason: String,
+        source: IoError,
     },
     /// No connection could be made.
-    #[error("cannot connect to {addr}: {reason}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         /// The address as given.
         addr: String,
         /// Why (the last error, when it resolved to several addresses).
-        reason: String,
+        source: IoError,
     },
     /// The connection attempt took longer than the connect timeout.
     #[error("connecting to {addr} timed out after {timeout:?}")]
@@ -204,8 +205,8 @@ pub enum ClientError {
     },
     /// The connection broke while this send was being written; it may or may not
     /// have reached the hub.
-    #[error("the connection to the hub was lost: {0}")]
-    ConnectionLost(String),
+    #[error("the connection to the hub was lost")]
+    ConnectionLost(#[source] IoError),
     /// Too many sends are already waiting (while disconnected); this one was refused.
     #[error("not connected to the hub, and {0} events are already waiting to be sent")]
     BufferFull(usize),

@@ -324,9 +324,9 @@ where
                 reading = None;
             }
             res = WriteBatch { writer: &mut writer, batch: &conn.batch }, if writing => match res {
-                Ok(0) => break CloseReason::Io(io::ErrorKind::WriteZero.to_string()),
+                Ok(0) => break CloseReason::Io(io::ErrorKind::WriteZero.into()),
                 Ok(n) => conn.batch.advance(n, &client.outbox),
-                Err(e) => break CloseReason::Io(e.to_string()),
+                Err(e) => break CloseReason::Io(e.into()),
             },
             _ = client.outbox.notified() => {}
             _ = async { timer.as_mut().expect("armed above").await }, if due_at.is_some() => match conn.liveness.fire() {
@@ -403,7 +403,7 @@ impl Connection<'_> {
                 self.liveness.heard();
                 self.consumed(n >= offered)
             }
-            Err(e) => Err(CloseReason::Io(e.to_string())),
+            Err(e) => Err(CloseReason::Io(e.into())),
         }
     }
 
@@ -567,7 +567,7 @@ impl Connection<'_> {
                 tracing::debug!(client = %self.client.id, error = %e, "slow consumer: final error not delivered");
                 reason
             }
-            Ok(Err(e)) => CloseReason::Io(e.to_string()),
+            Ok(Err(e)) => CloseReason::Io(e.into()),
             Err(_) if reason == CloseReason::SlowConsumer => reason,
             Err(_) => CloseReason::DrainTimeout,
         }

@@ -67,6 +67,7 @@ pub mod client;
 mod config;
 mod connection;
 mod control;
+mod error;
 mod event;
 pub mod frame;
 mod hub;
@@ -87,6 +88,7 @@ pub use config::{
     QUEUE_ENTRY_OVERHEAD,
 };
 pub use control::PROTOCOL_VERSION;
+pub use error::IoError;
 pub use event::{Event, EventName, RoomName, MAX_EVENT_NAME};
 pub use frame::DEFAULT_MAX_FRAME;
 pub use hub::{ClientId, CloseReason, Hub, HubEvent, Observer, SendError, Stats};

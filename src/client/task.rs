@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientError, ClientEvent, Command, Listeners, Mode, Reconnect};
+use crate::error::IoError;
 use crate::event::Event;
 use crate::protocol::{ErrorCode, ProtocolError};
 
@@ -69,14 +70,17 @@ pub(crate) async fn dial(
     let addrs: Vec<SocketAddr> = resolved
         .map_err(|e| ClientError::Resolve {
             addr: addr.to_string(),
-            reason: e.to_string(),
+            source: e.into(),
         })?
         .collect();
     report.push(ClientEvent::Lookup {
         host: addr.to_string(),
         addrs: addrs.clone(),
     });
-    let mut last_error = String::from("no addresses");
+    let mut last_error = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the name resolved to no addresses",
+    );
     for candidate in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(candidate)).await {
             Ok(Ok(stream)) => {
@@ -84,13 +88,13 @@ pub(crate) async fn dial(
                 report.push(ClientEvent::Connect { addr: candidate });
                 return Ok(stream);
             }
-            Ok(Err(e)) => last_error = e.to_string(),
+            Ok(Err(e)) => last_error = e,
             Err(_) => return Err(timed_out()),
         }
     }
     Err(ClientError::Connect {
         addr: addr.to_string(),
-        reason: last_error,
+        source: last_error.into(),
     })
 }
 
@@ -268,8 +272,8 @@ impl Session {
         }
     }
 
-    fn lost(&self, pending: &mut VecDeque<Pending>, error: std::io::Error) -> Outcome {
-        let error = ClientError::ConnectionLost(error.to_string());
+    fn lost(&self, pending: &mut VecDeque<Pending>, error: impl Into<IoError>) -> Outcome {
+        let error = ClientError::ConnectionLost(error.into());
         self.offer(pending, ClientEvent::Error(error));
         Outcome::Lost { had_error: true }
     }
@@ -307,7 +311,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Writes every queued send in one go, then tells each sender how it went.
-async fn write_batch(writer: &mut OwnedWriteHalf, batch: &mut Vec<Command>) -> std::io::Result<()> {
+async fn write_batch(writer: &mut OwnedWriteHalf, batch: &mut Vec<Command>) -> Result<(), IoError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -321,10 +325,11 @@ async fn write_batch(writer: &mut OwnedWriteHalf, batch: &mut Vec<Command>) -> s
         }
         writer.write_all(&joined).await
     };
+    let result = result.map_err(IoError::from);
     for command in batch.drain(..) {
         let ack = match &result {
             Ok(()) => Ok(()),
-            Err(e) => Err(ClientError::ConnectionLost(e.to_string())),
+            Err(e) => Err(ClientError::ConnectionLost(e.clone())),
         };
         let _ = command.ack.send(ack);
     }

@@ -14,6 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
+use crate::error::IoError;
 use crate::event::Event;
 use crate::inbound::InboundBudget;
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -41,8 +42,8 @@ impl fmt::Display for ClientId {
 pub enum CloseReason {
     /// The client closed its side (end of stream).
     PeerClosed,
-    /// A read or write failed (reset, broken pipe, ...).
-    Io(String),
+    /// A read or write failed (reset, broken pipe, ...); the error is kept.
+    Io(IoError),
     /// The client sent something the hub cannot resynchronise after.
     Protocol(ErrorCode),
     /// The client read too slowly; its outbound queue overflowed.

@@ -141,6 +141,12 @@ async fn a_refused_connection_is_a_clear_error() {
     let error = Client::connect(addr).await.unwrap_err();
     assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
     assert!(error.to_string().contains(&addr.to_string()), "{error}");
+    // Issue #11: the I/O error is kept as the source, not flattened into a string.
+    let source = std::error::Error::source(&error).expect("a source");
+    let io = source
+        .downcast_ref::<hubcast::IoError>()
+        .expect("an IoError");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
 /// The idle notice, with the clock paused: no real waiting.

@@ -71,7 +71,8 @@ fn log_lifecycle(event: &ClientEvent) {
         ClientEvent::Reconnecting { attempt, delay } => {
             info!(attempt, "reconnecting in {delay:?}")
         }
-        ClientEvent::Error(error) => warn!("{error}"),
+        // With its causes: "the connection to the hub was lost: Connection reset ...".
+        ClientEvent::Error(error) => warn!("{:#}", anyhow::Error::new(error.clone())),
         ClientEvent::HubError(error) => {
             warn!(code = %error.code, "the hub says: {}", error.message)
         }
