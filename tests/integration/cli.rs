@@ -263,6 +263,27 @@ async fn sub_into_head_exits_0_when_head_is_done() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 3);
 }
 
+/// `bench --json` into a reader that has gone (`| true` exits before the report is
+/// written) used to panic in `println!` (exit 101); a closed pipe ends it quietly.
+#[tokio::test]
+async fn bench_into_a_closed_pipe_exits_0_without_a_panic() {
+    let exe = env!("CARGO_BIN_EXE_hubcast");
+    let script = format!("set -o pipefail; '{exe}' bench --embedded -n 2 -k 100 --json | true");
+    let output = within(
+        Command::new("bash")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// Issue #11 (6): a payload nested 200 deep, `1e400` or `"\ud800"` (all forwarded by
 /// the hub, correctly) made `sub --pretty` exit 1. It prints whatever the hub forwards,
 /// in the sender's key order.

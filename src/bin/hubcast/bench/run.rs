@@ -103,11 +103,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         token.cancel();
     }
     let report = report?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    // Not `println!`, which panics when stdout is closed (`bench --json | head`): a
+    // broken pipe ends the process quietly, as for `sub | head` (main.rs).
+    let text = if args.json {
+        serde_json::to_string_pretty(&report)? + "\n"
     } else {
-        print!("{}", report.table());
-    }
+        report.table()
+    };
+    std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {
