@@ -262,8 +262,9 @@ where
             let id = client.id;
             hub.report(|| HubEvent::EventsDropped { client: id, count });
         }
-        // Made before retrying, so a release in between wakes us (see `freed`).
-        let freed = conn.input.is_starved().then(|| inbound.freed());
+        // Made before retrying, so a release in between wakes us (see `freed`). Boxed:
+        // only a starved connection (rare) pays for the wake-up's state.
+        let freed = conn.input.is_starved().then(|| Box::pin(inbound.freed()));
         let was_starved = freed.is_some();
         let room = conn.decoder.read_limit(conn.input.buf());
         let prepared = match reading {
