@@ -70,3 +70,69 @@ async fn the_hub_survives_its_log_reader_going_away() {
     let status = within(child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Issue #11 (2): per-event logging ran on the connection that routed the event, and
+/// wrote synchronously: a log destination that stopped reading (a full pipe) stopped
+/// routing. Now a stalled log costs routing nothing: with its stderr pipe never read,
+/// the hub still relays 20,000 events (far more log than a pipe holds), and once the
+/// log is read again it says how many lines it skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_never_stalls_routing_and_skipped_lines_are_counted() {
+    const EVENTS: usize = 20_000;
+    let mut child = HubProcess::command(&["serve", "--port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within(banner.next_line()).await.unwrap().unwrap();
+    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
+    // Held, not read: the pipe (64 KiB) fills after a few hundred lines.
+    let stderr = child.stderr.take().unwrap();
+    let mut a = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut b = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    b.get_mut()
+        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    within(b.read_line(&mut line)).await.unwrap();
+    assert!(line.contains("$pong"), "{line}");
+    let payload = "p".repeat(100);
+    let sender = tokio::spawn(async move {
+        let mut batch = String::new();
+        for n in 0..EVENTS {
+            batch.push_str(&event("tick", json!({ "n": n, "pad": payload })));
+            batch.push('\n');
+            if batch.len() > 32 << 10 {
+                a.write_all(batch.as_bytes()).await.unwrap();
+                batch.clear();
+            }
+        }
+        a.write_all(batch.as_bytes()).await.unwrap();
+        a
+    });
+    let mut received = 0;
+    while received < EVENTS {
+        line.clear();
+        within(b.read_line(&mut line)).await.unwrap();
+        assert!(!line.is_empty(), "the hub closed the connection");
+        received += usize::from(line.contains("\"tick\""));
+    }
+    let _a = sender.await.unwrap();
+    // Now read the log: somewhere in it, the count of what was skipped.
+    let mut log = BufReader::new(stderr).lines();
+    let skipped = within(async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("skipped") {
+                return line;
+            }
+        }
+        panic!("the log ended without saying what it skipped");
+    })
+    .await;
+    assert!(skipped.contains("skipped"), "{skipped}");
+    child.kill().await.unwrap();
+}
