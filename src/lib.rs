@@ -38,6 +38,8 @@
 //! * [`Config`]: the hub's settings in sections ([`Limits`], [`Delivery`],
 //!   [`Timeouts`]), validated, as `hubcast serve` exposes them.
 //! * `inbound`: the hub-wide budget for read buffers (frames in progress).
+//! * [`store`]: durable streams' storage, an append-only segment log with group
+//!   commit (not used by the hub yet; docs/storage.md).
 //! * [`client`]: a client library ([`client::Client`]) for sending and hearing events.
 //!
 //! # Examples
@@ -77,6 +79,7 @@ mod outbox;
 pub mod protocol;
 pub mod routing;
 mod server;
+pub mod store;
 mod transport;
 
 pub use client::{Client, ClientEvent};

@@ -1,0 +1,891 @@
+//! [`SegmentLog`]: each stream is a directory of append-only segment files, every
+//! record checksummed; one writer thread commits the appends of all streams in
+//! batches (one `fsync` per touched file per batch).
+//!
+//! ```text
+//! DIR/streams/NAME/00000000000000000001.log     records 1 ..
+//!                  00000000000000052311.log     records 52,311 .. (the active one)
+//!
+//! record: len u32 | crc32 u32 | seq u64 | time_ms u64 | id_len u16 | id | line
+//!         (little-endian; the CRC covers everything after it, `len` counts it too)
+//! ```
+//!
+//! A crash can leave the active segment with a torn last record (a short or partly
+//! written one): opening the store checks the active segment record by record and cuts
+//! it after the last valid one, saying what it cut ([`Recovery`]). Closed segments
+//! were synced before the next one began; a record there that fails its checksum is an
+//! error when read, never skipped silently.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::{Appended, Fsync, Record, Recovery, Store, StoreConfig, StoreError, StreamInfo};
+
+/// Bytes before a record's body: its length and checksum.
+const HEADER: usize = 8;
+/// The fixed part of a body: seq, time, id length.
+const FIXED: usize = 8 + 8 + 2;
+/// The longest `"id"` a record keeps.
+pub const MAX_ID: usize = 128;
+/// The longest record body: a frame is at most a few MiB; past this is corruption.
+const MAX_BODY: usize = 256 << 20;
+/// Appends committed in one batch at most (one write and one fsync per file).
+const MAX_BATCH: usize = 4096;
+/// One index entry per this many records: reads start near their seq.
+const INDEX_EVERY: u64 = 256;
+
+/// One segment file.
+#[derive(Debug, Clone)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    /// Records in it, and its size in bytes.
+    events: u64,
+    bytes: u64,
+    /// Every [`INDEX_EVERY`]th record's (seq, offset); empty until needed.
+    index: Vec<(u64, u64)>,
+}
+
+/// What readers and the writer share about one stream.
+#[derive(Debug)]
+struct Meta {
+    dir: PathBuf,
+    /// Oldest first; the last is the active one.
+    segments: Vec<Segment>,
+    /// The last committed seq (readers never go past it).
+    last_seq: u64,
+}
+
+impl Meta {
+    fn info(&self) -> StreamInfo {
+        let first_seq = self
+            .segments
+            .first()
+            .map_or(self.last_seq + 1, |s| s.first_seq);
+        StreamInfo {
+            first_seq,
+            last_seq: self.last_seq,
+            events: self.segments.iter().map(|s| s.events).sum(),
+            bytes: self.segments.iter().map(|s| s.bytes).sum(),
+        }
+    }
+}
+
+type Streams = Arc<Mutex<HashMap<String, Meta>>>;
+
+struct Op {
+    stream: String,
+    id: Option<String>,
+    line: Bytes,
+    done: Appended,
+}
+
+/// The embedded store: see the module docs.
+pub struct SegmentLog {
+    streams: Streams,
+    ops: Mutex<Option<mpsc::Sender<Op>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SegmentLog {
+    /// Opens (or creates) the store in `config.dir`, repairing torn tails.
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be created or read.
+    pub fn open(config: StoreConfig) -> Result<(Self, Recovery), StoreError> {
+        let root = config.dir.join("streams");
+        fs::create_dir_all(&root)
+            .map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
+        let mut recovery = Recovery::default();
+        let mut streams = HashMap::new();
+        let entries = fs::read_dir(&root)
+            .map_err(|e| StoreError::io(format!("reading {}", root.display()), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("listing streams", e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if check_name(&name).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            let meta = open_stream(&entry.path(), &name, &mut recovery)?;
+            streams.insert(name, meta);
+        }
+        let streams: Streams = Arc::new(Mutex::new(streams));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            config,
+            root,
+            streams: Arc::clone(&streams),
+            files: HashMap::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("hubcast-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::io("starting the store's writer thread", e))?;
+        Ok((
+            SegmentLog {
+                streams,
+                ops: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+            },
+            recovery,
+        ))
+    }
+
+    /// Commits what was appended, then stops the writer. Later appends fail.
+    pub fn close(&self) {
+        drop(lock(&self.ops).take());
+        if let Some(handle) = lock(&self.writer).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for SegmentLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Stream names become directory names: letters, digits, `-`, `_` and `.` (not
+/// leading), at most 64 bytes.
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "stream name {name:?}: use at most 64 letters, digits, '-', '_' or '.' (not first)"
+        )))
+    }
+}
+
+impl Store for SegmentLog {
+    fn append(&self, stream: &str, id: Option<String>, line: Bytes, done: Appended) {
+        if let Err(e) = check_name(stream) {
+            return done(Err(e));
+        }
+        if id.as_ref().is_some_and(|id| id.len() > MAX_ID) {
+            return done(Err(StoreError::Invalid(format!(
+                "an id is at most {MAX_ID} bytes"
+            ))));
+        }
+        let op = Op {
+            stream: stream.to_owned(),
+            id,
+            line,
+            done,
+        };
+        let sent = match lock(&self.ops).as_ref() {
+            Some(tx) => tx.send(op).map_err(|mpsc::SendError(op)| op),
+            None => Err(op),
+        };
+        if let Err(op) = sent {
+            (op.done)(Err(StoreError::Closed));
+        }
+    }
+
+    fn read(&self, stream: &str, seq: u64, max: usize) -> Result<Vec<Record>, StoreError> {
+        // A snapshot: the writer may go on while we read files.
+        let (segments, last_seq) = {
+            let streams = lock(&self.streams);
+            let Some(meta) = streams.get(stream) else {
+                return Ok(Vec::new());
+            };
+            let from = meta
+                .segments
+                .partition_point(|s| s.first_seq <= seq)
+                .saturating_sub(1);
+            (meta.segments[from..].to_vec(), meta.last_seq)
+        };
+        let mut out = Vec::new();
+        for (i, segment) in segments.iter().enumerate() {
+            if out.len() >= max || seq > last_seq {
+                break;
+            }
+            let start = segment
+                .index
+                .iter()
+                .take_while(|(s, _)| *s <= seq)
+                .last()
+                .map_or(0, |&(_, offset)| offset);
+            let mut reader = RecordReader::open(&segment.path, start)?;
+            while out.len() < max {
+                match reader.next() {
+                    Ok(Some(record)) if record.seq > last_seq => break,
+                    Ok(Some(record)) if record.seq >= seq => out.push(record),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(bad) if i + 1 == segments.len() && bad.torn => break,
+                    Err(bad) => {
+                        return Err(StoreError::Invalid(format!(
+                            "{} is corrupted at byte {}: {}",
+                            segment.path.display(),
+                            bad.offset,
+                            bad.why
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn info(&self, stream: &str) -> Option<StreamInfo> {
+        lock(&self.streams).get(stream).map(Meta::info)
+    }
+}
+
+/// Why a record could not be read.
+#[derive(Debug)]
+struct BadRecord {
+    offset: u64,
+    why: String,
+    /// It ends short (the file ends inside it): a torn write, if this is the tail.
+    torn: bool,
+}
+
+/// Reads records one after another from a segment file.
+struct RecordReader {
+    file: BufReader<File>,
+    offset: u64,
+    len: u64,
+}
+
+impl RecordReader {
+    fn open(path: &Path, offset: u64) -> Result<Self, StoreError> {
+        let mut file = File::open(path)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?
+            .len();
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        Ok(RecordReader {
+            file: BufReader::with_capacity(64 << 10, file),
+            offset,
+            len,
+        })
+    }
+
+    /// The next record, `None` at the end of the file.
+    fn next(&mut self) -> Result<Option<Record>, BadRecord> {
+        let at = self.offset;
+        let bad = |why: String, torn: bool| BadRecord {
+            offset: at,
+            why,
+            torn,
+        };
+        if at == self.len {
+            return Ok(None);
+        }
+        if self.len - at < HEADER as u64 {
+            return Err(bad("a record header cut short".into(), true));
+        }
+        let mut header = [0u8; HEADER];
+        self.file
+            .read_exact(&mut header)
+            .map_err(|e| bad(e.to_string(), false))?;
+        let body_len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
+        if !(FIXED..=MAX_BODY).contains(&body_len) {
+            return Err(bad(format!("a record length of {body_len} bytes"), false));
+        }
+        if self.len - at - (HEADER as u64) < body_len as u64 {
+            return Err(bad(
+                format!("a {body_len}-byte record cut short at the end of the file"),
+                true,
+            ));
+        }
+        let mut body = vec![0u8; body_len];
+        self.file
+            .read_exact(&mut body)
+            .map_err(|e| bad(e.to_string(), false))?;
+        if crc32fast::hash(&body) != crc {
+            return Err(bad("a checksum mismatch".into(), false));
+        }
+        let record = decode(body).map_err(|why| bad(why, false))?;
+        self.offset = at + (HEADER + body_len) as u64;
+        Ok(Some(record))
+    }
+}
+
+fn encode(out: &mut Vec<u8>, seq: u64, time_ms: u64, id: Option<&str>, line: &[u8]) {
+    let id = id.unwrap_or("").as_bytes();
+    let body_len = FIXED + id.len() + line.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&time_ms.to_le_bytes());
+    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(line);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn decode(body: Vec<u8>) -> Result<Record, String> {
+    let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
+    let time_ms = u64::from_le_bytes(body[8..16].try_into().unwrap());
+    let id_len = u16::from_le_bytes(body[16..18].try_into().unwrap()) as usize;
+    if FIXED + id_len > body.len() {
+        return Err(format!("an id of {id_len} bytes in a shorter record"));
+    }
+    let id = match id_len {
+        0 => None,
+        _ => Some(
+            String::from_utf8(body[FIXED..FIXED + id_len].to_vec())
+                .map_err(|_| "an id that is not UTF-8".to_string())?,
+        ),
+    };
+    let mut line = Bytes::from(body);
+    let line = line.split_off(FIXED + id_len);
+    Ok(Record {
+        seq,
+        time_ms,
+        id,
+        line,
+    })
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.log"))
+}
+
+/// Lists a stream's segments and checks its active (last) one record by record,
+/// cutting a torn or corrupted tail.
+fn open_stream(dir: &Path, name: &str, recovery: &mut Recovery) -> Result<Meta, StoreError> {
+    let listing =
+        fs::read_dir(dir).map_err(|e| StoreError::io(format!("reading {}", dir.display()), e))?;
+    let mut segments = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| StoreError::io(format!("reading {}", dir.display()), e))?;
+        let file_name = entry.file_name();
+        let Some(first_seq) = file_name
+            .to_str()
+            .and_then(|f| f.strip_suffix(".log"))
+            .and_then(|f| f.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let bytes = entry
+            .metadata()
+            .map_err(|e| StoreError::io(format!("reading {}", entry.path().display()), e))?
+            .len();
+        segments.push(Segment {
+            first_seq,
+            path: entry.path(),
+            events: 0,
+            bytes,
+            index: Vec::new(),
+        });
+    }
+    segments.sort_by_key(|s| s.first_seq);
+    // Closed segments hold exactly the seqs up to the next one's first.
+    for i in 1..segments.len() {
+        segments[i - 1].events = segments[i].first_seq - segments[i - 1].first_seq;
+    }
+    let mut last_seq = segments.last().map_or(0, |s| s.first_seq - 1);
+    if let Some(active) = segments.last_mut() {
+        let mut reader = RecordReader::open(&active.path, 0)?;
+        let mut expected = active.first_seq;
+        let cut = loop {
+            let offset = reader.offset;
+            match reader.next() {
+                Ok(Some(record)) if record.seq == expected => {
+                    if (record.seq - active.first_seq).is_multiple_of(INDEX_EVERY) {
+                        active.index.push((record.seq, offset));
+                    }
+                    expected += 1;
+                }
+                Ok(Some(record)) => {
+                    break Some((
+                        offset,
+                        format!("seq {} where {expected} was due", record.seq),
+                    ))
+                }
+                Ok(None) => break None,
+                Err(bad) => break Some((bad.offset, bad.why)),
+            }
+        };
+        active.events = expected - active.first_seq;
+        last_seq = expected - 1;
+        if let Some((offset, why)) = cut {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&active.path)
+                .map_err(|e| StoreError::io(format!("repairing {}", active.path.display()), e))?;
+            file.set_len(offset)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| StoreError::io(format!("repairing {}", active.path.display()), e))?;
+            recovery.repairs.push(format!(
+                "stream {name}: cut {} bytes after seq {last_seq} at the end of {} ({why})",
+                active.bytes - offset,
+                active.path.display()
+            ));
+            active.bytes = offset;
+        }
+    }
+    Ok(Meta {
+        dir: dir.to_owned(),
+        segments,
+        last_seq,
+    })
+}
+
+/// The writer thread's state: the active segment of each stream it has written to.
+struct Writer {
+    config: StoreConfig,
+    root: PathBuf,
+    streams: Streams,
+    files: HashMap<String, File>,
+}
+
+/// One batch's records for one stream.
+struct Pending {
+    bytes: Vec<u8>,
+    /// (seq, offset in `bytes`) of each record.
+    records: Vec<(u64, usize)>,
+    done: Vec<(u64, Appended)>,
+}
+
+impl Writer {
+    fn run(mut self, ops: mpsc::Receiver<Op>) {
+        // Blocks for the first append, then takes whatever else is waiting: everything
+        // that arrived during the last fsync shares the next one.
+        while let Ok(first) = ops.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Op>) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as u64;
+        let mut pending: HashMap<String, Pending> = HashMap::new();
+        {
+            // Seqs are handed out under the lock; readers see them only once committed
+            // (`last_seq` moves after the write).
+            let mut streams = lock(&self.streams);
+            for op in batch {
+                let meta = match streams.get(&op.stream) {
+                    Some(meta) => meta,
+                    None => {
+                        let dir = self.root.join(&op.stream);
+                        if let Err(e) = fs::create_dir_all(&dir) {
+                            (op.done)(Err(StoreError::io(
+                                format!("creating {}", dir.display()),
+                                e,
+                            )));
+                            continue;
+                        }
+                        streams.entry(op.stream.clone()).or_insert(Meta {
+                            dir,
+                            segments: Vec::new(),
+                            last_seq: 0,
+                        })
+                    }
+                };
+                let entry = pending.entry(op.stream).or_insert_with(|| Pending {
+                    bytes: Vec::new(),
+                    records: Vec::new(),
+                    done: Vec::new(),
+                });
+                let seq = meta.last_seq + 1 + entry.records.len() as u64;
+                entry.records.push((seq, entry.bytes.len()));
+                encode(&mut entry.bytes, seq, now, op.id.as_deref(), &op.line);
+                entry.done.push((seq, op.done));
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for (stream, batch) in &pending {
+            results.push(self.write(stream, batch));
+        }
+        // Only now (written, and synced if asked) does anyone hear of it.
+        let mut streams = lock(&self.streams);
+        for ((stream, batch), result) in pending.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Some(meta) = streams.get_mut(&stream) {
+                        meta.last_seq += batch.records.len() as u64;
+                        self.retain(meta, now);
+                    }
+                    for (seq, done) in batch.done {
+                        done(Ok(seq));
+                    }
+                }
+                Err(e) => {
+                    // Nothing of the batch counts: the file is cut back on the next
+                    // open, and the next batch starts a new segment.
+                    self.files.remove(&stream);
+                    for (_, done) in batch.done {
+                        done(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one stream's part of a batch to its active segment (starting a new one
+    /// if it is full), then syncs it if the policy says so.
+    fn write(&mut self, stream: &str, batch: &Pending) -> Result<(), StoreError> {
+        let first_seq = batch.records[0].0;
+        let (path, offset) = {
+            let mut streams = lock(&self.streams);
+            let meta = streams
+                .get_mut(stream)
+                .expect("created with its first append");
+            let full = meta
+                .segments
+                .last()
+                .is_none_or(|s| s.bytes >= self.config.segment_bytes);
+            if full || !self.files.contains_key(stream) {
+                if let Some(file) = self.files.remove(stream) {
+                    // Closed segments are on disk before the next one begins.
+                    file.sync_all()
+                        .map_err(|e| StoreError::io(format!("syncing stream {stream}"), e))?;
+                }
+            }
+            if full {
+                meta.segments.push(Segment {
+                    first_seq,
+                    path: segment_path(&meta.dir, first_seq),
+                    events: 0,
+                    bytes: 0,
+                    index: Vec::new(),
+                });
+            }
+            let active = meta.segments.last().expect("pushed above");
+            (active.path.clone(), active.bytes)
+        };
+        if !self.files.contains_key(stream) {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+            // A failed batch may have left bytes past what was committed.
+            file.set_len(offset)
+                .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+            if offset == 0 {
+                sync_dir(path.parent().expect("a segment is in a directory"))?;
+            }
+            self.files.insert(stream.to_owned(), file);
+        }
+        let file = self.files.get_mut(stream).expect("opened above");
+        file.write_all(&batch.bytes)
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        if self.config.fsync == Fsync::Always {
+            file.sync_data()
+                .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))?;
+        }
+        let mut streams = lock(&self.streams);
+        let active = streams
+            .get_mut(stream)
+            .and_then(|m| m.segments.last_mut())
+            .expect("the active segment");
+        for &(seq, at) in &batch.records {
+            if (seq - active.first_seq).is_multiple_of(INDEX_EVERY) {
+                active.index.push((seq, offset + at as u64));
+            }
+        }
+        active.events += batch.records.len() as u64;
+        active.bytes += batch.bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Deletes a stream's oldest segments (never the active one) while it is over a
+    /// retention limit.
+    fn retain(&self, meta: &mut Meta, now_ms: u64) {
+        let limits = &self.config.retention;
+        while meta.segments.len() > 1 {
+            let info = meta.info();
+            let oldest = &meta.segments[0];
+            let too_old = limits.max_age.is_some_and(|age| {
+                fs::metadata(&oldest.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .is_some_and(|t| (t.as_millis() as u64) + (age.as_millis() as u64) < now_ms)
+            });
+            if info.events <= limits.max_events && info.bytes <= limits.max_bytes && !too_old {
+                break;
+            }
+            let oldest = meta.segments.remove(0);
+            // A failed delete is retried at the next commit; the records stay readable.
+            if fs::remove_file(&oldest.path).is_err() {
+                meta.segments.insert(0, oldest);
+                break;
+            }
+        }
+    }
+}
+
+/// Makes a new file's name durable (its directory entry).
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(format!("syncing {}", dir.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "hubcast-store-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn line(n: u64) -> Bytes {
+        Bytes::from(format!("{{\"event\":\"e\",\"payload\":{n}}}\n"))
+    }
+
+    /// Appends `lines` to `stream` and waits until all are stored; returns their seqs.
+    fn append_all(log: &SegmentLog, stream: &str, lines: impl Iterator<Item = Bytes>) -> Vec<u64> {
+        let (tx, rx) = channel();
+        let mut count = 0;
+        for line in lines {
+            let tx = tx.clone();
+            log.append(
+                stream,
+                Some(format!("id-{count}")),
+                line,
+                Box::new(move |r| {
+                    tx.send(r).unwrap();
+                }),
+            );
+            count += 1;
+        }
+        (0..count).map(|_| rx.recv().unwrap().unwrap()).collect()
+    }
+
+    #[test]
+    fn appends_get_consecutive_seqs_and_read_back_across_a_reopen() {
+        let dir = temp_dir("reopen");
+        let mut config = StoreConfig::new(&dir);
+        config.segment_bytes = 4096; // several segments
+        let (log, recovery) = SegmentLog::open(config.clone()).unwrap();
+        assert!(recovery.repairs.is_empty());
+        let mut seqs = append_all(&log, "orders", (0..1000).map(line));
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
+        let info = log.info("orders").unwrap();
+        assert_eq!(
+            (info.first_seq, info.last_seq, info.events),
+            (1, 1000, 1000)
+        );
+        log.close();
+
+        let (log, recovery) = SegmentLog::open(config).unwrap();
+        assert!(recovery.repairs.is_empty(), "{:?}", recovery.repairs);
+        assert_eq!(log.info("orders").unwrap().last_seq, 1000);
+        let records = log.read("orders", 500, 10).unwrap();
+        assert_eq!(records.len(), 10);
+        assert_eq!(records[0].seq, 500);
+        // One appender: seqs follow the order of its appends.
+        assert_eq!(records[0].line, line(499));
+        assert_eq!(records[0].id.as_deref(), Some("id-499"));
+        // The next append continues the sequence.
+        assert_eq!(append_all(&log, "orders", std::iter::once(line(7))), [1001]);
+        let all = log.read("orders", 1, usize::MAX).unwrap();
+        assert_eq!(all.len(), 1001);
+        assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn active_segment(dir: &Path, stream: &str) -> PathBuf {
+        let mut files: Vec<_> = fs::read_dir(dir.join("streams").join(stream))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files.pop().unwrap()
+    }
+
+    /// A torn write (the file ends inside the last record) is cut on open, the valid
+    /// prefix kept, the cut reported; the stream goes on from the last valid seq.
+    #[test]
+    fn a_torn_tail_is_cut_and_reported() {
+        let dir = temp_dir("torn");
+        let config = StoreConfig::new(&dir);
+        let (log, _) = SegmentLog::open(config.clone()).unwrap();
+        append_all(&log, "s", (0..10).map(line));
+        log.close();
+        let path = active_segment(&dir, "s");
+        for cut in [1, 5, HEADER as u64 + 3] {
+            let file = OpenOptions::new().write(true).open(&path).unwrap();
+            let before = fs::metadata(&path).unwrap().len();
+            file.set_len(before - cut).unwrap();
+            drop(file);
+            let (log, recovery) = SegmentLog::open(config.clone()).unwrap();
+            assert_eq!(recovery.repairs.len(), 1, "{:?}", recovery.repairs);
+            assert!(
+                recovery.repairs[0].contains("cut short"),
+                "{:?}",
+                recovery.repairs
+            );
+            let info = log.info("s").unwrap();
+            let records = log.read("s", 1, usize::MAX).unwrap();
+            assert_eq!(records.len() as u64, info.last_seq);
+            assert_eq!(records.last().unwrap().line, line(info.last_seq - 1));
+            // Appending again after the repair continues the sequence.
+            assert_eq!(
+                append_all(&log, "s", std::iter::once(line(99))),
+                [info.last_seq + 1]
+            );
+            log.close();
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A flipped byte in the tail fails its checksum: the record and what follows are
+    /// cut, never returned.
+    #[test]
+    fn a_corrupted_tail_fails_its_checksum_and_is_cut() {
+        let dir = temp_dir("crc");
+        let config = StoreConfig::new(&dir);
+        let (log, _) = SegmentLog::open(config.clone()).unwrap();
+        append_all(&log, "s", (0..10).map(line));
+        log.close();
+        let path = active_segment(&dir, "s");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x20;
+        // And garbage after it, as a half-written next record might leave.
+        bytes.extend_from_slice(&[0xff; 7]);
+        fs::write(&path, &bytes).unwrap();
+        let (log, recovery) = SegmentLog::open(config).unwrap();
+        assert!(
+            recovery.repairs[0].contains("checksum"),
+            "{:?}",
+            recovery.repairs
+        );
+        assert_eq!(log.info("s").unwrap().last_seq, 9);
+        assert_eq!(log.read("s", 1, 100).unwrap().len(), 9);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Appenders on several threads share batches: every append is stored exactly
+    /// once, seqs have no gap and no duplicate, and each appender's records keep its
+    /// order.
+    #[test]
+    fn concurrent_appends_share_commits_without_gaps() {
+        let dir = temp_dir("concurrent");
+        let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+        let log = Arc::new(log);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    let lines = (0..500).map(move |n| Bytes::from(format!("{t}:{n}\n")));
+                    append_all(&log, "s", lines)
+                })
+            })
+            .collect();
+        let mut seqs: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=2000).collect::<Vec<_>>());
+        let records = log.read("s", 1, usize::MAX).unwrap();
+        for t in 0..4 {
+            let mine: Vec<u64> = records
+                .iter()
+                .filter_map(|r| {
+                    let text = std::str::from_utf8(&r.line).unwrap();
+                    let (who, n) = text.trim().split_once(':').unwrap();
+                    (who == t.to_string()).then(|| n.parse().unwrap())
+                })
+                .collect();
+            assert_eq!(mine, (0..500).collect::<Vec<_>>());
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Past `max_events`, whole old segments go; reads start at the oldest kept seq.
+    #[test]
+    fn retention_deletes_the_oldest_segments() {
+        let dir = temp_dir("retention");
+        let mut config = StoreConfig::new(&dir);
+        config.segment_bytes = 2048;
+        config.retention.max_events = 100;
+        config.fsync = Fsync::Never;
+        let (log, _) = SegmentLog::open(config.clone()).unwrap();
+        for chunk in 0..10 {
+            append_all(&log, "s", (chunk * 50..chunk * 50 + 50).map(line));
+        }
+        let info = log.info("s").unwrap();
+        assert_eq!(info.last_seq, 500);
+        assert!(info.events <= 100 + 60, "{info:?}");
+        assert!(info.first_seq > 300, "{info:?}");
+        let records = log.read("s", 1, usize::MAX).unwrap();
+        assert_eq!(records.first().unwrap().seq, info.first_seq);
+        assert_eq!(records.len() as u64, info.events);
+        log.close();
+        let (log, _) = SegmentLog::open(config).unwrap();
+        assert_eq!(log.info("s").unwrap(), info);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_names_and_ids_are_refused_and_a_closed_store_says_so() {
+        let dir = temp_dir("refusals");
+        let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+        let outcome = |stream: &str, id: Option<String>| {
+            let (tx, rx) = channel();
+            log.append(stream, id, line(0), Box::new(move |r| tx.send(r).unwrap()));
+            rx.recv().unwrap()
+        };
+        for name in ["", "../x", ".hidden", "a/b", &"n".repeat(65)] {
+            assert!(
+                matches!(outcome(name, None), Err(StoreError::Invalid(_))),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            outcome("s", Some("i".repeat(MAX_ID + 1))),
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(outcome("s", Some("i".repeat(MAX_ID))).unwrap(), 1);
+        log.close();
+        assert!(matches!(outcome("s", None), Err(StoreError::Closed)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
