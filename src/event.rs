@@ -152,6 +152,8 @@ pub struct Event {
     payload: Range<usize>,
     /// The top-level `"room"`, if any: only that room's members receive the event.
     room: Option<RoomName>,
+    /// The top-level `"id"`, if it is a string: the publisher asks for a `$stored`.
+    id: Option<ByteString>,
 }
 
 /// The shape an event must have; extra keys are ignored here and forwarded unchanged.
@@ -167,6 +169,8 @@ struct Wire<'a> {
     payload: &'a RawValue,
     #[serde(borrow, default, deserialize_with = "present")]
     room: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
 }
 
 /// A key that is present is `Some`, even when its value is `null`.
@@ -277,11 +281,29 @@ impl Event {
             None => None,
             Some(raw) => Some(room_name(raw)?),
         };
+        let id = match wire.id.map(|raw| raw.get()) {
+            // Only a string is an id; any other `"id"` is an extra key, as before v3.
+            Some(raw) if raw.starts_with('"') => {
+                let id: Cow<'_, str> = serde_json::from_str(raw).map_err(|e| {
+                    ProtocolError::new(
+                        ErrorCode::NotAnEvent,
+                        format!("\"id\" is not a valid string ({e})"),
+                    )
+                })?;
+                Some(event_id(match id {
+                    // Ids without escapes share the line's allocation.
+                    Cow::Borrowed(id) => line.slice(offset_in(text, id)),
+                    Cow::Owned(id) => Bytes::from(id),
+                })?)
+            }
+            _ => None,
+        };
         Ok(Event {
             line,
             name,
             payload,
             room,
+            id,
         })
     }
 
@@ -298,11 +320,16 @@ impl Event {
             None => None,
             Some(range) => Some(RoomName::new(text(range)?)?),
         };
+        let id = match parts.id {
+            None => None,
+            Some(range) => Some(event_id(line.slice(range))?),
+        };
         Ok(Event {
             payload: parts.payload,
             line,
             name,
             room,
+            id,
         })
     }
 
@@ -322,6 +349,12 @@ impl Event {
     /// The room the event is for, if it names one.
     pub fn room(&self) -> Option<&RoomName> {
         self.room.as_ref()
+    }
+
+    /// The top-level `"id"` (a string): the publisher asks the hub to confirm the
+    /// event with `$stored`, and to drop a resend of it as a duplicate.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 
     /// The whole wire line, trailing `\n` included.
@@ -376,6 +409,23 @@ fn offset_in(whole: &str, part: &str) -> Range<usize> {
     start..start + part.len()
 }
 
+/// The longest `"id"` an event may carry, in bytes.
+pub const MAX_EVENT_ID: usize = 128;
+
+/// Checks an event's `"id"` (its text, unescaped): at most [`MAX_EVENT_ID`] bytes.
+fn event_id(id: Bytes) -> Result<ByteString, ProtocolError> {
+    if id.len() > MAX_EVENT_ID {
+        return Err(ProtocolError::new(
+            ErrorCode::NotAnEvent,
+            format!(
+                "\"id\" is {} bytes long; the limit is {MAX_EVENT_ID}",
+                id.len()
+            ),
+        ));
+    }
+    ByteString::try_from(id).map_err(utf8_error)
+}
+
 fn utf8_error(_: std::str::Utf8Error) -> ProtocolError {
     ProtocolError::new(ErrorCode::InvalidUtf8, "invalid UTF-8 in the frame")
 }
@@ -396,6 +446,22 @@ mod tests {
 
     fn parse(s: &str) -> Result<Event, ProtocolError> {
         Event::from_line(Bytes::copy_from_slice(format!("{s}\n").as_bytes()))
+    }
+
+    /// Issue #12: a string `"id"` is the publisher's id (escapes decoded, at most 128
+    /// bytes); any other `"id"` is an extra key, as before protocol v3.
+    #[test]
+    fn a_string_id_is_the_publishers_id() {
+        let e = parse(r#"{"event":"a","payload":1,"id":"order-7"}"#).unwrap();
+        assert_eq!(e.id(), Some("order-7"));
+        let e = parse(r#"{"id":"\u00e9","event":"a","payload":1}"#).unwrap();
+        assert_eq!(e.id(), Some("é"));
+        assert_eq!(parse(r#"{"event":"a","payload":1,"id":7}"#).unwrap().id(), None);
+        assert_eq!(parse(r#"{"event":"a","payload":1}"#).unwrap().id(), None);
+        let long = format!(r#"{{"event":"a","payload":1,"id":"{}"}}"#, "x".repeat(129));
+        let err = parse(&long).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotAnEvent);
+        assert!(err.message.contains("128"), "{}", err.message);
     }
 
     #[test]

@@ -423,6 +423,7 @@ impl FrameDecoder {
             let name = &window[parts.name.clone()];
             if parts.end > self.max_frame
                 || parts.room.is_some()
+                || parts.id.is_some()
                 || name.is_empty()
                 || name.len() > crate::event::MAX_EVENT_NAME
                 || name[0] == b'$'

@@ -33,22 +33,24 @@ fn frames(mut decoder: FrameDecoder, data: &[u8], chunk: usize) -> Vec<String> {
                     let e = run.event(index);
                     assert_eq!(run.name(index), e.name().as_str());
                     out.push(format!(
-                        "event {:?} {:?} {:?} {:?}",
+                        "event {:?} {:?} {:?} {:?} {:?}",
                         e.line(),
                         e.name(),
                         e.payload(),
-                        e.room()
+                        e.room(),
+                        e.id()
                     ));
                 }
                 continue;
             }
             match decoder.decode(&mut buf) {
                 Ok(Some(Frame::Event(e))) => out.push(format!(
-                    "event {:?} {:?} {:?} {:?}",
+                    "event {:?} {:?} {:?} {:?} {:?}",
                     e.line(),
                     e.name(),
                     e.payload(),
-                    e.room()
+                    e.room(),
+                    e.id()
                 )),
                 Ok(Some(Frame::Rejected(e))) => out.push(format!("rejected {} {}", e.code, e.message)),
                 Ok(None) => break,

@@ -27,6 +27,9 @@ pub(crate) struct Parts {
     pub payload: Range<usize>,
     /// The room name's text, without quotes (it has no escapes).
     pub room: Option<Range<usize>>,
+    /// The publisher's `"id"` text, without quotes (a string without escapes; any
+    /// other `"id"` goes to the reference path).
+    pub id: Option<Range<usize>>,
 }
 
 /// Nesting deeper than this goes to the reference path (serde_json's own limit is 128).
@@ -37,7 +40,7 @@ const MAX_DEPTH: usize = 64;
 pub(crate) fn event(buf: &[u8]) -> Option<Parts> {
     let mut p = Parser { buf, pos: 0 };
     p.eat(b'{')?;
-    let (mut name, mut payload, mut room) = (None, None, None);
+    let (mut name, mut payload, mut room, mut id) = (None, None, None, None);
     loop {
         let key = p.key()?;
         if key.escaped {
@@ -58,6 +61,10 @@ pub(crate) fn event(buf: &[u8]) -> Option<Parts> {
                 let text = p.plain_string()?;
                 set_once(&mut room, text)?;
             }
+            b"id" => {
+                let text = p.plain_string()?;
+                set_once(&mut id, text)?;
+            }
             _ => p.value(1)?,
         }
         match p.token()? {
@@ -71,6 +78,7 @@ pub(crate) fn event(buf: &[u8]) -> Option<Parts> {
         name: name?,
         payload: payload?,
         room,
+        id,
     })
 }
 

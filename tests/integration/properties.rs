@@ -154,22 +154,24 @@ fn frames(mut decoder: FrameDecoder, chunks: &[&[u8]]) -> Vec<String> {
                     let e = run.event(index);
                     assert_eq!(run.name(index), e.name().as_str());
                     out.push(format!(
-                        "event {:?} {:?} {:?} {:?}",
+                        "event {:?} {:?} {:?} {:?} {:?}",
                         e.line(),
                         e.name(),
                         e.payload(),
-                        e.room()
+                        e.room(),
+                        e.id()
                     ));
                 }
                 continue;
             }
             match decoder.decode(&mut buf) {
                 Ok(Some(Frame::Event(e))) => out.push(format!(
-                    "event {:?} {:?} {:?} {:?}",
+                    "event {:?} {:?} {:?} {:?} {:?}",
                     e.line(),
                     e.name(),
                     e.payload(),
-                    e.room()
+                    e.room(),
+                    e.id()
                 )),
                 Ok(Some(Frame::Rejected(e))) => {
                     out.push(format!("rejected {} {}", e.code, e.message))
@@ -193,6 +195,9 @@ fn fragment() -> impl Strategy<Value = String> {
         json_value().prop_map(|v| v.to_string()),
         event_name().prop_map(|n| format!(r#"{{"event":"{n}","payload":1}}"#)),
         Just(r#"{"event":"a","payload":{"x":[1,2.5e3,-0,true,null]},"room":"r"}"#.to_string()),
+        Just(r#"{"event":"a","payload":1,"id":"order-7"}"#.to_string()),
+        Just(r#"{"id":"\u00e9t\u00e9","event":"b","payload":[]}"#.to_string()),
+        Just(r#"{"event":"c","payload":null,"id":42}"#.to_string()),
         prop::sample::select(vec![
             "{",
             "}",
@@ -226,6 +231,8 @@ fn fragment() -> impl Strategy<Value = String> {
             r#""event":"#,
             r#""payload":"#,
             r#""room":"#,
+            r#""id":"#,
+            r#""id":"x""#,
             r#"{"event":"#,
             r#"{"payload":"#,
             r#""x","#,
