@@ -67,6 +67,80 @@ pub struct Config {
     pub delivery: Delivery,
     /// How long the hub waits for quiet and closing clients.
     pub timeouts: Timeouts,
+    /// Durable streams: which events are stored, where, and how surely.
+    pub streams: Streams,
+}
+
+/// The default window in which a resent `"id"` is recognised as a duplicate.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// The most publisher ids remembered for deduplication; past it the oldest are
+/// forgotten first (the window is then shorter than `dedup_window`).
+pub const MAX_DEDUP_IDS: usize = 100_000;
+
+/// Durable streams: every client event whose name matches a stream's patterns is
+/// appended to it (the first declared stream that matches) before it is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Streams {
+    /// The streams, in the order they are matched.
+    pub declared: Vec<StreamSpec>,
+    /// Where they are kept (default `./hubcast-data`).
+    pub data_dir: std::path::PathBuf,
+    /// When an appended event counts as stored.
+    pub fsync: crate::store::Fsync,
+    /// How much each stream keeps.
+    pub retention: crate::store::Retention,
+    /// A resent `"id"` within this window is neither stored nor broadcast again.
+    pub dedup_window: Duration,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            declared: Vec::new(),
+            data_dir: "hubcast-data".into(),
+            fsync: crate::store::Fsync::Always,
+            retention: crate::store::Retention::default(),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+        }
+    }
+}
+
+/// One declared stream: its name and the event-name patterns it stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamSpec {
+    /// Its name: letters, digits, `-`, `_`, `.`, at most 64 bytes.
+    pub name: String,
+    /// Patterns as in `$subscribe` (`orders.*`, `pickup`).
+    pub patterns: Vec<String>,
+}
+
+impl StreamSpec {
+    /// A stream named `name` storing events whose names match any of `patterns`.
+    pub fn new(name: impl Into<String>, patterns: &[&str]) -> Self {
+        StreamSpec {
+            name: name.into(),
+            patterns: patterns.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// Parses `NAME=PATTERN[,PATTERN...]`, as `hubcast serve --stream` takes it.
+    ///
+    /// # Errors
+    ///
+    /// A message naming what is missing.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, patterns) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?}: expected NAME=PATTERN[,PATTERN...]"))?;
+        let patterns: Vec<&str> = patterns.split(',').map(str::trim).collect();
+        if name.is_empty() || patterns.iter().any(|p| p.is_empty()) {
+            return Err(format!("{text:?}: expected NAME=PATTERN[,PATTERN...]"));
+        }
+        Ok(StreamSpec::new(name, &patterns))
+    }
 }
 
 /// What one client, and all of them together, may cost the hub.
@@ -202,6 +276,12 @@ pub enum Setting {
     IdleTimeout,
     /// [`Timeouts::drain`]
     DrainTimeout,
+    /// [`Streams::declared`]
+    Stream,
+    /// [`Streams::data_dir`]
+    DataDir,
+    /// [`Streams::dedup_window`]
+    DedupWindow,
 }
 
 impl Setting {
@@ -222,6 +302,9 @@ impl Setting {
             Setting::SlowConsumer => "delivery.slow_consumer",
             Setting::IdleTimeout => "timeouts.idle",
             Setting::DrainTimeout => "timeouts.drain",
+            Setting::Stream => "streams.declared",
+            Setting::DataDir => "streams.data_dir",
+            Setting::DedupWindow => "streams.dedup_window",
         }
     }
 
@@ -242,6 +325,9 @@ impl Setting {
             Setting::SlowConsumer => "--slow-consumer",
             Setting::IdleTimeout => "--idle-timeout",
             Setting::DrainTimeout => "--drain-timeout",
+            Setting::Stream => "--stream",
+            Setting::DataDir => "--data-dir",
+            Setting::DedupWindow => "--dedup-window",
         }
     }
 }
@@ -265,9 +351,20 @@ enum Problem {
     TooLong(Duration),
     /// Smaller than another setting allows: (value, other setting, least value, why).
     BelowOther(usize, Setting, usize, &'static str),
+    /// A value that cannot work, and why.
+    Unusable(String),
 }
 
 impl ConfigError {
+    /// A setting that cannot be used, and why (for checks made outside
+    /// [`Config::validate`], such as opening the store).
+    pub(crate) fn unusable(setting: Setting, why: impl Into<String>) -> Self {
+        ConfigError {
+            setting,
+            problem: Problem::Unusable(why.into()),
+        }
+    }
+
     /// The setting at fault.
     pub fn setting(&self) -> Setting {
         self.setting
@@ -286,6 +383,7 @@ impl ConfigError {
                 "{this} is {value} bytes; with this {} it must be at least {least} bytes: {why}",
                 name(*other)
             ),
+            Problem::Unusable(why) => format!("{this}: {why}"),
         }
     }
 }
@@ -390,6 +488,46 @@ impl Config {
                 ),
             );
         }
+        self.streams.validate()?;
+        Ok(())
+    }
+}
+
+impl Streams {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let unusable = |setting, why: String| Err(ConfigError::unusable(setting, why));
+        let mut names = std::collections::HashSet::new();
+        for spec in &self.declared {
+            if let Err(e) = crate::store::check_name(&spec.name) {
+                return unusable(Setting::Stream, e.to_string());
+            }
+            if !names.insert(spec.name.as_str()) {
+                return unusable(
+                    Setting::Stream,
+                    format!("stream {:?} is declared twice", spec.name),
+                );
+            }
+            if spec.patterns.is_empty() {
+                return unusable(
+                    Setting::Stream,
+                    format!("stream {:?} has no pattern", spec.name),
+                );
+            }
+            for pattern in &spec.patterns {
+                if let Err(e) = crate::routing::Pattern::parse(pattern) {
+                    return unusable(
+                        Setting::Stream,
+                        format!("stream {:?}: {}", spec.name, e.message),
+                    );
+                }
+            }
+        }
+        if self.dedup_window > MAX_DURATION {
+            return Err(ConfigError {
+                setting: Setting::DedupWindow,
+                problem: Problem::TooLong(self.dedup_window),
+            });
+        }
         Ok(())
     }
 }
@@ -444,6 +582,14 @@ setters! {
     idle_timeout: Option<Duration> => timeouts.idle;
     /// Sets [`Timeouts::drain`].
     drain_timeout: Duration => timeouts.drain;
+    /// Sets [`Streams::declared`].
+    streams: Vec<StreamSpec> => streams.declared;
+    /// Sets [`Streams::data_dir`].
+    data_dir: std::path::PathBuf => streams.data_dir;
+    /// Sets [`Streams::fsync`].
+    fsync: crate::store::Fsync => streams.fsync;
+    /// Sets [`Streams::dedup_window`].
+    dedup_window: Duration => streams.dedup_window;
 }
 
 impl ConfigBuilder {

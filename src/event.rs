@@ -456,7 +456,10 @@ mod tests {
         assert_eq!(e.id(), Some("order-7"));
         let e = parse(r#"{"id":"\u00e9","event":"a","payload":1}"#).unwrap();
         assert_eq!(e.id(), Some("é"));
-        assert_eq!(parse(r#"{"event":"a","payload":1,"id":7}"#).unwrap().id(), None);
+        assert_eq!(
+            parse(r#"{"event":"a","payload":1,"id":7}"#).unwrap().id(),
+            None
+        );
         assert_eq!(parse(r#"{"event":"a","payload":1}"#).unwrap().id(), None);
         let long = format!(r#"{{"event":"a","payload":1,"id":"{}"}}"#, "x".repeat(129));
         let err = parse(&long).unwrap_err();

@@ -23,6 +23,7 @@
 
 use std::time::Instant;
 
+use crate::durable::Verdict;
 use crate::event::Event;
 use crate::frame::Run;
 use crate::hub::{ClientId, Hub, RunProgress};
@@ -31,9 +32,16 @@ use crate::hub::{ClientId, Hub, RunProgress};
 /// receivers.
 pub(crate) fn event(hub: &Hub, from: ClientId, event: Event) {
     // authorize: everyone may send everything (no identities yet).
-    // store: no durable streams yet; nothing to append before confirming.
+    // store: append to the stream it matches; confirm its id; drop a resent id.
+    let Verdict::Deliver(confirmation) = hub.durable().store(hub, from, &event) else {
+        return;
+    };
     // backplane: a single hub; no other nodes to tell.
     hub.publish(from, event);
+    // Live only: confirmed once fanned out (after the sender's own echo).
+    if let Some(frame) = confirmation {
+        hub.reply(from, frame);
+    }
 }
 
 /// Takes a run of a client's plain events into the hub, resumably: routing stops at
@@ -47,7 +55,14 @@ pub(crate) fn run(
     deadline: Instant,
 ) -> bool {
     // authorize, store and backplane take the run whole, once, before any of it fans
-    // out (`progress` says whether this is the first call for the run); none does
-    // anything yet (see `event`).
+    // out (`progress` says whether this is the first call for the run).
+    // store: a run's events have no id (those with one are decoded one by one), so
+    // each is only appended to its stream, if any.
+    let durable = hub.durable();
+    if progress.is_new() && durable.has_streams() {
+        for index in 0..run.len() {
+            durable.store_plain(hub, run.name(index), || run.line(index));
+        }
+    }
     hub.publish_run(from, run, progress, deadline)
 }

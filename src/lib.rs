@@ -69,6 +69,7 @@ pub mod client;
 mod config;
 mod connection;
 mod control;
+mod durable;
 mod error;
 mod event;
 pub mod frame;
@@ -84,10 +85,11 @@ mod transport;
 
 pub use client::{Client, ClientEvent};
 pub use config::{
-    Config, ConfigBuilder, ConfigError, Delivery, Limits, Setting, SlowConsumerPolicy, Timeouts,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_ERROR_WINDOW, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS,
-    DEFAULT_MAX_INBOUND_MEMORY, DEFAULT_MAX_PATTERN_BYTES, DEFAULT_MAX_PATTERN_SEGMENTS,
-    DEFAULT_MAX_PENDING, DEFAULT_MAX_ROOMS, DEFAULT_MAX_SUBSCRIPTIONS, MAX_DURATION,
+    Config, ConfigBuilder, ConfigError, Delivery, Limits, Setting, SlowConsumerPolicy, StreamSpec,
+    Streams, Timeouts, DEFAULT_DEDUP_WINDOW, DEFAULT_DRAIN_TIMEOUT, DEFAULT_ERROR_WINDOW,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS, DEFAULT_MAX_INBOUND_MEMORY,
+    DEFAULT_MAX_PATTERN_BYTES, DEFAULT_MAX_PATTERN_SEGMENTS, DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_ROOMS, DEFAULT_MAX_SUBSCRIPTIONS, MAX_DEDUP_IDS, MAX_DURATION,
     QUEUE_ENTRY_OVERHEAD,
 };
 pub use control::PROTOCOL_VERSION;

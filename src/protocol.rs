@@ -51,6 +51,8 @@ pub enum ErrorCode {
     TooManyErrors,
     /// Events did not fit in the client's queue and were discarded (`--slow-consumer drop`).
     EventsDropped,
+    /// An event could not be stored (disk full, an I/O failure); it was delivered live.
+    Storage,
     /// A code this version does not know (from a newer hub); the hub never sends it.
     #[serde(other)]
     Unknown,
@@ -81,6 +83,7 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::TooManyErrors => "too_many_errors",
             ErrorCode::EventsDropped => "events_dropped",
+            ErrorCode::Storage => "storage",
             ErrorCode::Unknown => "unknown",
         }
     }

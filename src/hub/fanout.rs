@@ -42,6 +42,14 @@ struct Tally {
     resumed: Vec<(ClientId, usize)>,
 }
 
+impl RunProgress {
+    /// Whether routing of this run has not begun.
+    pub(crate) fn is_new(&self) -> bool {
+        // Each call routes at least one event of a non-empty run.
+        self.next == 0
+    }
+}
+
 impl Tally {
     /// Queues `bytes` (`events` whole event lines, made only if needed) to `member`,
     /// unless it is `skip` (a sender with its echo off), and counts what happened.

@@ -136,6 +136,17 @@ pub enum HubEvent {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// Opening the store repaired it (a torn or corrupted tail cut after a crash).
+    StoreRepaired {
+        /// What was cut, and where.
+        message: String,
+    },
+    /// The store failed to keep an event (disk full, an I/O error): it was delivered
+    /// live only, and its publisher told `storage`.
+    StoreFailed {
+        /// Why.
+        message: String,
+    },
     /// A connection was refused at the connection limit.
     Refused {
         /// Who tried to connect.
@@ -222,6 +233,8 @@ struct HubState {
     counters: Counters,
     /// What read buffers may hold in all (`--max-inbound-memory`).
     inbound: InboundBudget,
+    /// Declared streams, their store, and publisher ids seen recently.
+    durable: crate::durable::Durable,
 }
 
 /// The hub: the pool of clients and everything that can be done with it.
@@ -278,8 +291,7 @@ impl Hub {
     ///
     /// The [`ConfigError`] of [`Config::validate`].
     pub fn try_new(config: Config) -> Result<Self, ConfigError> {
-        config.validate()?;
-        Ok(Self::build(config, None))
+        Self::build(config, None)
     }
 
     /// A hub that reports every [`HubEvent`] to `observer`.
@@ -316,12 +328,15 @@ impl Hub {
         config: Config,
         observer: impl Fn(&HubEvent) + Send + Sync + 'static,
     ) -> Result<Self, ConfigError> {
-        config.validate()?;
-        Ok(Self::build(config, Some(Arc::new(observer))))
+        Self::build(config, Some(Arc::new(observer)))
     }
 
-    fn build(config: Config, observer: Option<Observer>) -> Self {
-        Hub {
+    /// Validates `config`, opens the store if streams are declared (reporting what its
+    /// recovery repaired), and makes the hub.
+    fn build(config: Config, observer: Option<Observer>) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let (durable, recovery) = crate::durable::Durable::open(&config.streams)?;
+        let hub = Hub {
             state: Arc::new(HubState {
                 pool: RwLock::default(),
                 count: watch::Sender::new(0),
@@ -332,9 +347,14 @@ impl Hub {
                     config.limits.max_inbound_memory,
                     config.limits.max_frame,
                 ),
+                durable,
                 config,
             }),
+        };
+        for message in recovery.repairs {
+            hub.report(|| HubEvent::StoreRepaired { message });
         }
+        Ok(hub)
     }
 
     /// The configuration the hub runs with.
@@ -416,6 +436,30 @@ impl Hub {
             .slow_consumers
             .fetch_add(1, Ordering::Relaxed);
         self.report(|| HubEvent::SlowConsumer { client });
+    }
+
+    /// The declared streams, their store, and publisher ids seen recently.
+    pub(crate) fn durable(&self) -> &crate::durable::Durable {
+        &self.state.durable
+    }
+
+    /// Queues a reply (`$stored`, an `$error`) to one client, if it is still here.
+    pub(crate) fn reply(&self, client: ClientId, frame: bytes::Bytes) {
+        let member = self.read_pool().clients.get(&client).cloned();
+        if let Some(member) = member {
+            member.outbox.push(frame);
+        }
+    }
+
+    /// An append failed: counted, and reported.
+    pub(crate) fn store_failed(&self, message: String) {
+        self.report(|| HubEvent::StoreFailed { message });
+    }
+
+    /// Commits what the store holds and stops its writer: after the last connection
+    /// has closed (the server calls it when it stops). Later appends fail `storage`.
+    pub fn close_store(&self) {
+        self.durable().close();
     }
 
     /// Reports to the observer; `make` runs only when there is one.

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use segment::SegmentLog;
+pub use segment::{check_name, SegmentLog, MAX_ID};
 
 /// When an appended record counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

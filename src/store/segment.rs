@@ -146,7 +146,11 @@ impl SegmentLog {
     pub fn close(&self) {
         drop(lock(&self.ops).take());
         if let Some(handle) = lock(&self.writer).take() {
-            let _ = handle.join();
+            // Closed from one of its own callbacks (the last owner of the store let go
+            // there): the writer ends by itself once the batch is done.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
         }
     }
 }

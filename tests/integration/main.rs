@@ -16,4 +16,5 @@ mod node;
 mod pool;
 mod properties;
 mod protocol;
+mod streams;
 mod support;

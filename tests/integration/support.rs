@@ -396,6 +396,12 @@ impl HubProcess {
         self.lines.iter().any(|l| l.contains(needle))
     }
 
+    /// Kills the hub with SIGKILL (no chance to flush or close anything) and waits.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        within(self.child.wait()).await.unwrap();
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -68,9 +68,33 @@ pub struct Args {
     /// The window for --max-errors (e.g. 10s).
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     error_window: Duration,
+    /// Store every event whose name matches PATTERN in stream NAME
+    /// (NAME=PATTERN[,PATTERN...]; repeatable; the first declared match wins).
+    #[arg(long = "stream", value_name = "NAME=PATTERNS", value_parser = parse_stream)]
+    streams: Vec<hubcast::StreamSpec>,
+    /// Where streams are kept.
+    #[arg(long, default_value = "hubcast-data")]
+    data_dir: std::path::PathBuf,
+    /// When a stored event is confirmed: `always` once on disk (fsync), `never` once
+    /// written to the OS (survives a crash of the hub, not of the machine).
+    #[arg(long, value_enum, default_value = "always")]
+    fsync: FsyncPolicy,
+    /// A resent "id" within this window is neither stored nor broadcast again.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    dedup_window: Duration,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FsyncPolicy {
+    Always,
+    Never,
+}
+
+fn parse_stream(text: &str) -> Result<hubcast::StreamSpec, String> {
+    hubcast::StreamSpec::parse(text)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -115,6 +139,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .idle_timeout(args.idle_timeout)
         .drain_timeout(args.drain_timeout)
+        .streams(args.streams.clone())
+        .data_dir(args.data_dir.clone())
+        .fsync(match args.fsync {
+            FsyncPolicy::Always => hubcast::store::Fsync::Always,
+            FsyncPolicy::Never => hubcast::store::Fsync::Never,
+        })
+        .dedup_window(args.dedup_window)
         .build()
         // Flags that cannot work together: one line naming the flag, exit 2.
         .map_err(|e| crate::UsageError(e.describe(hubcast::Setting::flag)))?;
@@ -122,12 +153,23 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let quiet = args.quiet;
     let signals = Signals::install()?;
     let events = (!quiet).then(EventLog::start);
-    let hub = Hub::with_observer(config, move |event| match (event, &events) {
+    let hub = Hub::try_with_observer(config, move |event| match (event, &events) {
         // Per-event lines are formatted by a task of their own, never on the
         // connection that routes the event (issue #11).
         (HubEvent::Event { .. }, Some(events)) => events.queue(event),
         _ => log(event, quiet),
-    });
+    })
+    // Valid settings, but the store cannot be opened there (permissions, a file in
+    // the way): an environment problem, exit 1.
+    .map_err(|e| anyhow::anyhow!(e.describe(hubcast::Setting::flag)))?;
+    for spec in &args.streams {
+        info!(
+            stream = %spec.name,
+            patterns = %spec.patterns.join(","),
+            data_dir = %args.data_dir.display(),
+            "storing matching events"
+        );
+    }
     let host = args.host.trim_start_matches('[').trim_end_matches(']');
     let server = Server::bind((host, args.port), hub.clone())
         .await
@@ -142,6 +184,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     tokio::spawn(signals.watch(shutdown.clone()));
     tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
     server.run(shutdown).await;
+    // Every connection is closed: what was appended is committed before exit.
+    hub.close_store();
     let stats = hub.stats();
     info!(
         events = stats.events,
@@ -353,6 +397,10 @@ fn log(event: &HubEvent, quiet: bool) {
             warn!(%client, count, "slow consumer: events dropped")
         }
         HubEvent::Refused { peer } => warn!(%peer, "refused: at the connection limit"),
+        HubEvent::StoreRepaired { message } => warn!("store repaired on open: {message}"),
+        HubEvent::StoreFailed { message } => {
+            error!("storage failed (events are still delivered live): {message}")
+        }
         HubEvent::InboundMemoryFull { limit } => warn!(
             limit,
             "inbound memory limit reached: connections whose frames in progress need more memory wait to be read"

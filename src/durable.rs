@@ -1,0 +1,299 @@
+//! The *store* stage of the ingest pipeline: declared streams, publisher confirms
+//! (`$stored`) and deduplication by `"id"` (issue #12).
+//!
+//! An event whose name matches a declared stream (the first that matches, in the
+//! order declared) is appended to it; the live fan-out does not wait for that. An
+//! event with a string `"id"` is answered with `$stored` once it is durable (at once,
+//! with `"stream": null`, when no stream matched), and an id seen again within the
+//! dedup window is neither stored nor broadcast again: it is answered
+//! `"duplicate": true` with the first one's `seq` (once the first is durable).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::config::{ConfigError, Setting, Streams, MAX_DEDUP_IDS};
+use crate::event::Event;
+use crate::hub::{ClientId, Hub};
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::routing::{Pattern, Router};
+use crate::store::{Recovery, SegmentLog, Store, StoreConfig};
+
+/// The hub's durable side: the store and what routes events into it.
+pub(crate) struct Durable {
+    /// `None` when no stream is declared: ids are still confirmed and deduplicated.
+    store: Option<Arc<SegmentLog>>,
+    names: Vec<Arc<str>>,
+    /// Event-name patterns to the index of their stream in `names`.
+    router: Router<usize>,
+    dedup: Mutex<Dedup>,
+    window: std::time::Duration,
+}
+
+/// Ids seen recently, oldest first.
+#[derive(Default)]
+struct Dedup {
+    by_id: HashMap<Box<str>, Seen>,
+    order: VecDeque<(Instant, Box<str>)>,
+}
+
+enum Seen {
+    /// Being stored; these clients sent it again meanwhile and wait for the answer.
+    Pending(Vec<ClientId>),
+    /// Stored (or live only: `stream` is `None`).
+    Done { stream: Option<usize>, seq: u64 },
+}
+
+/// What the store stage decided for one event.
+pub(crate) enum Verdict {
+    /// Fan it out (it is being stored, or needs no storing), then send its publisher
+    /// this, if anything (the confirmation of an id that no stream wanted).
+    Deliver(Option<Bytes>),
+    /// A duplicate: drop it (its publisher is answered).
+    Drop,
+}
+
+impl Durable {
+    /// Opens the store in `streams.data_dir` when any stream is declared.
+    pub(crate) fn open(streams: &Streams) -> Result<(Self, Recovery), ConfigError> {
+        let mut router = Router::default();
+        let mut names = Vec::new();
+        for (index, spec) in streams.declared.iter().enumerate() {
+            for text in &spec.patterns {
+                let pattern = Pattern::parse(text)
+                    .map_err(|e| ConfigError::unusable(Setting::Stream, e.message))?;
+                router.insert(&pattern, index);
+            }
+            names.push(Arc::from(spec.name.as_str()));
+        }
+        let durable = |store| Durable {
+            store,
+            names,
+            router,
+            dedup: Mutex::default(),
+            window: streams.dedup_window,
+        };
+        if streams.declared.is_empty() {
+            // Nothing to store: no files, no writer thread.
+            return Ok((durable(None), Recovery::default()));
+        }
+        let mut config = StoreConfig::new(&streams.data_dir);
+        config.fsync = streams.fsync;
+        config.retention = streams.retention.clone();
+        let (store, recovery) = SegmentLog::open(config).map_err(|e| {
+            ConfigError::unusable(
+                Setting::DataDir,
+                format!(
+                    "cannot open the store in {}: {}",
+                    streams.data_dir.display(),
+                    chain(&e)
+                ),
+            )
+        })?;
+        Ok((durable(Some(Arc::new(store))), recovery))
+    }
+
+    /// The stream an event named `name` goes to, if any.
+    fn stream_for(&self, name: &str) -> Option<usize> {
+        if self.names.is_empty() {
+            return None;
+        }
+        let mut matched = Vec::new();
+        self.router.matches(name, &mut matched);
+        matched.into_iter().min()
+    }
+
+    /// Appends a plain event (one of a run: it has no id) to its stream, if any.
+    pub(crate) fn store_plain(&self, hub: &Hub, name: &str, line: impl FnOnce() -> Bytes) {
+        if let Some(stream) = self.stream_for(name) {
+            self.append_unconfirmed(hub, stream, line());
+        }
+    }
+
+    /// Appends an event nobody waits to hear confirmed; a failure is still reported.
+    fn append_unconfirmed(&self, hub: &Hub, stream: usize, line: Bytes) {
+        let Some(store) = &self.store else { return };
+        let hub = hub.clone();
+        store.append(
+            &self.names[stream],
+            None,
+            line,
+            Box::new(move |result| {
+                if let Err(e) = result {
+                    hub.store_failed(chain(&e));
+                }
+            }),
+        );
+    }
+
+    /// The store stage for one event from `from`: store it if a stream wants it, and
+    /// confirm it if it has an id. `hub` is where the confirmation is sent.
+    pub(crate) fn store(&self, hub: &Hub, from: ClientId, event: &Event) -> Verdict {
+        let stream = self.stream_for(event.name().as_str());
+        let Some(id) = event.id() else {
+            if let Some(stream) = stream {
+                self.append_unconfirmed(hub, stream, event.line().clone());
+            }
+            return Verdict::Deliver(None);
+        };
+        {
+            let mut dedup = self.lock();
+            self.expire(&mut dedup);
+            match dedup.by_id.get_mut(id) {
+                Some(Seen::Pending(waiting)) => {
+                    waiting.push(from);
+                    return Verdict::Drop;
+                }
+                Some(Seen::Done { stream, seq }) => {
+                    let reply = stored_frame(id, stream.map(|s| &*self.names[s]), *seq, true);
+                    hub.reply(from, reply);
+                    return Verdict::Drop;
+                }
+                None => {}
+            }
+            let seen = match stream {
+                Some(_) => Seen::Pending(Vec::new()),
+                None => Seen::Done {
+                    stream: None,
+                    seq: 0,
+                },
+            };
+            dedup.by_id.insert(id.into(), seen);
+            dedup.order.push_back((Instant::now(), id.into()));
+        }
+        let Some(stream) = stream else {
+            return Verdict::Deliver(Some(stored_frame(id, None, 0, false)));
+        };
+        let store = self
+            .store
+            .as_ref()
+            .expect("a stream matched, so there is a store");
+        let (hub, id_owned) = (hub.clone(), Box::<str>::from(id));
+        store.append(
+            &self.names[stream],
+            Some(id.to_owned()),
+            event.line().clone(),
+            Box::new(move |result| hub.durable().settle(&hub, from, &id_owned, stream, result)),
+        );
+        Verdict::Deliver(None)
+    }
+
+    /// Called from the store's writer once an event with an id is durable or failed.
+    pub(crate) fn settle(
+        &self,
+        hub: &Hub,
+        from: ClientId,
+        id: &str,
+        stream: usize,
+        result: Result<u64, crate::store::StoreError>,
+    ) {
+        let waiting = {
+            let mut dedup = self.lock();
+            let waiting = match dedup.by_id.get_mut(id) {
+                Some(Seen::Pending(waiting)) => std::mem::take(waiting),
+                _ => Vec::new(),
+            };
+            match &result {
+                Ok(seq) => {
+                    dedup.by_id.insert(
+                        id.into(),
+                        Seen::Done {
+                            stream: Some(stream),
+                            seq: *seq,
+                        },
+                    );
+                }
+                // Not stored: a resend must be able to try again.
+                Err(_) => {
+                    dedup.by_id.remove(id);
+                }
+            }
+            waiting
+        };
+        let name = &*self.names[stream];
+        match result {
+            Ok(seq) => {
+                hub.reply(from, stored_frame(id, Some(name), seq, false));
+                for client in waiting {
+                    hub.reply(client, stored_frame(id, Some(name), seq, true));
+                }
+            }
+            Err(e) => {
+                let error = ProtocolError::new(
+                    ErrorCode::Storage,
+                    format!(
+                        "event {:?} was not stored in {name}: {}; it was delivered live only",
+                        crate::protocol::printable(id),
+                        chain(&e)
+                    ),
+                );
+                for client in std::iter::once(from).chain(waiting) {
+                    hub.reply(client, error.to_frame());
+                }
+                hub.store_failed(chain(&e));
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Dedup> {
+        self.dedup.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets ids older than the window, and the oldest past [`MAX_DEDUP_IDS`].
+    fn expire(&self, dedup: &mut Dedup) {
+        let now = Instant::now();
+        while let Some((at, _)) = dedup.order.front() {
+            let old = now.duration_since(*at) > self.window;
+            if !old && dedup.order.len() < MAX_DEDUP_IDS {
+                break;
+            }
+            let (_, id) = dedup.order.pop_front().expect("checked");
+            // An id still being stored stays: its publisher waits for the answer.
+            if matches!(dedup.by_id.get(&id), Some(Seen::Done { .. })) {
+                dedup.by_id.remove(&id);
+            }
+        }
+    }
+
+    /// Commits what was appended; later appends fail.
+    pub(crate) fn close(&self) {
+        if let Some(store) = &self.store {
+            store.close();
+        }
+    }
+
+    /// Whether any stream is declared (runs then pass through the store stage).
+    pub(crate) fn has_streams(&self) -> bool {
+        !self.names.is_empty()
+    }
+}
+
+/// `{"event":"$stored","payload":{"id":ID,"stream":NAME,"seq":N}}`, with
+/// `"duplicate":true` for a resend.
+fn stored_frame(id: &str, stream: Option<&str>, seq: u64, duplicate: bool) -> Bytes {
+    let mut payload = json!({ "id": id, "stream": stream });
+    if stream.is_some() {
+        payload["seq"] = json!(seq);
+    }
+    if duplicate {
+        payload["duplicate"] = json!(true);
+    }
+    Event::new("$stored", &payload)
+        .map(|e| e.line().clone())
+        .expect("a $stored frame is a valid event")
+}
+
+/// An error with its causes, on one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,209 @@
+//! Durable streams, first part (issue #12): `--stream`, `$stored` confirmations and
+//! deduplication by `"id"`, surviving a restart and `kill -9`.
+
+use hubcast::store::{SegmentLog, Store, StoreConfig};
+use hubcast::{Config, StreamSpec};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::support::{within, HubProcess, TestClient, TestHub};
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "hubcast-streams-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ))
+}
+
+fn with_id(name: &str, id: &str, n: u64) -> String {
+    format!("{}\n", json!({"event": name, "payload": n, "id": id}))
+}
+
+/// The next frame that is not `$stored`'s, and the `$stored` payloads before it.
+async fn stored(client: &mut TestClient) -> Value {
+    let frame = client.json().await;
+    assert_eq!(frame["event"], "$stored", "{frame}");
+    frame["payload"].clone()
+}
+
+/// Without any stream, an id is still confirmed (`"stream": null`) and a resend of it
+/// is not broadcast again.
+#[tokio::test]
+async fn an_id_is_confirmed_live_and_a_resend_is_dropped() {
+    let hub = TestHub::start(Config::default()).await;
+    let mut listener = hub.connect().await;
+    let mut publisher = hub.connect().await;
+    publisher.send(with_id("a", "x-1", 1)).await;
+    assert_eq!(
+        stored_after_echo(&mut publisher, "a").await,
+        json!({"id": "x-1", "stream": null})
+    );
+    assert_eq!(listener.json().await["event"], "a");
+    publisher.send(with_id("a", "x-1", 1)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "x-1", "stream": null, "duplicate": true})
+    );
+    // The listener's next event is the one after: the resend never reached it.
+    publisher.send(r#"{"event":"b","payload":2}"#).await;
+    assert_eq!(listener.json().await["event"], "b");
+}
+
+/// The publisher hears its own echo, then the confirmation (live only: at once).
+async fn stored_after_echo(client: &mut TestClient, name: &str) -> Value {
+    assert_eq!(client.json().await["event"], name);
+    stored(client).await
+}
+
+/// Events matching a stream are stored with consecutive seqs and confirmed once
+/// durable; a resend is answered with the first seq; after a restart on the same data
+/// directory the stream goes on where it was, and what it holds is what was confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matching_events_are_stored_confirmed_and_kept_across_a_restart() {
+    let dir = temp_dir("restart");
+    let config = || {
+        Config::builder()
+            .streams(vec![StreamSpec::new("orders", &["pickup", "order.*"])])
+            .data_dir(dir.clone())
+            .echo(false)
+            .build()
+            .unwrap()
+    };
+    let mut hub = TestHub::start(config()).await;
+    let mut publisher = hub.connect().await;
+    for (n, name) in ["pickup", "order.new", "pickup"].iter().enumerate() {
+        publisher
+            .send(with_id(name, &format!("o-{n}"), n as u64))
+            .await;
+        assert_eq!(
+            stored(&mut publisher).await,
+            json!({"id": format!("o-{n}"), "stream": "orders", "seq": n + 1})
+        );
+    }
+    // Not matching: live only.
+    publisher.send(with_id("hello", "h-1", 0)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "h-1", "stream": null})
+    );
+    // A resend: the first seq, not stored again.
+    publisher.send(with_id("pickup", "o-1", 1)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "o-1", "stream": "orders", "seq": 2, "duplicate": true})
+    );
+    // Plain events (no id) that match are stored too, unconfirmed; the next confirmed
+    // one shows it took its seq.
+    publisher
+        .send(r#"{"event":"pickup","payload":"plain"}"#)
+        .await;
+    publisher.send(with_id("pickup", "o-3", 3)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "o-3", "stream": "orders", "seq": 5})
+    );
+    drop(publisher);
+    hub.begin_shutdown();
+    hub.stopped().await;
+    hub.hub.close_store();
+    drop(hub);
+
+    let hub = TestHub::start(config()).await;
+    let mut publisher = hub.connect().await;
+    publisher.send(with_id("pickup", "o-9", 9)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "o-9", "stream": "orders", "seq": 6})
+    );
+    hub.hub.close_store();
+    let (log, recovery) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+    assert!(recovery.repairs.is_empty(), "{:?}", recovery.repairs);
+    let records = log.read("orders", 1, 100).unwrap();
+    let ids: Vec<Option<&str>> = records.iter().map(|r| r.id.as_deref()).collect();
+    assert_eq!(
+        ids,
+        [
+            Some("o-0"),
+            Some("o-1"),
+            Some("o-2"),
+            None,
+            Some("o-3"),
+            Some("o-9")
+        ]
+    );
+    assert!(String::from_utf8_lossy(&records[3].line).contains("plain"));
+    log.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue #12 (1), in part: whatever was confirmed survives `kill -9` of the real
+/// binary, and the restarted hub continues the sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_events_survive_kill_9() {
+    const EVENTS: u64 = 500;
+    let dir = temp_dir("kill9");
+    let data_dir = dir.display().to_string();
+    let args = [
+        "serve",
+        "--port",
+        "0",
+        "--quiet",
+        "--no-echo",
+        "--stream",
+        "orders=pickup",
+        "--data-dir",
+        &data_dir,
+    ];
+    let hub = HubProcess::spawn(HubProcess::command(&args)).await;
+    let stream = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut batch = String::new();
+    for n in 0..EVENTS {
+        batch.push_str(&with_id("pickup", &format!("k-{n}"), n));
+    }
+    write.write_all(batch.as_bytes()).await.unwrap();
+    let mut confirmed = 0;
+    while confirmed < EVENTS {
+        let line = within(lines.next_line()).await.unwrap().expect("open");
+        let frame: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(frame["event"], "$stored", "{frame}");
+        confirmed += 1;
+        assert_eq!(frame["payload"]["seq"], confirmed);
+    }
+    hub.kill9().await;
+
+    let hub = HubProcess::spawn(HubProcess::command(&args)).await;
+    let mut client = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    client
+        .write_all(with_id("pickup", "after", 0).as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    within(BufReader::new(&mut client).read_line(&mut line))
+        .await
+        .unwrap();
+    let frame: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(frame["payload"]["seq"], EVENTS + 1, "{frame}");
+    hub.stop().await;
+    let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+    assert_eq!(log.info("orders").unwrap().last_seq, EVENTS + 1);
+    log.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A stream declaration that cannot work is refused in one line naming `--stream`.
+#[tokio::test]
+async fn bad_stream_flags_are_named() {
+    for bad in ["orders", "=pickup", "orders=", "../x=pickup", "orders=a..b"] {
+        let output =
+            within(HubProcess::command(&["serve", "--port", "0", "--stream", bad]).output())
+                .await
+                .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--stream"), "{bad}: {stderr}");
+    }
+}
