@@ -8,8 +8,8 @@
 //!                 this?         streams                  hear it
 //! ```
 //!
-//! Today only fan-out does anything: every sender may send everything, there are no
-//! streams and no other hubs. Each stage has its place here, in this order, so that
+//! Today the store stage (`durable.rs`: streams, `$stored`, deduplication) and fan-out
+//! act: every sender may send everything, and there are no other hubs. Each stage has its place here, in this order, so that
 //! the features that fill them (permissions, durable streams, the cluster) change this
 //! module and nothing upstream of it: the connection loop hands over a single event
 //! ([`event`]) or a run of plain events ([`run`]), never reaching the hub around it.

@@ -26,7 +26,7 @@
 //! * [`event`](Event): validates a frame into an [`Event`] with an [`EventName`].
 //! * [`protocol`](ErrorCode): error codes and the `$error` frame.
 //! * `ingest`: the one way a client's event enters the hub, in stages (authorize,
-//!   store, backplane, fan out), of which only fan-out does anything yet.
+//!   store, backplane, fan out); store and fan-out act today.
 //! * `outbox`: each client's bounded outbound queue.
 //! * [`Hub`]: the handle for embedding code, counters, and [`HubEvent`]s for observers;
 //!   `hub/pool.rs` holds who is connected and who wants what, `hub/fanout.rs` queues
@@ -39,7 +39,8 @@
 //!   [`Timeouts`]), validated, as `hubcast serve` exposes them.
 //! * `inbound`: the hub-wide budget for read buffers (frames in progress).
 //! * [`store`]: durable streams' storage, an append-only segment log with group
-//!   commit (not used by the hub yet; docs/storage.md).
+//!   commit (docs/storage.md); `durable`: the ingest pipeline's store stage (streams,
+//!   `$stored`, deduplication by `"id"`).
 //! * [`client`]: a client library ([`client::Client`]) for sending and hearing events.
 //!
 //! # Examples

@@ -9,8 +9,9 @@
 //! ran (group commit). The cluster issue puts a JetStream-backed store behind the same
 //! trait.
 //!
-//! Not wired into the hub's protocol yet: `--stream`, `$stored`, consumers and acks
-//! come next (issue #12 stays open until they do). Embedding code can use it as it is.
+//! The hub appends to it through the store stage of its ingest pipeline
+//! (`hubcast serve --stream`); consumers and acks come next (issue #12 stays open
+//! until they do). Embedding code can use it on its own too.
 //!
 //! # Examples
 //!
