@@ -242,18 +242,26 @@ impl Durable {
         self.dedup.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Forgets ids older than the window, and the oldest past [`MAX_DEDUP_IDS`].
+    /// Forgets ids older than the window, and the oldest past [`MAX_DEDUP_IDS`]. An id
+    /// still being stored is kept (its publisher waits for the answer): it goes to the
+    /// back, to be looked at again later.
     fn expire(&self, dedup: &mut Dedup) {
         let now = Instant::now();
-        while let Some((at, _)) = dedup.order.front() {
+        for _ in 0..dedup.order.len() {
+            let Some((at, _)) = dedup.order.front() else {
+                break;
+            };
             let old = now.duration_since(*at) > self.window;
             if !old && dedup.order.len() < MAX_DEDUP_IDS {
                 break;
             }
-            let (_, id) = dedup.order.pop_front().expect("checked");
-            // An id still being stored stays: its publisher waits for the answer.
-            if matches!(dedup.by_id.get(&id), Some(Seen::Done { .. })) {
-                dedup.by_id.remove(&id);
+            let (at, id) = dedup.order.pop_front().expect("checked");
+            match dedup.by_id.get(&id) {
+                Some(Seen::Pending(_)) => dedup.order.push_back((at, id)),
+                Some(Seen::Done { .. }) => {
+                    dedup.by_id.remove(&id);
+                }
+                None => {}
             }
         }
     }
