@@ -106,20 +106,7 @@ impl SegmentLog {
         fs::create_dir_all(&root)
             .map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
         let mut recovery = Recovery::default();
-        let mut streams = HashMap::new();
-        let entries = fs::read_dir(&root)
-            .map_err(|e| StoreError::io(format!("reading {}", root.display()), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io("listing streams", e))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if check_name(&name).is_err() || !entry.path().is_dir() {
-                continue;
-            }
-            let meta = open_stream(&entry.path(), &name, &mut recovery)?;
-            streams.insert(name, meta);
-        }
+        let streams = scan(&root, Some(&mut recovery))?;
         let streams: Streams = Arc::new(Mutex::new(streams));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -142,6 +129,54 @@ impl SegmentLog {
         ))
     }
 
+    /// Opens the store in `dir` to read only, changing nothing: safe beside a hub that
+    /// is writing to it (what that hub has not finished writing is not read). Appends
+    /// fail with [`StoreError::Closed`].
+    ///
+    /// # Errors
+    ///
+    /// When `dir` holds no store, or cannot be read.
+    pub fn open_read_only(dir: &Path) -> Result<Self, StoreError> {
+        let root = dir.join("streams");
+        let streams = scan(&root, None)?;
+        Ok(SegmentLog {
+            streams: Arc::new(Mutex::new(streams)),
+            ops: Mutex::new(None),
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// The streams the store holds, by name.
+    pub fn streams(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.streams).keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// Reads every stream's segment list under `root`; with `recovery`, repairs torn tails.
+fn scan(
+    root: &Path,
+    mut recovery: Option<&mut Recovery>,
+) -> Result<HashMap<String, Meta>, StoreError> {
+    let mut streams = HashMap::new();
+    let entries = fs::read_dir(root)
+        .map_err(|e| StoreError::io(format!("reading {}", root.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("listing streams", e))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if check_name(&name).is_err() || !entry.path().is_dir() {
+            continue;
+        }
+        let meta = open_stream(&entry.path(), &name, recovery.as_deref_mut())?;
+        streams.insert(name, meta);
+    }
+    Ok(streams)
+}
+
+impl SegmentLog {
     /// Commits what was appended, then stops the writer. Later appends fail.
     pub fn close(&self) {
         drop(lock(&self.ops).take());
@@ -379,7 +414,11 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 
 /// Lists a stream's segments and checks its active (last) one record by record,
 /// cutting a torn or corrupted tail.
-fn open_stream(dir: &Path, name: &str, recovery: &mut Recovery) -> Result<Meta, StoreError> {
+fn open_stream(
+    dir: &Path,
+    name: &str,
+    recovery: Option<&mut Recovery>,
+) -> Result<Meta, StoreError> {
     let listing =
         fs::read_dir(dir).map_err(|e| StoreError::io(format!("reading {}", dir.display()), e))?;
     let mut segments = Vec::new();
@@ -435,7 +474,8 @@ fn open_stream(dir: &Path, name: &str, recovery: &mut Recovery) -> Result<Meta, 
         };
         active.events = expected - active.first_seq;
         last_seq = expected - 1;
-        if let Some((offset, why)) = cut {
+        // Read-only: the tail is left as it is (a writer may be in the middle of it).
+        if let (Some((offset, why)), Some(recovery)) = (cut, recovery) {
             let file = OpenOptions::new()
                 .write(true)
                 .open(&active.path)

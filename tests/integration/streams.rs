@@ -187,11 +187,52 @@ async fn confirmed_events_survive_kill_9() {
         .unwrap();
     let frame: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(frame["payload"]["seq"], EVENTS + 1, "{frame}");
+    // The tools read the store beside the running hub, changing nothing.
+    let listed = run_tool(&["streams", "--json", "--data-dir", &data_dir]).await;
+    let listed: Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(listed["stream"], "orders");
+    assert_eq!(listed["last_seq"], EVENTS + 1);
+    assert_eq!(listed["events"], EVENTS + 1);
+    let from = (EVENTS - 1).to_string();
+    let tail = run_tool(&["replay", "orders", "--data-dir", &data_dir, "--from", &from]).await;
+    let ids: Vec<Value> = tail
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            json!(format!("k-{}", EVENTS - 2)),
+            json!(format!("k-{}", EVENTS - 1)),
+            json!("after")
+        ]
+    );
+    let none = run_tool(&[
+        "replay",
+        "orders",
+        "--data-dir",
+        &data_dir,
+        "--filter",
+        "nothing",
+    ])
+    .await;
+    assert!(none.is_empty(), "{none}");
     hub.stop().await;
     let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
     assert_eq!(log.info("orders").unwrap().last_seq, EVENTS + 1);
     log.close();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `hubcast ARGS` to completion; its stdout (it must exit 0).
+async fn run_tool(args: &[&str]) -> String {
+    let output = within(HubProcess::command(args).output()).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
 
 /// A stream declaration that cannot work is refused in one line naming `--stream`.
@@ -206,4 +247,25 @@ async fn bad_stream_flags_are_named() {
         assert_eq!(output.status.code(), Some(2), "{bad}: {stderr}");
         assert!(stderr.contains("--stream"), "{bad}: {stderr}");
     }
+}
+
+/// The tools name what is missing: a directory with no store, a stream not in it.
+#[tokio::test]
+async fn the_tools_say_what_is_missing() {
+    let dir = temp_dir("missing");
+    let dir_text = dir.display().to_string();
+    let output = within(HubProcess::command(&["streams", "--data-dir", &dir_text]).output())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("holds no streams"));
+    let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+    log.close();
+    let output =
+        within(HubProcess::command(&["replay", "orders", "--data-dir", &dir_text]).output())
+            .await
+            .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no stream named \"orders\""));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,6 +27,7 @@ mod memory;
 mod output;
 mod publish;
 mod serve;
+mod streams;
 mod sub;
 mod vendor;
 
@@ -52,6 +53,10 @@ enum Command {
     Driver(driver::Args),
     /// Measure fan-out throughput and latency (against a hub, nats-server or Redis).
     Bench(bench::Args),
+    /// List the streams in a hub's data directory (read-only).
+    Streams(streams::ListArgs),
+    /// Print a stream's stored events, one JSON line each (read-only).
+    Replay(streams::ReplayArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Vendor(args) => vendor::run(args).await,
             Command::Driver(args) => driver::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Streams(args) => streams::list(args),
+            Command::Replay(args) => streams::replay(args),
         }
     })
 }

@@ -1,0 +1,114 @@
+//! `hubcast streams` and `hubcast replay`: what the store holds, read from its files
+//! (read-only: safe beside a running hub, which they never contact).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use hubcast::routing::Pattern;
+use hubcast::store::{SegmentLog, Store};
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// The hub's data directory (its --data-dir).
+    #[arg(long, default_value = "hubcast-data")]
+    data_dir: PathBuf,
+    /// One JSON object per stream instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// The stream to print.
+    stream: String,
+    /// The hub's data directory (its --data-dir).
+    #[arg(long, default_value = "hubcast-data")]
+    data_dir: PathBuf,
+    /// Start at this seq (default: the oldest kept).
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    /// Only events whose names match this pattern (as in `$subscribe`).
+    #[arg(long, value_parser = parse_pattern)]
+    filter: Option<Pattern>,
+}
+
+fn parse_pattern(text: &str) -> Result<Pattern, String> {
+    Pattern::parse(text).map_err(|e| e.message)
+}
+
+fn open(dir: &std::path::Path) -> anyhow::Result<SegmentLog> {
+    if !dir.join("streams").is_dir() {
+        anyhow::bail!(
+            "{} holds no streams (is it the hub's --data-dir?)",
+            dir.display()
+        );
+    }
+    SegmentLog::open_read_only(dir).with_context(|| format!("cannot read {}", dir.display()))
+}
+
+pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let store = open(&args.data_dir)?;
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:<24} {:>12} {:>12} {:>12} {:>14}",
+            "stream", "first seq", "last seq", "events", "bytes"
+        )?;
+    }
+    for name in store.streams() {
+        let info = store.info(&name).expect("listed");
+        if args.json {
+            let line = serde_json::json!({
+                "stream": name,
+                "first_seq": info.first_seq,
+                "last_seq": info.last_seq,
+                "events": info.events,
+                "bytes": info.bytes,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(
+                out,
+                "{name:<24} {:>12} {:>12} {:>12} {:>14}",
+                info.first_seq, info.last_seq, info.events, info.bytes
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let store = open(&args.data_dir)?;
+    if store.info(&args.stream).is_none() {
+        anyhow::bail!(
+            "no stream named {:?} in {} (streams: {})",
+            args.stream,
+            args.data_dir.display(),
+            store.streams().join(", ")
+        );
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut next = args.from;
+    loop {
+        let records = store.read(&args.stream, next, 4096)?;
+        let Some(last) = records.last() else {
+            break;
+        };
+        next = last.seq + 1;
+        for record in &records {
+            let wanted = match &args.filter {
+                None => true,
+                Some(pattern) => hubcast::Event::from_line(record.line.clone())
+                    .is_ok_and(|e| pattern.matches(e.name().as_str())),
+            };
+            if wanted {
+                out.write_all(&record.line)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
