@@ -93,7 +93,59 @@ impl Durable {
                 ),
             )
         })?;
-        Ok((durable(Some(Arc::new(store))), recovery))
+        let durable = durable(Some(Arc::new(store)));
+        durable.remember_recent();
+        Ok((durable, recovery))
+    }
+
+    /// Rebuilds the dedup window from the store: the ids of the events stored within
+    /// it (at most the last [`MAX_DEDUP_IDS`] of each stream). A publisher whose
+    /// confirmation was lost when the hub died resends, and the resend is recognised.
+    fn remember_recent(&self) {
+        let Some(store) = &self.store else { return };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let window_ms = self.window.as_millis() as u64;
+        let now = Instant::now();
+        let mut recent = Vec::new();
+        for (index, name) in self.names.iter().enumerate() {
+            let Some(info) = store.info(name) else {
+                continue;
+            };
+            let from = info
+                .last_seq
+                .saturating_sub(MAX_DEDUP_IDS as u64 - 1)
+                .max(info.first_seq);
+            // A store that cannot be read here fails later, where it is reported.
+            let Ok(records) = store.read(name, from, MAX_DEDUP_IDS) else {
+                continue;
+            };
+            for record in records {
+                let age = now_ms.saturating_sub(record.time_ms);
+                if let (Some(id), true) = (record.id, age <= window_ms) {
+                    recent.push((record.time_ms, id, index, record.seq));
+                }
+            }
+        }
+        recent.sort_unstable_by_key(|r| r.0);
+        let mut dedup = self.lock();
+        for (time_ms, id, stream, seq) in recent {
+            let at = now
+                .checked_sub(std::time::Duration::from_millis(
+                    now_ms.saturating_sub(time_ms),
+                ))
+                .unwrap_or(now);
+            let id: Box<str> = id.into();
+            dedup.by_id.insert(
+                id.clone(),
+                Seen::Done {
+                    stream: Some(stream),
+                    seq,
+                },
+            );
+            dedup.order.push_back((at, id));
+        }
     }
 
     /// The stream an event named `name` goes to, if any.

@@ -160,8 +160,8 @@ fn scan(
     mut recovery: Option<&mut Recovery>,
 ) -> Result<HashMap<String, Meta>, StoreError> {
     let mut streams = HashMap::new();
-    let entries = fs::read_dir(root)
-        .map_err(|e| StoreError::io(format!("reading {}", root.display()), e))?;
+    let entries =
+        fs::read_dir(root).map_err(|e| StoreError::io(format!("reading {}", root.display()), e))?;
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io("listing streams", e))?;
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {

@@ -187,6 +187,20 @@ async fn confirmed_events_survive_kill_9() {
         .unwrap();
     let frame: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(frame["payload"]["seq"], EVENTS + 1, "{frame}");
+    // A publisher that lost its confirmations in the crash resends: recognised.
+    client
+        .write_all(with_id("pickup", "k-7", 7).as_bytes())
+        .await
+        .unwrap();
+    line.clear();
+    within(BufReader::new(&mut client).read_line(&mut line))
+        .await
+        .unwrap();
+    let frame: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        frame["payload"],
+        json!({"id": "k-7", "stream": "orders", "seq": 8, "duplicate": true})
+    );
     // The tools read the store beside the running hub, changing nothing.
     let listed = run_tool(&["streams", "--json", "--data-dir", &data_dir]).await;
     let listed: Value = serde_json::from_str(listed.trim()).unwrap();
