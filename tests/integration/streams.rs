@@ -283,3 +283,100 @@ async fn the_tools_say_what_is_missing() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("no stream named \"orders\""));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue #12 (4): when the disk is full (here: a file-size limit, `ulimit -S -f`), the
+/// publisher is told `storage`, live traffic goes on, the hub does not crash, and
+/// once there is room again (the limit raised with `prlimit`) events are stored and
+/// confirmed again, the sequence going on from the last confirmed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
+    if !crate::support::require("prlimit") {
+        return;
+    }
+    let dir = temp_dir("full");
+    let script = format!(
+        "ulimit -S -f 16 && exec '{}' serve --port 0 --quiet --no-echo --stream orders=pickup --data-dir '{}'",
+        env!("CARGO_BIN_EXE_hubcast"),
+        dir.display()
+    );
+    let mut command = tokio::process::Command::new("bash");
+    command.args(["-c", &script]).env("RUST_LOG", "info");
+    let mut hub = HubProcess::spawn(command).await;
+    let mut listener = BufReader::new(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
+    let mut publisher = BufReader::new(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
+    // In the pool before anything is sent.
+    for client in [&mut listener, &mut publisher] {
+        client
+            .get_mut()
+            .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
+            .await
+            .unwrap();
+        let mut pong = String::new();
+        within(client.read_line(&mut pong)).await.unwrap();
+    }
+    let padding = "p".repeat(1000);
+    let mut confirmed = 0u64;
+    let mut refused = 0;
+    for n in 0..100 {
+        let line = format!(
+            "{}\n",
+            json!({"event": "pickup", "payload": padding, "id": format!("f-{n}")})
+        );
+        publisher
+            .get_mut()
+            .write_all(line.as_bytes())
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        within(publisher.read_line(&mut reply)).await.unwrap();
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        let mut heard = String::new();
+        within(listener.read_line(&mut heard)).await.unwrap();
+        assert!(
+            heard.contains(&format!("f-{n}")),
+            "live delivery went on: {heard}"
+        );
+        if reply["event"] == "$stored" {
+            assert_eq!(refused, 0, "stored after a refusal, before room was made");
+            confirmed += 1;
+            assert_eq!(reply["payload"]["seq"], confirmed);
+        } else {
+            assert_eq!(reply["payload"]["code"], "storage", "{reply}");
+            refused += 1;
+            if refused == 3 {
+                break;
+            }
+        }
+    }
+    assert!(
+        confirmed > 0 && refused == 3,
+        "{confirmed} stored, {refused} refused"
+    );
+    assert!(hub.is_running());
+    // Room again.
+    let pid = hub.pid().to_string();
+    let raised = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--fsize=unlimited"])
+        .status()
+        .unwrap();
+    assert!(raised.success());
+    publisher
+        .get_mut()
+        .write_all(with_id("pickup", "f-after", 0).as_bytes())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    within(publisher.read_line(&mut reply)).await.unwrap();
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(
+        reply["payload"],
+        json!({"id": "f-after", "stream": "orders", "seq": confirmed + 1})
+    );
+    let log = hub.stop().await;
+    assert!(log.iter().any(|l| l.contains("storage failed")), "{log:?}");
+    let (store, recovery) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+    assert!(recovery.repairs.is_empty(), "{:?}", recovery.repairs);
+    assert_eq!(store.info("orders").unwrap().last_seq, confirmed + 1);
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -208,6 +208,12 @@ struct Signals {
 
 impl Signals {
     fn install() -> anyhow::Result<Self> {
+        // A file-size limit (`ulimit -f`) reached while storing would otherwise kill
+        // the hub (SIGXFSZ's default); caught, the write fails with EFBIG instead, and
+        // the publisher is told `storage` while live traffic goes on.
+        let file_size =
+            signal(SignalKind::from_raw(libc::SIGXFSZ)).context("installing a SIGXFSZ handler")?;
+        drop(file_size); // The handler stays installed; nothing waits for it.
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
