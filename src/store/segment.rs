@@ -177,6 +177,25 @@ fn scan(
 }
 
 impl SegmentLog {
+    /// Adds index entries a read found past what a segment's index knew.
+    fn learn(&self, stream: &str, first_seq: u64, learned: Vec<(u64, u64)>) {
+        if learned.is_empty() {
+            return;
+        }
+        let mut streams = lock(&self.streams);
+        let Some(segment) = streams
+            .get_mut(stream)
+            .and_then(|m| m.segments.iter_mut().find(|s| s.first_seq == first_seq))
+        else {
+            return;
+        };
+        // The writer may have indexed the active segment further meanwhile.
+        let last = segment.index.last().map_or(0, |&(s, _)| s);
+        segment
+            .index
+            .extend(learned.into_iter().filter(|&(s, _)| s > last));
+    }
+
     /// Commits what was appended, then stops the writer. Later appends fail.
     pub fn close(&self) {
         drop(lock(&self.ops).take());
@@ -268,8 +287,22 @@ impl Store for SegmentLog {
                 .last()
                 .map_or(0, |&(_, offset)| offset);
             let mut reader = RecordReader::open(&segment.path, start)?;
+            // A closed segment's index is built by the reads that pass through it, so
+            // a reader going through a stream in batches does not rescan each segment
+            // from its start for every batch.
+            let known = segment.index.last().map_or(0, |&(s, _)| s);
+            let mut learned = Vec::new();
             while out.len() < max {
-                match reader.next() {
+                let offset = reader.offset;
+                let next = reader.next();
+                if let Ok(Some(record)) = &next {
+                    if record.seq > known
+                        && (record.seq - segment.first_seq).is_multiple_of(INDEX_EVERY)
+                    {
+                        learned.push((record.seq, offset));
+                    }
+                }
+                match next {
                     Ok(Some(record)) if record.seq > last_seq => break,
                     Ok(Some(record)) if record.seq >= seq => out.push(record),
                     Ok(Some(_)) => {}
@@ -285,6 +318,7 @@ impl Store for SegmentLog {
                     }
                 }
             }
+            self.learn(stream, segment.first_seq, learned);
         }
         Ok(out)
     }
@@ -930,6 +964,41 @@ mod tests {
         assert_eq!(outcome("s", Some("i".repeat(MAX_ID))).unwrap(), 1);
         log.close();
         assert!(matches!(outcome("s", None), Err(StoreError::Closed)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Closed segments get their index from the reads that pass through them: reading
+    /// a reopened stream in batches gives every record once, in order, and indexes it.
+    #[test]
+    fn reading_a_reopened_stream_in_batches_indexes_its_closed_segments() {
+        let dir = temp_dir("index");
+        let mut config = StoreConfig::new(&dir);
+        config.segment_bytes = 64 << 10;
+        config.fsync = Fsync::Never;
+        let (log, _) = SegmentLog::open(config.clone()).unwrap();
+        // In batches: a segment closes at a batch's end once past its size.
+        for chunk in 0..50 {
+            append_all(&log, "s", (chunk * 100..chunk * 100 + 100).map(line));
+        }
+        log.close();
+        let (log, _) = SegmentLog::open(config).unwrap();
+        let mut next = 1;
+        let mut seen = 0;
+        while let Some(last) = log.read("s", next, 100).unwrap().last() {
+            seen += last.seq + 1 - next;
+            next = last.seq + 1;
+        }
+        assert_eq!((seen, next), (5000, 5001));
+        let streams = lock(&log.streams);
+        let segments = &streams["s"].segments;
+        assert!(segments.len() > 2);
+        for segment in &segments[..segments.len() - 1] {
+            assert!(!segment.index.is_empty(), "{segment:?}");
+            assert!(segment.index.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+        drop(streams);
+        // An indexed read starts at the right record.
+        assert_eq!(log.read("s", 4321, 1).unwrap()[0].line, line(4320));
         let _ = fs::remove_dir_all(&dir);
     }
 }
