@@ -31,6 +31,9 @@ pub(crate) struct Durable {
     router: Router<usize>,
     dedup: Mutex<Dedup>,
     window: std::time::Duration,
+    /// Storage failures not reported yet, and when the last report was: a failing
+    /// disk is reported once a second, not once per event.
+    unreported: Mutex<(u64, Option<Instant>)>,
 }
 
 /// Ids seen recently, oldest first.
@@ -75,6 +78,7 @@ impl Durable {
             router,
             dedup: Mutex::default(),
             window: streams.dedup_window,
+            unreported: Mutex::default(),
         };
         if streams.declared.is_empty() {
             // Nothing to store: no files, no writer thread.
@@ -288,6 +292,21 @@ impl Durable {
                 hub.store_failed(chain(&e));
             }
         }
+    }
+
+    /// Whether a storage failure should be reported now; with how many were not.
+    pub(crate) fn failure_to_report(&self) -> Option<u64> {
+        let mut state = self
+            .unreported
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (count, last) = &mut *state;
+        *count += 1;
+        if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(count) - 1)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Dedup> {

@@ -451,9 +451,16 @@ impl Hub {
         }
     }
 
-    /// An append failed: counted, and reported.
+    /// An append failed: reported, at most once a second (with how many others
+    /// failed since the last report).
     pub(crate) fn store_failed(&self, message: String) {
-        self.report(|| HubEvent::StoreFailed { message });
+        if let Some(others) = self.durable().failure_to_report() {
+            let message = match others {
+                0 => message,
+                n => format!("{message} (and {n} more failures since the last report)"),
+            };
+            self.report(|| HubEvent::StoreFailed { message });
+        }
     }
 
     /// Commits what the store holds and stops its writer: after the last connection

@@ -84,6 +84,10 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// How much each stream keeps.
     pub retention: Retention,
+    /// The most bytes of appends waiting for the writer: past it, appends fail at
+    /// once ([`StoreError::Behind`]) rather than queue without bound when events come
+    /// faster than the disk takes them (default 64 MiB).
+    pub max_queued: usize,
 }
 
 impl StoreConfig {
@@ -94,6 +98,7 @@ impl StoreConfig {
             fsync: Fsync::Always,
             segment_bytes: 64 << 20,
             retention: Retention::default(),
+            max_queued: 64 << 20,
         }
     }
 }
@@ -150,6 +155,9 @@ pub enum StoreError {
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
+    /// Appends come faster than the disk takes them: this one was not queued.
+    #[error("the store is {0} bytes behind (events arrive faster than the disk takes them)")]
+    Behind(usize),
 }
 
 impl StoreError {

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -91,6 +92,9 @@ struct Op {
 /// The embedded store: see the module docs.
 pub struct SegmentLog {
     streams: Streams,
+    /// Bytes of appends sent to the writer and not yet committed.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -109,11 +113,14 @@ impl SegmentLog {
         let streams = scan(&root, Some(&mut recovery))?;
         let streams: Streams = Arc::new(Mutex::new(streams));
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let max_queued = config.max_queued;
         let writer = Writer {
             config,
             root,
             streams: Arc::clone(&streams),
             files: HashMap::new(),
+            queued: Arc::clone(&queued),
         };
         let handle = std::thread::Builder::new()
             .name("hubcast-store".into())
@@ -122,6 +129,8 @@ impl SegmentLog {
         Ok((
             SegmentLog {
                 streams,
+                queued,
+                max_queued,
                 ops: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
             },
@@ -141,6 +150,8 @@ impl SegmentLog {
         let streams = scan(&root, None)?;
         Ok(SegmentLog {
             streams: Arc::new(Mutex::new(streams)),
+            queued: Arc::default(),
+            max_queued: 0,
             ops: Mutex::new(None),
             writer: Mutex::new(None),
         })
@@ -247,6 +258,12 @@ impl Store for SegmentLog {
                 "an id is at most {MAX_ID} bytes"
             ))));
         }
+        let size = op_size(&line, id.as_deref());
+        let before = self.queued.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.max_queued && before > 0 {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            return done(Err(StoreError::Behind(before)));
+        }
         let op = Op {
             stream: stream.to_owned(),
             id,
@@ -258,6 +275,7 @@ impl Store for SegmentLog {
             None => Err(op),
         };
         if let Err(op) = sent {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
             (op.done)(Err(StoreError::Closed));
         }
     }
@@ -442,6 +460,11 @@ fn decode(body: Vec<u8>) -> Result<Record, String> {
     })
 }
 
+/// What one waiting append counts against [`StoreConfig::max_queued`].
+fn op_size(line: &[u8], id: Option<&str>) -> usize {
+    line.len() + id.map_or(0, str::len) + 64
+}
+
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:020}.log"))
 }
@@ -538,6 +561,8 @@ struct Writer {
     root: PathBuf,
     streams: Streams,
     files: HashMap<String, File>,
+    /// The log's count of bytes waiting, given back as batches are taken.
+    queued: Arc<AtomicUsize>,
 }
 
 /// One batch's records for one stream.
@@ -565,6 +590,11 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Vec<Op>) {
+        let taken: usize = batch
+            .iter()
+            .map(|op| op_size(&op.line, op.id.as_deref()))
+            .sum();
+        self.queued.fetch_sub(taken, Ordering::AcqRel);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
@@ -999,6 +1029,58 @@ mod tests {
         drop(streams);
         // An indexed read starts at the right record.
         assert_eq!(log.read("s", 4321, 1).unwrap()[0].line, line(4320));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Appends arriving faster than the writer takes them are refused at once past
+    /// `max_queued` (memory stays bounded); the ones accepted are all stored.
+    #[test]
+    fn a_writer_that_falls_behind_refuses_rather_than_queues_without_bound() {
+        let dir = temp_dir("behind");
+        let mut config = StoreConfig::new(&dir);
+        config.max_queued = 10_000;
+        let (log, _) = SegmentLog::open(config).unwrap();
+        let (tx, rx) = channel();
+        let mut accepted = 0;
+        let mut behind = None;
+        {
+            // The writer needs this lock to commit: while it is held, nothing drains.
+            let _stalled = lock(&log.streams);
+            for n in 0..1000 {
+                let tx = tx.clone();
+                let (seen_tx, seen_rx) = channel();
+                log.append(
+                    "s",
+                    None,
+                    line(n),
+                    Box::new(move |r| {
+                        let _ = seen_tx.send(r.is_ok());
+                        let _ = tx.send(r);
+                    }),
+                );
+                match seen_rx.try_recv() {
+                    // Refused at once, in this thread.
+                    Ok(false) => {
+                        behind = Some(n);
+                        break;
+                    }
+                    _ => accepted += 1,
+                }
+            }
+        }
+        let behind = behind.expect("refused before 1,000 appends of ~100 bytes");
+        assert!(behind > 10 && behind < 200, "{behind}");
+        let mut stored = 0;
+        let mut refused = 0;
+        for _ in 0..=accepted {
+            match rx.recv().unwrap() {
+                Ok(_) => stored += 1,
+                Err(StoreError::Behind(_)) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((stored, refused), (accepted, 1));
+        assert_eq!(log.info("s").unwrap().last_seq, accepted as u64);
         let _ = fs::remove_dir_all(&dir);
     }
 }
