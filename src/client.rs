@@ -216,6 +216,10 @@ pub enum ClientError {
     /// The event could not be built (bad name, payload not serialisable).
     #[error("invalid event: {0}")]
     InvalidEvent(ProtocolError),
+    /// The hub could not store an event sent with [`Client::emit_confirmed`]; it was
+    /// delivered live only.
+    #[error("the hub could not store the event: {0}")]
+    Storage(String),
     /// The hub sent something that is not a hubcast frame.
     #[error("unexpected data from the hub: {0}")]
     Protocol(String),
@@ -227,6 +231,44 @@ pub(crate) struct SessionState {
     hello: Option<serde_json::Value>,
     patterns: Vec<String>,
     rooms: Vec<String>,
+    /// Events sent with [`Client::emit_confirmed`] and not confirmed yet, in the order
+    /// sent: resent after a reconnect (the hub drops those it already has).
+    unconfirmed: Vec<(String, Bytes)>,
+    /// Who waits for each of them.
+    confirms: HashMap<String, oneshot::Sender<Result<Stored, ClientError>>>,
+}
+
+impl SessionState {
+    /// Settles the wait for `id`, if anyone waits (a duplicate answer to a resend of
+    /// an event already settled finds nobody).
+    pub(crate) fn confirmed(&mut self, id: &str, outcome: Result<Stored, ClientError>) {
+        self.unconfirmed.retain(|(waiting, _)| waiting != id);
+        if let Some(waiter) = self.confirms.remove(id) {
+            let _ = waiter.send(outcome);
+        }
+    }
+
+    /// Fails every wait (the client is closed).
+    pub(crate) fn fail_confirms(&mut self) {
+        self.unconfirmed.clear();
+        for (_, waiter) in self.confirms.drain() {
+            let _ = waiter.send(Err(ClientError::Closed));
+        }
+    }
+}
+
+/// What the hub said when it confirmed an event sent with [`Client::emit_confirmed`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[non_exhaustive]
+pub struct Stored {
+    /// The stream it was stored in; `None` when no stream matched (delivered live
+    /// only).
+    pub stream: Option<String>,
+    /// Its place in that stream.
+    pub seq: Option<u64>,
+    /// The hub had it already (an earlier send with the same id): `seq` is the first's.
+    #[serde(default)]
+    pub duplicate: bool,
 }
 
 impl SessionState {
@@ -249,6 +291,9 @@ impl SessionState {
         }
         for room in &self.rooms {
             add("$join", &serde_json::json!({ "room": room }));
+        }
+        for (_, line) in &self.unconfirmed {
+            out.extend_from_slice(line);
         }
         out
     }
@@ -581,6 +626,7 @@ impl ClientBuilder {
             hello: (!self.hello.is_empty()).then_some(serde_json::Value::Object(self.hello)),
             patterns: self.patterns,
             rooms: self.rooms,
+            ..SessionState::default()
         }));
         let session = task::Session {
             state: Arc::clone(&state),
@@ -745,6 +791,82 @@ impl Client {
     /// ```
     pub async fn send(&self, event: &Event) -> Result<(), ClientError> {
         self.enqueue(event).await?.await
+    }
+
+    /// Sends an event and waits until the hub confirms it (`$stored`): stored in a
+    /// stream, or delivered live when no stream wants it. It carries a fresh `"id"`;
+    /// if the connection drops first, it is sent again after the reconnect, and the hub
+    /// drops it if it had it already, so it is stored once.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::emit`]; [`ClientError::Storage`] when the hub could not store it
+    /// (it was delivered live only); [`ClientError::Closed`] if the client closes
+    /// before the answer.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// let stored = client.emit_confirmed("pickup", &serde_json::json!({"orderID": "42"})).await?;
+    /// println!("stored in {:?} as #{:?}", stored.stream, stored.seq);
+    /// # Ok(()) }
+    /// ```
+    pub async fn emit_confirmed<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        payload: &T,
+    ) -> Result<Stored, ClientError> {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        self.emit_with_id(name, payload, &id).await
+    }
+
+    /// [`Client::emit_confirmed`] with an id of the caller's (at most 128 bytes), such
+    /// as an order number: sending the same id again is answered as a duplicate, and
+    /// the event is neither stored nor broadcast twice.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::emit_confirmed`].
+    pub async fn emit_with_id<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        payload: &T,
+        id: &str,
+    ) -> Result<Stored, ClientError> {
+        let line = serde_json::to_vec(&serde_json::json!({
+            "event": name,
+            "payload": payload,
+            "id": id,
+        }))
+        .map_err(|e| {
+            ClientError::InvalidEvent(ProtocolError::new(
+                crate::protocol::ErrorCode::InvalidPayload,
+                e.to_string(),
+            ))
+        })?;
+        let mut line = line;
+        line.push(b'\n');
+        let event = Event::from_line(Bytes::from(line)).map_err(ClientError::InvalidEvent)?;
+        let (waiter, answer) = oneshot::channel();
+        {
+            let mut state = self.lock_state();
+            state
+                .unconfirmed
+                .push((id.to_string(), event.line().clone()));
+            state.confirms.insert(id.to_string(), waiter);
+        }
+        match self.send(&event).await {
+            // Lost while being written: resent after the reconnect.
+            Ok(()) | Err(ClientError::ConnectionLost(_)) => {}
+            Err(e) => {
+                let mut state = self.lock_state();
+                state.unconfirmed.retain(|(waiting, _)| waiting != id);
+                state.confirms.remove(id);
+                return Err(e);
+            }
+        }
+        answer.await.map_err(|_| ClientError::Closed)?
     }
 
     /// Queues `event` behind earlier sends and returns at once with a [`Delivery`]

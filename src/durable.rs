@@ -286,8 +286,15 @@ impl Durable {
                         chain(&e)
                     ),
                 );
+                // With the id, so that a client waiting for it knows which event failed.
+                let frame = Event::new(
+                    "$error",
+                    &json!({"code": error.code, "message": error.message, "id": id}),
+                )
+                .map(|e| e.line().clone())
+                .unwrap_or_else(|_| error.to_frame());
                 for client in std::iter::once(from).chain(waiting) {
-                    hub.reply(client, error.to_frame());
+                    hub.reply(client, frame.clone());
                 }
                 hub.store_failed(chain(&e));
             }

@@ -140,6 +140,38 @@ impl Session {
         }
     }
 
+    /// Answers an `emit_confirmed` waiting for this `$stored` (or `$error storage`,
+    /// which names the id); the event still goes to handlers and streams.
+    fn settle_confirmation(&self, event: &Event) {
+        let name = event.name().as_str();
+        if name != "$stored" && name != "$error" {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            id: Option<String>,
+            #[serde(flatten)]
+            stored: Option<crate::client::Stored>,
+            code: Option<String>,
+            message: Option<String>,
+        }
+        let Ok(answer) = serde_json::from_str::<Answer>(event.payload()) else {
+            return;
+        };
+        let Some(id) = answer.id else { return };
+        let outcome = match (name, answer.stored) {
+            ("$stored", Some(stored)) => Ok(stored),
+            ("$error", _) if answer.code.as_deref() == Some("storage") => {
+                Err(ClientError::Storage(answer.message.unwrap_or_default()))
+            }
+            _ => return,
+        };
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .confirmed(&id, outcome);
+    }
+
     /// Tries again with backoff until connected, closed, or out of attempts.
     async fn reconnect(&mut self, pending: &mut VecDeque<Pending>) -> Option<TcpStream> {
         let policy = self.reconnect.clone()?;
@@ -178,6 +210,10 @@ impl Session {
         while let Ok(command) = self.commands.try_recv() {
             let _ = command.ack.send(Err(ClientError::Closed));
         }
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fail_confirms();
         self.listeners.lock_streams().clear();
         self.connected.send_replace(false);
         self.done.send_replace(true);
@@ -245,7 +281,8 @@ impl Session {
                     }
                     Ok(_) => {
                         idle_at = self.idle_timeout.and_then(|idle| Instant::now().checked_add(idle));
-                        if let Err(e) = decode(self.mode, &mut rbuf, &mut inbound) {
+                        let settle = &mut |event: &Event| self.settle_confirmation(event);
+                        if let Err(e) = decode(self.mode, &mut rbuf, &mut inbound, settle) {
                             self.offer(pending, ClientEvent::Error(e));
                             return Outcome::Lost { had_error: true };
                         }
@@ -337,7 +374,14 @@ async fn write_batch(writer: &mut OwnedWriteHalf, batch: &mut Vec<Command>) -> R
 }
 
 /// Turns received bytes into [`ClientEvent`]s as `mode` says.
-fn decode(mode: Mode, rbuf: &mut BytesMut, out: &mut Vec<ClientEvent>) -> Result<(), ClientError> {
+/// `seen` is shown every event line first (the task settles confirmations there, before
+/// `$error`s lose their extra fields).
+fn decode(
+    mode: Mode,
+    rbuf: &mut BytesMut,
+    out: &mut Vec<ClientEvent>,
+    seen: &mut dyn FnMut(&Event),
+) -> Result<(), ClientError> {
     match mode {
         Mode::Bytes => out.push(ClientEvent::Data(rbuf.split().freeze())),
         Mode::Text => {
@@ -349,7 +393,7 @@ fn decode(mode: Mode, rbuf: &mut BytesMut, out: &mut Vec<ClientEvent>) -> Result
         }
         Mode::Events => {
             while let Some(newline) = memchr::memchr(b'\n', rbuf) {
-                out.push(parse_line(rbuf.split_to(newline + 1).freeze()));
+                out.push(parse_line(rbuf.split_to(newline + 1).freeze(), seen));
             }
             if rbuf.len() > MAX_LINE {
                 return Err(ClientError::Protocol(format!(
@@ -383,11 +427,12 @@ fn pong_for(event: &ClientEvent) -> Option<Bytes> {
     Event::new("$pong", &payload).ok().map(|e| e.line().clone())
 }
 
-fn parse_line(line: Bytes) -> ClientEvent {
+fn parse_line(line: Bytes, seen: &mut dyn FnMut(&Event)) -> ClientEvent {
     let event = match Event::from_line(line) {
         Ok(event) => event,
         Err(e) => return ClientEvent::Error(ClientError::Protocol(e.to_string())),
     };
+    seen(&event);
     if event.name().as_str() == "$error" {
         #[derive(Deserialize)]
         struct Payload {
@@ -415,7 +460,7 @@ mod tests {
             &b"{\"event\":\"a\",\"payload\":1}\n{\"event\":\"$error\",\"payload\":{\"code\":\"invalid_json\",\"message\":\"m\"}}\n{\"event\":\"$welcome\",\"payload\":{}}\n{\"event\":\"b\""[..],
         );
         let mut out = Vec::new();
-        decode(Mode::Events, &mut buf, &mut out).unwrap();
+        decode(Mode::Events, &mut buf, &mut out, &mut |_| {}).unwrap();
         assert!(matches!(&out[0], ClientEvent::Event(e) if e.name().as_str() == "a"));
         assert!(
             matches!(&out[1], ClientEvent::HubError(e) if e.code == ErrorCode::InvalidJson && e.message == "m")
@@ -430,10 +475,10 @@ mod tests {
         let mut buf = BytesMut::from(&b"caf"[..]);
         buf.extend_from_slice(&"é".as_bytes()[..1]); // half of the character
         let mut out = Vec::new();
-        decode(Mode::Text, &mut buf, &mut out).unwrap();
+        decode(Mode::Text, &mut buf, &mut out, &mut |_| {}).unwrap();
         assert!(matches!(&out[0], ClientEvent::Text(t) if t == "caf"));
         buf.extend_from_slice(&"é".as_bytes()[1..]);
-        decode(Mode::Text, &mut buf, &mut out).unwrap();
+        decode(Mode::Text, &mut buf, &mut out, &mut |_| {}).unwrap();
         assert!(matches!(&out[1], ClientEvent::Text(t) if t == "é"));
     }
 }

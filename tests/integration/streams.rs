@@ -380,3 +380,75 @@ async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn orders_config(dir: &std::path::Path) -> Config {
+    Config::builder()
+        .streams(vec![StreamSpec::new("orders", &["pickup"])])
+        .data_dir(dir.to_owned())
+        .build()
+        .unwrap()
+}
+
+/// The client library waits for `$stored`: stored with its seq, live only when no
+/// stream matched, a duplicate for a repeated id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_waits_for_confirmations() {
+    use hubcast::client::{Client, Stored};
+    let dir = temp_dir("client");
+    let hub = TestHub::start(orders_config(&dir)).await;
+    let client = Client::connect(hub.addr).await.unwrap();
+    let first = within(client.emit_confirmed("pickup", &json!({"n": 1})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.stream.as_deref(), first.seq, first.duplicate),
+        (Some("orders"), Some(1), false)
+    );
+    let live: Stored = within(client.emit_confirmed("hello", &1)).await.unwrap();
+    assert_eq!((live.stream, live.seq), (None, None));
+    let once = within(client.emit_with_id("pickup", &2, "order-2"))
+        .await
+        .unwrap();
+    let again = within(client.emit_with_id("pickup", &2, "order-2"))
+        .await
+        .unwrap();
+    assert_eq!((once.seq, once.duplicate), (Some(2), false));
+    assert_eq!((again.seq, again.duplicate), (Some(2), true));
+    drop(client);
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An event confirmed-sent while the hub is away is sent again after the reconnect
+/// and confirmed by the hub that comes back (on the same data directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_send_made_while_away_is_confirmed_after_the_reconnect() {
+    use hubcast::client::{Client, Reconnect};
+    let dir = temp_dir("away");
+    let mut first = TestHub::start_keeping_port(orders_config(&dir)).await;
+    let client = Client::builder()
+        .reconnect(Reconnect {
+            initial_delay: std::time::Duration::from_millis(10),
+            max_delay: std::time::Duration::from_millis(50),
+            ..Reconnect::default()
+        })
+        .connect(first.addr)
+        .await
+        .unwrap();
+    let stored = within(client.emit_confirmed("pickup", &0)).await.unwrap();
+    assert_eq!(stored.seq, Some(1));
+    first.begin_shutdown();
+    first.stopped().await;
+    first.hub.close_store();
+    let sender = client.clone();
+    let waiting = tokio::spawn(async move { sender.emit_confirmed("pickup", &1).await });
+    let second = first.successor(orders_config(&dir));
+    let stored = within(waiting).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.stream.as_deref(), stored.seq),
+        (Some("orders"), Some(2))
+    );
+    drop(client);
+    second.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
