@@ -257,6 +257,23 @@ impl SessionState {
     }
 }
 
+/// The hub's answer to an event queued with [`Client::enqueue_with_id`], to come.
+#[derive(Debug)]
+#[must_use = "a confirmation says whether the event was stored"]
+pub struct Confirmation {
+    answer: oneshot::Receiver<Result<Stored, ClientError>>,
+}
+
+impl std::future::Future for Confirmation {
+    type Output = Result<Stored, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
 /// What the hub said when it confirmed an event sent with [`Client::emit_confirmed`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[non_exhaustive]
@@ -834,6 +851,23 @@ impl Client {
         payload: &T,
         id: &str,
     ) -> Result<Stored, ClientError> {
+        self.enqueue_with_id(name, payload, id).await?.await
+    }
+
+    /// Queues an event with `id` behind earlier sends and returns at once with a
+    /// [`Confirmation`], which completes when the hub confirms it: many can be in
+    /// flight, sent in order (as [`Client::enqueue`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::enqueue`], and [`ClientError::InvalidEvent`] for a payload that is
+    /// not serialisable or an id over 128 bytes.
+    pub async fn enqueue_with_id<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        payload: &T,
+        id: &str,
+    ) -> Result<Confirmation, ClientError> {
         let line = serde_json::to_vec(&serde_json::json!({
             "event": name,
             "payload": payload,
@@ -856,17 +890,17 @@ impl Client {
                 .push((id.to_string(), event.line().clone()));
             state.confirms.insert(id.to_string(), waiter);
         }
-        match self.send(&event).await {
-            // Lost while being written: resent after the reconnect.
-            Ok(()) | Err(ClientError::ConnectionLost(_)) => {}
+        match self.enqueue(&event).await {
+            // Written or not, it is in order behind earlier sends; a write lost with
+            // the connection is resent after the reconnect.
+            Ok(_written) => Ok(Confirmation { answer }),
             Err(e) => {
                 let mut state = self.lock_state();
                 state.unconfirmed.retain(|(waiting, _)| waiting != id);
                 state.confirms.remove(id);
-                return Err(e);
+                Err(e)
             }
         }
-        answer.await.map_err(|_| ClientError::Closed)?
     }
 
     /// Queues `event` behind earlier sends and returns at once with a [`Delivery`]

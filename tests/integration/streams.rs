@@ -452,3 +452,52 @@ async fn a_confirmed_send_made_while_away_is_confirmed_after_the_reconnect() {
     second.hub.close_store();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `hubcast pub --confirm` waits for every `$stored` and says how each ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_confirm_reports_what_was_stored() {
+    let dir = temp_dir("pub");
+    let data_dir = dir.display().to_string();
+    let hub = HubProcess::spawn(HubProcess::command(&[
+        "serve",
+        "--port",
+        "0",
+        "--quiet",
+        "--stream",
+        "orders=pickup",
+        "--data-dir",
+        &data_dir,
+    ]))
+    .await;
+    let port = hub.port.to_string();
+    let mut lines = HubProcess::command(&["pub", "pickup", "--confirm", "-p", &port])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = lines.stdin.take().unwrap();
+    stdin.write_all(b"1\n{\"n\":2}\n3\n").await.unwrap();
+    drop(stdin);
+    let output = within(lines.wait_with_output()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("confirmed: 3 stored, 0 delivered live only"),
+        "{stderr}"
+    );
+    let single =
+        within(HubProcess::command(&["pub", "hello", "1", "--confirm", "-p", &port]).output())
+            .await
+            .unwrap();
+    let stderr = String::from_utf8_lossy(&single.stderr);
+    assert!(
+        stderr.contains("0 stored, 1 delivered live only"),
+        "{stderr}"
+    );
+    hub.stop().await;
+    let (store, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+    assert_eq!(store.info("orders").unwrap().last_seq, 3);
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use hubcast::client::{Client, ClientEvent};
+use hubcast::client::{Client, ClientError, ClientEvent, Stored};
 use hubcast::{Event, EventName};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -23,6 +23,10 @@ pub struct Args {
     /// The payload, as JSON. Without it (or with `-`), payloads are read from standard
     /// input, one JSON value per line, and each is sent as its own event.
     payload: Option<String>,
+    /// Wait until the hub confirms each event (`$stored`): stored in a stream, or
+    /// delivered live when none matches; exit 1 if any could not be stored.
+    #[arg(long)]
+    confirm: bool,
 }
 
 /// Sends written ahead of their acknowledgements.
@@ -63,13 +67,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     });
     let client = args.hub.connect(builder).await?;
     let mut code = ExitCode::SUCCESS;
+    let mut confirmations = args.confirm.then(Confirmations::default);
     match single {
-        Some(payload) => send(&client, &name, &payload).await?,
+        Some(payload) => match &mut confirmations {
+            Some(tally) => {
+                let stored = client.emit_confirmed(name.as_str(), &*payload).await;
+                tally.count(stored);
+            }
+            None => send(&client, &name, &payload).await?,
+        },
         None => {
-            if let Err(message) = send_lines(&client, &name).await? {
+            if let Err(message) = send_lines(&client, &name, confirmations.as_mut()).await? {
                 report!("hubcast: error: {message}");
                 code = ExitCode::from(2);
             }
+        }
+    }
+    if let Some(tally) = &confirmations {
+        report!(
+            "confirmed: {} stored, {} delivered live only (no stream matched), {} not stored",
+            tally.stored,
+            tally.live,
+            tally.failed
+        );
+        if tally.failed > 0 && code == ExitCode::SUCCESS {
+            code = ExitCode::FAILURE;
         }
     }
     // Returns once the hub has read everything and closed its side.
@@ -96,10 +118,58 @@ async fn send(client: &Client, name: &EventName, payload: &RawValue) -> anyhow::
     client.send(&event).await.context("sending to the hub")
 }
 
+/// What `--confirm` heard back.
+#[derive(Default)]
+struct Confirmations {
+    stored: u64,
+    live: u64,
+    failed: u64,
+}
+
+impl Confirmations {
+    fn count(&mut self, answer: Result<Stored, ClientError>) {
+        match answer {
+            Ok(stored) if stored.stream.is_some() => self.stored += 1,
+            Ok(_) => self.live += 1,
+            Err(e) => {
+                report!("hubcast: error: {:#}", anyhow::Error::new(e));
+                self.failed += 1;
+            }
+        }
+    }
+}
+
+/// One send in flight: written, or (with `--confirm`) confirmed.
+enum InFlight {
+    Written(hubcast::client::Delivery),
+    Confirmed(hubcast::client::Confirmation),
+}
+
+/// Waits for one send in flight, and counts its confirmation.
+async fn settle(sent: InFlight, tally: Option<&mut Confirmations>) -> anyhow::Result<()> {
+    match sent {
+        InFlight::Written(delivery) => delivery.await.context("sending to the hub"),
+        InFlight::Confirmed(answer) => {
+            let answer = answer.await;
+            if let Some(tally) = tally {
+                tally.count(answer);
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Sends one event per line of standard input, up to [`IN_FLIGHT`] at a time, in order.
 /// Stops at the first line that is not JSON, sending nothing of it: `Ok(Err(message))`
-/// names that line.
-async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<(), String>> {
+/// names that line. With `confirmations`, each event carries an id and is waited for.
+async fn send_lines(
+    client: &Client,
+    name: &EventName,
+    mut confirmations: Option<&mut Confirmations>,
+) -> anyhow::Result<Result<(), String>> {
+    // Ids unique to this run: a rerun of the same file is stored again.
+    let run = format!("{:016x}", fastrand::u64(..));
+
     let progress = progress_bar();
     if std::io::stdin().is_terminal() {
         report!("reading payloads from standard input, one JSON value per line; end with Ctrl-D");
@@ -135,18 +205,28 @@ async fn send_lines(client: &Client, name: &EventName) -> anyhow::Result<Result<
                 break;
             }
         };
-        let event = Event::new(name.as_str(), &payload)
-            .map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
-        in_flight.push_back(client.enqueue(&event).await.context("sending to the hub")?);
+        let next = if confirmations.is_some() {
+            let id = format!("{run}-{number}");
+            let answer = client
+                .enqueue_with_id(name.as_str(), &payload, &id)
+                .await
+                .context("sending to the hub")?;
+            InFlight::Confirmed(answer)
+        } else {
+            let event = Event::new(name.as_str(), &payload)
+                .map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
+            InFlight::Written(client.enqueue(&event).await.context("sending to the hub")?)
+        };
+        in_flight.push_back(next);
         sent += 1;
         if in_flight.len() >= IN_FLIGHT {
             if let Some(oldest) = in_flight.pop_front() {
-                oldest.await.context("sending to the hub")?;
+                settle(oldest, confirmations.as_deref_mut()).await?;
             }
         }
     }
-    for delivery in in_flight {
-        delivery.await.context("sending to the hub")?;
+    for sent in in_flight {
+        settle(sent, confirmations.as_deref_mut()).await?;
     }
     if let Some(bar) = progress {
         bar.finish_and_clear();
