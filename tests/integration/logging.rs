@@ -1,7 +1,6 @@
 //! The hub's log (issue #11): a broken or slow log destination never stops the hub.
 
 use serde_json::json;
-use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -14,17 +13,8 @@ use crate::support::{event, within, HubProcess};
 /// lets go of its port.
 #[tokio::test]
 async fn the_hub_survives_its_log_reader_going_away() {
-    let mut command = HubProcess::command(&["serve", "--port", "0"]);
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = within(banner.next_line()).await.unwrap().unwrap();
-    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
+    let (mut child, port) =
+        HubProcess::spawn_raw(HubProcess::command(&["serve", "--port", "0"])).await;
     // As `head -2` after `2>&1` (the banner is one of its two lines): read one log
     // line, then close the pipe.
     let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -79,16 +69,8 @@ async fn the_hub_survives_its_log_reader_going_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_never_stalls_routing_and_skipped_lines_are_counted() {
     const EVENTS: usize = 20_000;
-    let mut child = HubProcess::command(&["serve", "--port", "0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = within(banner.next_line()).await.unwrap().unwrap();
-    let port: u16 = first.rsplit(':').next().unwrap().parse().unwrap();
+    let (mut child, port) =
+        HubProcess::spawn_raw(HubProcess::command(&["serve", "--port", "0"])).await;
     // Held, not read: the pipe (64 KiB) fills after a few hundred lines.
     let stderr = child.stderr.take().unwrap();
     let mut a = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -347,8 +347,10 @@ impl HubProcess {
         cmd
     }
 
-    /// Starts `cmd` (which must print hubcast's "Server up on ..." banner).
-    pub async fn spawn(mut cmd: tokio::process::Command) -> HubProcess {
+    /// Starts `cmd` (which must print hubcast's "Server up on ..." banner) and
+    /// returns it with its port, its stderr piped and left to the caller (for tests of
+    /// what happens when nobody reads the log).
+    pub async fn spawn_raw(mut cmd: tokio::process::Command) -> (tokio::process::Child, u16) {
         use std::process::Stdio;
         let mut child = cmd
             .stdin(Stdio::null())
@@ -360,6 +362,12 @@ impl HubProcess {
         let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = within(banner.next_line()).await.unwrap().unwrap();
         let port = first.rsplit(':').next().unwrap().parse().unwrap();
+        (child, port)
+    }
+
+    /// Starts `cmd` (which must print hubcast's "Server up on ..." banner).
+    pub async fn spawn(cmd: tokio::process::Command) -> HubProcess {
+        let (mut child, port) = Self::spawn_raw(cmd).await;
         let (tx, log) = tokio::sync::mpsc::unbounded_channel();
         let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
         tokio::spawn(async move {
