@@ -412,8 +412,14 @@ fn offset_in(whole: &str, part: &str) -> Range<usize> {
 /// The longest `"id"` an event may carry, in bytes.
 pub const MAX_EVENT_ID: usize = 128;
 
-/// Checks an event's `"id"` (its text, unescaped): at most [`MAX_EVENT_ID`] bytes.
+/// Checks an event's `"id"` (its text, unescaped): 1 to [`MAX_EVENT_ID`] bytes.
 fn event_id(id: Bytes) -> Result<ByteString, ProtocolError> {
+    if id.is_empty() {
+        return Err(ProtocolError::new(
+            ErrorCode::NotAnEvent,
+            "\"id\" is empty; an id names the event for its confirmation",
+        ));
+    }
     if id.len() > MAX_EVENT_ID {
         return Err(ProtocolError::new(
             ErrorCode::NotAnEvent,
@@ -461,6 +467,8 @@ mod tests {
             None
         );
         assert_eq!(parse(r#"{"event":"a","payload":1}"#).unwrap().id(), None);
+        let empty = parse(r#"{"event":"a","payload":1,"id":""}"#).unwrap_err();
+        assert_eq!(empty.code, ErrorCode::NotAnEvent);
         let long = format!(r#"{{"event":"a","payload":1,"id":"{}"}}"#, "x".repeat(129));
         let err = parse(&long).unwrap_err();
         assert_eq!(err.code, ErrorCode::NotAnEvent);
