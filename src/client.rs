@@ -25,7 +25,10 @@ use crate::event::{Event, RoomName};
 use crate::protocol::ProtocolError;
 use crate::routing::Pattern;
 
+mod consume;
 mod task;
+
+pub use consume::{ConsumeOptions, Consumer, Message};
 
 /// The default time allowed for one connection attempt.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -220,6 +223,10 @@ pub enum ClientError {
     /// delivered live only.
     #[error("the hub could not store the event: {0}")]
     Storage(String),
+    /// The hub refused a request (a `$error` answering it), such as
+    /// [`Client::consume`] of a stream it does not have.
+    #[error("the hub refused: {0}")]
+    Hub(ProtocolError),
     /// The hub sent something that is not a hubcast frame.
     #[error("unexpected data from the hub: {0}")]
     Protocol(String),
@@ -236,6 +243,10 @@ pub(crate) struct SessionState {
     unconfirmed: Vec<(String, Bytes)>,
     /// Who waits for each of them.
     confirms: HashMap<String, oneshot::Sender<Result<Stored, ClientError>>>,
+    /// Durable consumers held, by name: consumed again after a reconnect.
+    consumers: HashMap<String, consume::Held>,
+    /// The client's handle, for the deliveries the task hands out.
+    handle: std::sync::Weak<ClientState>,
 }
 
 impl SessionState {
@@ -308,6 +319,9 @@ impl SessionState {
         }
         for room in &self.rooms {
             add("$join", &serde_json::json!({ "room": room }));
+        }
+        for held in self.consumers.values() {
+            add("$consume", &held.payload);
         }
         for (_, line) in &self.unconfirmed {
             out.extend_from_slice(line);
@@ -666,17 +680,21 @@ impl ClientBuilder {
             }
         }
         tokio::spawn(session.run(stream));
-        Ok(Client {
-            shared: Arc::new(ClientState {
-                commands,
-                connected,
-                listeners,
-                closing,
-                done,
-                buffer: self.buffer,
-                state,
-            }),
-        })
+        let shared = Arc::new(ClientState {
+            commands,
+            connected,
+            listeners,
+            closing,
+            done,
+            buffer: self.buffer,
+            state,
+        });
+        shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle = Arc::downgrade(&shared);
+        Ok(Client { shared })
     }
 }
 
@@ -868,12 +886,52 @@ impl Client {
         payload: &T,
         id: &str,
     ) -> Result<Confirmation, ClientError> {
-        let line = serde_json::to_vec(&serde_json::json!({
+        self.enqueue_identified(None, name, payload, id).await
+    }
+
+    /// [`Client::emit_with_id`] for the members of `room` only.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::emit_with_id`], and [`ClientError::InvalidEvent`] for a bad room.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: hubcast::Client) -> Result<(), hubcast::client::ClientError> {
+    /// let order = serde_json::json!({"orderID": "42"});
+    /// client.emit_to_with_id("acme", "delivered", &order, "delivered-42").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn emit_to_with_id<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        name: &str,
+        payload: &T,
+        id: &str,
+    ) -> Result<Stored, ClientError> {
+        RoomName::new(room).map_err(ClientError::InvalidEvent)?;
+        self.enqueue_identified(Some(room), name, payload, id)
+            .await?
+            .await
+    }
+
+    async fn enqueue_identified<T: Serialize + ?Sized>(
+        &self,
+        room: Option<&str>,
+        name: &str,
+        payload: &T,
+        id: &str,
+    ) -> Result<Confirmation, ClientError> {
+        let mut event = serde_json::json!({
             "event": name,
             "payload": payload,
             "id": id,
-        }))
-        .map_err(|e| {
+        });
+        if let Some(room) = room {
+            event["room"] = serde_json::json!(room);
+        }
+        let line = serde_json::to_vec(&event).map_err(|e| {
             ClientError::InvalidEvent(ProtocolError::new(
                 crate::protocol::ErrorCode::InvalidPayload,
                 e.to_string(),

@@ -107,6 +107,9 @@ impl Default for Streams {
     }
 }
 
+/// What a stream's dead-letter stream adds to its name (`orders` → `orders.dead`).
+pub const DEAD_SUFFIX: &str = ".dead";
+
 /// One declared stream: its name and the event-name patterns it stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -500,6 +503,17 @@ impl Streams {
         for spec in &self.declared {
             if let Err(e) = crate::store::check_name(&spec.name) {
                 return unusable(Setting::Stream, e.to_string());
+            }
+            // Each stream has a dead-letter stream beside it, NAME.dead.
+            if spec.name.ends_with(DEAD_SUFFIX) || spec.name.len() + DEAD_SUFFIX.len() > 64 {
+                return unusable(
+                    Setting::Stream,
+                    format!(
+                        "stream {:?}: names ending in {DEAD_SUFFIX:?} are the dead-letter streams', and a name is at most {} bytes",
+                        spec.name,
+                        64 - DEAD_SUFFIX.len()
+                    ),
+                );
             }
             if !names.insert(spec.name.as_str()) {
                 return unusable(

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
@@ -171,7 +172,7 @@ impl<W: AsyncWrite + Unpin> Future for WriteBatch<'_, W> {
 
 struct Connection<'a> {
     hub: &'a Hub,
-    client: &'a Member,
+    client: &'a Arc<Member>,
     decoder: FrameDecoder,
     /// What the client sent and the hub has not consumed yet.
     input: ReadBuffer,
@@ -220,7 +221,7 @@ impl Connection<'_> {
 /// server this connection will not add events any more.
 pub(crate) async fn run<R, W>(
     hub: &Hub,
-    client: &Member,
+    client: &Arc<Member>,
     mut reader: R,
     mut writer: W,
     phases: &Phases,

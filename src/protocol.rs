@@ -53,6 +53,14 @@ pub enum ErrorCode {
     EventsDropped,
     /// An event could not be stored (disk full, an I/O failure); it was delivered live.
     Storage,
+    /// `$consume` named a stream the hub does not declare.
+    UnknownStream,
+    /// `$ack`, `$nack` or `$unconsume` named a consumer that does not exist.
+    UnknownConsumer,
+    /// `$consume` contradicted the settings the consumer was created with.
+    ConsumerMismatch,
+    /// `$ack`, `$nack` or `$unconsume` for a consumer this connection does not hold.
+    NotConsuming,
     /// A code this version does not know (from a newer hub); the hub never sends it.
     #[serde(other)]
     Unknown,
@@ -84,6 +92,10 @@ impl ErrorCode {
             ErrorCode::TooManyErrors => "too_many_errors",
             ErrorCode::EventsDropped => "events_dropped",
             ErrorCode::Storage => "storage",
+            ErrorCode::UnknownStream => "unknown_stream",
+            ErrorCode::UnknownConsumer => "unknown_consumer",
+            ErrorCode::ConsumerMismatch => "consumer_mismatch",
+            ErrorCode::NotConsuming => "not_consuming",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -115,6 +127,9 @@ pub struct ProtocolError {
     pub code: ErrorCode,
     /// A sentence for people, naming the problem.
     pub message: String,
+    /// The durable consumer the error is about (errors answering `$consume`, `$ack`,
+    /// `$nack` and `$unconsume`), so a client consuming several can tell.
+    pub consumer: Option<String>,
 }
 
 impl ProtocolError {
@@ -132,7 +147,17 @@ impl ProtocolError {
             message.truncate(end);
             message.push_str(&format!("… ({total} bytes)"));
         }
-        ProtocolError { code, message }
+        ProtocolError {
+            code,
+            message,
+            consumer: None,
+        }
+    }
+
+    /// The same error, about consumer `name`.
+    pub fn with_consumer(mut self, name: &str) -> Self {
+        self.consumer = Some(name.to_owned());
+        self
     }
 
     /// The `$error` line (with its trailing `\n`) that tells the client about this error.
@@ -146,12 +171,15 @@ impl ProtocolError {
         struct Payload<'a> {
             code: ErrorCode,
             message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            consumer: Option<&'a str>,
         }
         let wire = Wire {
             event: "$error",
             payload: Payload {
                 code: self.code,
                 message: &self.message,
+                consumer: self.consumer.as_deref(),
             },
         };
         let mut line = serde_json::to_vec(&wire).unwrap_or_default();

@@ -143,6 +143,15 @@ impl Session {
     /// Answers an `emit_confirmed` waiting for this `$stored` (or `$error storage`,
     /// which names the id); the event still goes to handlers and streams.
     fn settle_confirmation(&self, event: &Event) {
+        if super::consume::may_route(event) {
+            super::consume::route(
+                &mut self
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                event,
+            );
+        }
         let name = event.name().as_str();
         if name != "$stored" && name != "$error" {
             return;
@@ -438,9 +447,13 @@ fn parse_line(line: Bytes, seen: &mut dyn FnMut(&Event)) -> ClientEvent {
         struct Payload {
             code: ErrorCode,
             message: String,
+            consumer: Option<String>,
         }
         return match serde_json::from_str::<Payload>(event.payload()) {
-            Ok(p) => ClientEvent::HubError(ProtocolError::new(p.code, p.message)),
+            Ok(p) => ClientEvent::HubError(ProtocolError {
+                consumer: p.consumer,
+                ..ProtocolError::new(p.code, p.message)
+            }),
             Err(e) => ClientEvent::Error(ClientError::Protocol(format!("malformed $error: {e}"))),
         };
     }

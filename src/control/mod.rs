@@ -17,6 +17,7 @@ use crate::event::Event;
 use crate::hub::{Hub, Member};
 use crate::protocol::{ErrorCode, ProtocolError};
 
+mod consume;
 mod hello;
 mod liveness;
 mod ping;
@@ -29,7 +30,7 @@ pub(crate) use liveness::{Due, Liveness};
 /// One control request: who sent it, on which connection, and the event itself.
 pub(crate) struct Request<'a> {
     pub(crate) hub: &'a Hub,
-    pub(crate) client: &'a Member,
+    pub(crate) client: &'a std::sync::Arc<Member>,
     pub(crate) liveness: &'a mut Liveness,
     pub(crate) event: &'a Event,
 }
@@ -55,7 +56,7 @@ impl Request<'_> {
 /// of the wrong shape (`invalid_payload`), a bad pattern or room, or a limit.
 pub(crate) fn handle(
     hub: &Hub,
-    client: &Member,
+    client: &std::sync::Arc<Member>,
     liveness: &mut Liveness,
     event: &Event,
 ) -> Result<Option<Bytes>, ProtocolError> {
@@ -72,6 +73,10 @@ pub(crate) fn handle(
         "$join" => room::join(&request),
         "$leave" => room::leave(&request),
         "$ping" => ping::apply(&request),
+        "$consume" => return consume::consume(&request),
+        "$ack" => return consume::ack(&request),
+        "$nack" => return consume::nack(&request),
+        "$unconsume" => return consume::unconsume(&request),
         // The answer to our `$ping` (the connection counts one that was not asked for
         // against the error budget before it gets here).
         "$pong" => return Ok(None),

@@ -205,6 +205,10 @@ impl Hub {
             }
             self.state.count.send_replace(pool.clients.len());
         }
+        // What was out to it for durable consumers goes to their other members.
+        if let Some(consumers) = &self.durable().consumers {
+            consumers.left(client);
+        }
         self.report(|| HubEvent::Close {
             client,
             had_error: reason.had_error(),

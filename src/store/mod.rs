@@ -129,6 +129,52 @@ pub struct StreamInfo {
     pub bytes: u64,
 }
 
+/// What a durable consumer has done, as `hubcast streams` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// The stream it consumes.
+    pub stream: String,
+    /// Every seq up to this one is acknowledged (or not for this consumer).
+    pub ack_floor: u64,
+    /// Events not acknowledged yet: delivered and waiting for an ack, due again, or not
+    /// delivered yet (with a filter, those count whether or not they match).
+    pub pending: u64,
+    /// Deliveries out to a connection now, waiting for their ack.
+    pub in_flight: u64,
+    /// Acks received.
+    pub acked: u64,
+    /// Deliveries that were a second or later attempt.
+    pub redelivered: u64,
+    /// Events moved to the dead-letter stream after `max_deliver` attempts.
+    pub dead_lettered: u64,
+}
+
+/// The durable consumers kept in the store in `dir` (a hub's `--data-dir`), read
+/// without changing anything: safe beside a running hub (what it has not finished
+/// writing is not read).
+///
+/// # Errors
+///
+/// When the store cannot be read.
+pub fn consumers(dir: &std::path::Path) -> Result<Vec<ConsumerInfo>, StoreError> {
+    let log_dir = dir.join("consumers");
+    if !log_dir.join("streams").is_dir() {
+        return Ok(Vec::new());
+    }
+    let streams = SegmentLog::open_read_only(dir)?;
+    let ledgers = crate::durable::consumer::read_only(&log_dir)?;
+    Ok(ledgers
+        .into_iter()
+        .map(|(name, ledger)| {
+            let last_seq = streams.info(&ledger.spec.stream).map_or(0, |i| i.last_seq);
+            ledger.info(&name, last_seq)
+        })
+        .collect())
+}
+
 /// What opening a store found and repaired.
 #[derive(Debug, Default)]
 pub struct Recovery {

@@ -207,6 +207,28 @@ impl SegmentLog {
             .extend(learned.into_iter().filter(|&(s, _)| s > last));
     }
 
+    /// Deletes `stream`'s closed segments that hold only records before `seq`, as
+    /// retention does; returns how many records went. For logs whose older records a
+    /// later one supersedes (the hub's consumer log).
+    ///
+    /// # Errors
+    ///
+    /// When a segment file cannot be deleted (what was deleted before it stays so).
+    pub fn trim(&self, stream: &str, seq: u64) -> Result<u64, StoreError> {
+        let mut streams = lock(&self.streams);
+        let Some(meta) = streams.get_mut(stream) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        while meta.segments.len() > 1 && meta.segments[1].first_seq <= seq {
+            let path = meta.segments[0].path.clone();
+            fs::remove_file(&path)
+                .map_err(|e| StoreError::io(format!("deleting {}", path.display()), e))?;
+            removed += meta.segments.remove(0).events;
+        }
+        Ok(removed)
+    }
+
     /// Commits what was appended, then stops the writer. Later appends fail.
     pub fn close(&self) {
         drop(lock(&self.ops).take());

@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod client;
+mod consumers;
 mod control;
 mod delivery;
 mod demo;

@@ -239,7 +239,7 @@ async fn confirmed_events_survive_kill_9() {
 }
 
 /// Runs `hubcast ARGS` to completion; its stdout (it must exit 0).
-async fn run_tool(args: &[&str]) -> String {
+pub async fn run_tool(args: &[&str]) -> String {
     let output = within(HubProcess::command(args).output()).await.unwrap();
     assert!(
         output.status.success(),

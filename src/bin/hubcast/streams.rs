@@ -14,7 +14,8 @@ pub struct ListArgs {
     /// The hub's data directory (its --data-dir).
     #[arg(long, default_value = "hubcast-data")]
     data_dir: PathBuf,
-    /// One JSON object per stream instead of the table.
+    /// One JSON object per stream, then one per consumer (with a "consumer" key),
+    /// instead of the tables.
     #[arg(long)]
     json: bool,
 }
@@ -74,6 +75,35 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
                 out,
                 "{name:<24} {:>12} {:>12} {:>12} {:>14}",
                 info.first_seq, info.last_seq, info.events, info.bytes
+            )?;
+        }
+    }
+    let consumers = hubcast::store::consumers(&args.data_dir)
+        .with_context(|| format!("cannot read the consumers in {}", args.data_dir.display()))?;
+    if !args.json && !consumers.is_empty() {
+        writeln!(
+            out,
+            "\n{:<24} {:<16} {:>10} {:>10} {:>10} {:>12} {:>13}",
+            "consumer", "stream", "ack floor", "pending", "acked", "redelivered", "dead-lettered"
+        )?;
+    }
+    for c in consumers {
+        if args.json {
+            let line = serde_json::json!({
+                "consumer": c.name,
+                "stream": c.stream,
+                "ack_floor": c.ack_floor,
+                "pending": c.pending,
+                "acked": c.acked,
+                "redelivered": c.redelivered,
+                "dead_lettered": c.dead_lettered,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(
+                out,
+                "{:<24} {:<16} {:>10} {:>10} {:>10} {:>12} {:>13}",
+                c.name, c.stream, c.ack_floor, c.pending, c.acked, c.redelivered, c.dead_lettered
             )?;
         }
     }

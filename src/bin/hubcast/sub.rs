@@ -21,9 +21,41 @@ pub struct Args {
     /// Pretty-print each event over several lines, for people.
     #[arg(long)]
     pretty: bool,
+    /// Consume the stream given with --stream as this durable consumer: get what is
+    /// stored (also while this was not running), and acknowledge each event once it
+    /// is printed. A pattern given filters the stream; a --room, its room.
+    #[arg(long, value_name = "CONSUMER", requires = "stream")]
+    durable: Option<String>,
+    /// The stream --durable consumes.
+    #[arg(long, value_name = "STREAM", requires = "durable")]
+    stream: Option<String>,
+    /// Where a new --durable consumer starts: all (the oldest stored), new, or a seq.
+    #[arg(long, value_name = "all|new|SEQ", requires = "durable", value_parser = parse_start)]
+    start: Option<Start>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    All,
+    New,
+    Seq(u64),
+}
+
+fn parse_start(text: &str) -> Result<Start, String> {
+    match text {
+        "all" => Ok(Start::All),
+        "new" => Ok(Start::New),
+        seq => match seq.parse::<u64>() {
+            Ok(seq) if seq > 0 => Ok(Start::Seq(seq)),
+            _ => Err(format!("{seq:?}: expected all, new or a seq of 1 or more")),
+        },
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let (Some(consumer), Some(stream)) = (&args.durable, &args.stream) {
+        return durable(&args, stream, consumer).await;
+    }
     let patterns: Vec<&str> = args.events.iter().map(String::as_str).collect();
     let mut builder = args.hub.builder().subscribe(&patterns);
     for room in &args.rooms {
@@ -52,6 +84,66 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         out.flush()?;
+    }
+}
+
+/// `hubcast sub --durable`: prints deliveries, acknowledging each batch once it is
+/// written out.
+async fn durable(args: &Args, stream: &str, consumer: &str) -> anyhow::Result<ExitCode> {
+    let mut options = hubcast::client::ConsumeOptions::new(stream, consumer);
+    match args.events.as_slice() {
+        [] => {}
+        [pattern] => options = options.filter(pattern),
+        _ => {
+            return Err(crate::UsageError(
+                "--durable takes at most one pattern (its filter)".into(),
+            )
+            .into())
+        }
+    }
+    match args.rooms.as_slice() {
+        [] => {}
+        [room] => options = options.room(room),
+        _ => return Err(crate::UsageError("--durable takes at most one --room".into()).into()),
+    }
+    options = match args.start {
+        None => options,
+        Some(Start::All) => options,
+        Some(Start::New) => options.start_new(),
+        Some(Start::Seq(seq)) => options.start_at(seq),
+    };
+    let client = args.hub.connect(args.hub.builder()).await?;
+    let mut deliveries = match client.consume(options).await {
+        Ok(deliveries) => deliveries,
+        Err(hubcast::client::ClientError::Hub(refused)) => {
+            anyhow::bail!("the hub refused to consume {stream}: {}", refused.message)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let stdout_closed = crate::output::closed();
+    tokio::pin!(stdout_closed);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut printed = Vec::new();
+    loop {
+        let next = tokio::select! {
+            _ = &mut stdout_closed => return Ok(ExitCode::SUCCESS),
+            next = deliveries.next() => next,
+        };
+        let Some(mut next) = next else {
+            anyhow::bail!("lost the connection to the hub at {}", args.hub.addr());
+        };
+        loop {
+            print(&mut out, &ClientEvent::Event(next.event.clone()), args)?;
+            printed.push(next.seq);
+            match deliveries.try_next() {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        // Acknowledged only once written: a crash before this gets them again.
+        out.flush()?;
+        deliveries.ack(&printed).await?;
+        printed.clear();
     }
 }
 

@@ -32,7 +32,16 @@ pub struct Args {
     /// With --count: how long to wait for deliveries after the last order is sent.
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     timeout: Duration,
+    /// Durable orders: each `pickup` carries its orderID as its id and is confirmed
+    /// stored in stream `orders` before the next is sent; `delivered` comes through the
+    /// durable consumer `vendor-<store>`, so none is missed while the vendor or the
+    /// hub is down. The hub needs `--stream orders=pickup,in-transit,delivered`.
+    #[arg(long)]
+    durable: bool,
 }
+
+/// The stream the durable demo keeps its orders in.
+pub const ORDERS: &str = "orders";
 
 /// A count of at least one (`--count 0` would send nothing and exit 0).
 fn parse_count(text: &str) -> Result<u64, String> {
@@ -73,6 +82,9 @@ struct Outstanding {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.durable {
+        return durable(args).await;
+    }
     let outstanding = Arc::new(Outstanding::default());
     let seen = Arc::clone(&outstanding);
     let store = args.store.clone();
@@ -115,6 +127,103 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .insert(order.order_id.clone());
         client.emit("pickup", &order).await?;
         sent += 1;
+    }
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let waiting = outstanding.changed.notified();
+        let missing: Vec<String> = outstanding.orders.lock().unwrap().iter().cloned().collect();
+        if missing.is_empty() {
+            client.close().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+            report!(
+                "hubcast: error: {} of {sent} orders not delivered within {:?}: {}",
+                missing.len(),
+                args.timeout,
+                missing.join(", ")
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+}
+
+/// Thanks for `order` once: says whether it was one to thank for now (an order of
+/// this store not thanked before; with --count, one this vendor sent).
+fn thank(
+    outstanding: &Outstanding,
+    thanked: &Mutex<HashSet<String>>,
+    order: &Order,
+    counting: bool,
+) {
+    let ours = outstanding.orders.lock().unwrap().remove(&order.order_id);
+    let fresh = thanked.lock().unwrap().insert(order.order_id.clone());
+    if (ours || !counting) && fresh {
+        let _ = writeln!(
+            std::io::stdout(),
+            "Thank you for delivering order {}",
+            order.order_id
+        );
+        outstanding.changed.notify_one();
+    }
+}
+
+/// `hubcast vendor --durable`.
+async fn durable(args: Args) -> anyhow::Result<ExitCode> {
+    let outstanding = Arc::new(Outstanding::default());
+    let counting = args.count.is_some();
+    let client = args.hub.connect(args.hub.builder()).await?;
+    let options = hubcast::client::ConsumeOptions::new(ORDERS, &format!("vendor-{}", args.store))
+        .filter("delivered")
+        .room(&args.store);
+    let mut delivered = match client.consume(options).await {
+        Ok(consumer) => consumer,
+        Err(hubcast::client::ClientError::Hub(refused)) => anyhow::bail!(
+            "the hub refused the durable vendor ({}); start it with --stream {ORDERS}=pickup,in-transit,delivered",
+            refused.message
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let seen = Arc::clone(&outstanding);
+    let store = args.store.clone();
+    tokio::spawn(async move {
+        let thanked = Mutex::new(HashSet::new());
+        while let Some(message) = delivered.next().await {
+            if let Ok(order) = serde_json::from_str::<Order>(message.event.payload()) {
+                if order.store == store {
+                    thank(&seen, &thanked, &order, counting);
+                }
+            }
+            // Thanked (or not ours): done with it either way.
+            if message.ack().await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut ticker = tokio::time::interval(args.interval);
+    let mut sent = 0u64;
+    while args.count.is_none_or(|count| sent < count) {
+        ticker.tick().await;
+        let order = Order::random(&args.store);
+        outstanding
+            .orders
+            .lock()
+            .unwrap()
+            .insert(order.order_id.clone());
+        // The orderID is the id: a resend after a reconnect is not a second order.
+        let stored = client
+            .emit_with_id("pickup", &order, &order.order_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("order {} was not stored: {e}", order.order_id))?;
+        tracing::info!(
+            order = %order.order_id,
+            seq = ?stored.seq,
+            "order stored"
+        );
+        sent += 1;
+    }
+    if counting {
+        tracing::info!(orders = sent, "all orders stored");
     }
     let deadline = tokio::time::Instant::now() + args.timeout;
     loop {

@@ -22,11 +22,23 @@ use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::{Pattern, Router};
 use crate::store::{Recovery, SegmentLog, Store, StoreConfig};
 
+pub(crate) mod consumer;
+pub(crate) mod ledger;
+
+pub(crate) use consumer::Consumers;
+
 /// The hub's durable side: the store and what routes events into it.
 pub(crate) struct Durable {
     /// `None` when no stream is declared: ids are still confirmed and deduplicated.
     store: Option<Arc<SegmentLog>>,
+    /// The declared streams' names, then their dead-letter streams' (`NAME.dead`).
     names: Vec<Arc<str>>,
+    /// How many streams are declared (the first of `names`).
+    declared: usize,
+    /// Durable consumers (when any stream is declared).
+    pub(crate) consumers: Option<Consumers>,
+    /// Per stream (as `names`): the consumers to wake when it grows.
+    watchers: Vec<Mutex<Vec<Arc<consumer::Consumer>>>>,
     /// Event-name patterns to the index of their stream in `names`.
     router: Router<usize>,
     dedup: Mutex<Dedup>,
@@ -72,32 +84,54 @@ impl Durable {
             }
             names.push(Arc::from(spec.name.as_str()));
         }
-        let durable = |store| Durable {
+        let declared = names.len();
+        for index in 0..declared {
+            let dead = format!("{}{}", names[index], crate::config::DEAD_SUFFIX);
+            names.push(dead.into());
+        }
+        let watchers = names.iter().map(|_| Mutex::default()).collect();
+        let (store, consumers, recovery) = if streams.declared.is_empty() {
+            // Nothing to store: no files, no writer thread.
+            (None, None, Recovery::default())
+        } else {
+            let mut config = StoreConfig::new(&streams.data_dir);
+            config.fsync = streams.fsync;
+            config.retention = streams.retention.clone();
+            let unusable = |e: crate::store::StoreError| {
+                ConfigError::unusable(
+                    Setting::DataDir,
+                    format!(
+                        "cannot open the store in {}: {}",
+                        streams.data_dir.display(),
+                        chain(&e)
+                    ),
+                )
+            };
+            let mut consumer_config = config.clone();
+            consumer_config.dir = streams.data_dir.join("consumers");
+            let (store, mut recovery) = SegmentLog::open(config).map_err(unusable)?;
+            let index = |name: &str| names.iter().position(|n| &**n == name);
+            let (consumers, notes) = Consumers::open(consumer_config, index).map_err(unusable)?;
+            recovery.repairs.extend(notes);
+            (Some(Arc::new(store)), Some(consumers), recovery)
+        };
+        let durable = Durable {
             store,
             names,
+            declared,
+            consumers,
+            watchers,
             router,
             dedup: Mutex::default(),
             window: streams.dedup_window,
             unreported: Mutex::default(),
         };
-        if streams.declared.is_empty() {
-            // Nothing to store: no files, no writer thread.
-            return Ok((durable(None), Recovery::default()));
+        if let Some(consumers) = &durable.consumers {
+            for (index, watchers) in durable.watchers.iter().enumerate() {
+                *watchers.lock().unwrap_or_else(PoisonError::into_inner) =
+                    consumers.of_stream(index);
+            }
         }
-        let mut config = StoreConfig::new(&streams.data_dir);
-        config.fsync = streams.fsync;
-        config.retention = streams.retention.clone();
-        let (store, recovery) = SegmentLog::open(config).map_err(|e| {
-            ConfigError::unusable(
-                Setting::DataDir,
-                format!(
-                    "cannot open the store in {}: {}",
-                    streams.data_dir.display(),
-                    chain(&e)
-                ),
-            )
-        })?;
-        let durable = durable(Some(Arc::new(store)));
         durable.remember_recent();
         Ok((durable, recovery))
     }
@@ -113,7 +147,7 @@ impl Durable {
         let window_ms = self.window.as_millis() as u64;
         let now = Instant::now();
         let mut recent = Vec::new();
-        for (index, name) in self.names.iter().enumerate() {
+        for (index, name) in self.names[..self.declared].iter().enumerate() {
             let Some(info) = store.info(name) else {
                 continue;
             };
@@ -177,12 +211,102 @@ impl Durable {
             &self.names[stream],
             None,
             line,
-            Box::new(move |result| {
-                if let Err(e) = result {
-                    hub.store_failed(chain(&e));
-                }
+            Box::new(move |result| match result {
+                Ok(_) => hub.durable().appended(stream),
+                Err(e) => hub.store_failed(chain(&e)),
             }),
         );
+    }
+
+    /// Appends `line` to stream `stream` (by index); `done` hears how it went, after
+    /// the stream's consumers were woken.
+    pub(crate) fn append_to(
+        &self,
+        hub: &Hub,
+        stream: usize,
+        id: Option<String>,
+        line: Bytes,
+        done: crate::store::Appended,
+    ) {
+        let Some(store) = &self.store else {
+            return done(Err(crate::store::StoreError::Closed));
+        };
+        let hub = hub.clone();
+        store.append(
+            &self.names[stream],
+            id,
+            line,
+            Box::new(move |result| {
+                if result.is_ok() {
+                    hub.durable().appended(stream);
+                }
+                done(result);
+            }),
+        );
+    }
+
+    /// Stream `stream` grew: its consumers may have something to deliver.
+    fn appended(&self, stream: usize) {
+        let watchers = self.watchers[stream]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for consumer in watchers.iter() {
+            consumer.wake.notify_one();
+        }
+    }
+
+    /// A new consumer of `stream` is to be woken when it grows.
+    pub(crate) fn watch(&self, consumer: Arc<consumer::Consumer>) {
+        self.watchers[consumer.stream]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(consumer);
+    }
+
+    /// The store, when streams are declared.
+    pub(crate) fn segment_log(&self) -> Option<Arc<SegmentLog>> {
+        self.store.clone()
+    }
+
+    /// A stream's index by name (declared and dead-letter streams).
+    pub(crate) fn stream_index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| &**n == name)
+    }
+
+    /// A stream's name by index.
+    pub(crate) fn stream_name(&self, stream: usize) -> &str {
+        &self.names[stream]
+    }
+
+    /// A stream's dead-letter stream (`None` for a dead-letter stream itself: what
+    /// fails there stays there).
+    pub(crate) fn dead_stream(&self, stream: usize) -> Option<usize> {
+        (stream < self.declared).then_some(stream + self.declared)
+    }
+
+    /// The last seq stored (durably) in a stream; 0 when empty.
+    pub(crate) fn last_seq(&self, stream: usize) -> u64 {
+        self.store
+            .as_ref()
+            .and_then(|s| s.info(&self.names[stream]))
+            .map_or(0, |i| i.last_seq)
+    }
+
+    /// Where a new consumer of `stream` starts.
+    pub(crate) fn start_cursor(&self, stream: usize, start: ledger::Start) -> u64 {
+        let info = self
+            .store
+            .as_ref()
+            .and_then(|s| s.info(&self.names[stream]))
+            .unwrap_or(crate::store::StreamInfo {
+                first_seq: 1,
+                ..Default::default()
+            });
+        match start {
+            ledger::Start::All => info.first_seq,
+            ledger::Start::New => info.last_seq + 1,
+            ledger::Start::Seq(seq) => seq.max(info.first_seq),
+        }
     }
 
     /// The store stage for one event from `from`: store it if a stream wants it, and
@@ -272,6 +396,7 @@ impl Durable {
         let name = &*self.names[stream];
         match result {
             Ok(seq) => {
+                self.appended(stream);
                 hub.reply(from, stored_frame(id, Some(name), seq, false));
                 for client in waiting {
                     hub.reply(client, stored_frame(id, Some(name), seq, true));
@@ -349,11 +474,14 @@ impl Durable {
         if let Some(store) = &self.store {
             store.close();
         }
+        if let Some(consumers) = &self.consumers {
+            consumers.close();
+        }
     }
 
     /// Whether any stream is declared (runs then pass through the store stage).
     pub(crate) fn has_streams(&self) -> bool {
-        !self.names.is_empty()
+        self.declared > 0
     }
 }
 
