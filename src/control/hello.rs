@@ -13,7 +13,7 @@ use crate::protocol::ProtocolError;
 /// The longest heartbeat interval a client may ask for, in seconds.
 const MAX_HEARTBEAT_SECS: f64 = 86_400.0;
 /// The protocol version `$welcome` announces.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Deserialize)]
 struct Hello {

@@ -29,7 +29,7 @@ const LOG: &str = "consumers";
 /// Records appended to the consumer log between two rounds of snapshots.
 const SNAPSHOT_EVERY: u64 = 50_000;
 /// The most records one pump turn reads from the stream.
-const READ_BATCH: usize = 1024;
+const READ_BATCH: usize = 4096;
 /// The most consumers a hub keeps, and one connection may hold.
 pub(crate) const MAX_CONSUMERS: usize = 10_000;
 pub(crate) const MAX_HELD: usize = 64;
@@ -64,6 +64,12 @@ struct Live {
     next: usize,
     /// Whether a pump task is running.
     pumping: bool,
+    /// Something may be due that the pump has not seen (a nack, a member gone):
+    /// its next turn looks through every pending event.
+    dirty: bool,
+    /// Until then nothing out or delayed comes due (`None`: nothing is), so a clean
+    /// turn need not look through the pending events at all.
+    calm_until: Option<Instant>,
 }
 
 /// A connection holding the consumer.
@@ -340,6 +346,7 @@ impl Consumers {
                     Some(Where::Out { client, .. }) => {
                         live.release(client);
                         live.ledger.pending.get_mut(&seq).expect("just seen").at = due;
+                        live.dirty = true;
                     }
                     _ => bad.push(seq),
                 }
@@ -596,6 +603,9 @@ impl Consumer {
                 members: Vec::new(),
                 next: 0,
                 pumping: false,
+                // What was restored is due.
+                dirty: true,
+                calm_until: None,
             }),
             wake: Notify::new(),
         }
@@ -615,6 +625,7 @@ impl Consumer {
                     pending.at = Where::Due;
                 }
             }
+            live.dirty = true;
         }
         self.wake.notify_one();
     }
@@ -675,7 +686,16 @@ impl Consumer {
         let mut next_due: Option<Instant> = None;
         let mut expired = Vec::new();
         let (mut due, mut dying) = (Vec::new(), Vec::new());
-        for (&seq, pending) in live.ledger.pending.iter_mut() {
+        // With thousands in flight, looking through them all on every turn would
+        // cost more than the deliveries: only when something may be due.
+        let calm = !live.dirty && live.calm_until.is_none_or(|t| now < t);
+        let scan = if calm {
+            next_due = live.calm_until;
+            0
+        } else {
+            live.ledger.pending.len()
+        };
+        for (&seq, pending) in live.ledger.pending.iter_mut().take(scan) {
             match pending.at {
                 Where::Out { client, deadline } if deadline <= now => {
                     expired.push(client);
@@ -705,6 +725,11 @@ impl Consumer {
             .iter()
             .map(|s| max.saturating_sub(s.out) as usize)
             .sum();
+        if !calm {
+            // Due events past the free room wait for the next turn's look.
+            live.dirty = due.len() > free;
+            live.calm_until = next_due;
+        }
         due.truncate(free);
         let room = free - due.len();
         let cursor = live.ledger.cursor;
@@ -731,24 +756,30 @@ impl Consumer {
         let mut tries = Vec::new();
         let mut live = self.lock();
         let ack_wait = live.ledger.spec.ack_wait();
-        let deliver = |live: &mut Live, record: &Record, attempts: u32| -> bool {
+        let deadline = now + ack_wait;
+        let parts = Parts::new(stream_name, &self.name);
+        // Each member's deliveries of this turn, queued as one unit.
+        let mut batches: Vec<(Vec<u8>, usize)> =
+            live.members.iter().map(|_| (Vec::new(), 0)).collect();
+        let deliver = |live: &mut Live,
+                       batches: &mut Vec<(Vec<u8>, usize)>,
+                       record: &Record,
+                       attempts: u32|
+         -> bool {
             let Some(i) = live.pick() else { return false };
             let slot = &mut live.members[i];
-            let frame = delivery(&record.line, stream_name, record.seq, &self.name, attempts);
-            // A full queue closes the connection, and its deliveries come back then.
-            slot.member.outbox.push(frame);
+            parts.write(&mut batches[i].0, &record.line, record.seq, attempts);
+            batches[i].1 += 1;
             slot.out += 1;
             let client = slot.member.id;
             live.ledger.pending.insert(
                 record.seq,
                 Pending {
                     attempts,
-                    at: Where::Out {
-                        client,
-                        deadline: now + ack_wait,
-                    },
+                    at: Where::Out { client, deadline },
                 },
             );
+            live.calm_until = Some(live.calm_until.map_or(deadline, |t| t.min(deadline)));
             true
         };
         for (seq, record) in read.retries {
@@ -764,7 +795,8 @@ impl Consumer {
                 continue;
             };
             let attempts = pending.attempts + 1;
-            if !deliver(&mut live, &record, attempts) {
+            if !deliver(&mut live, &mut batches, &record, attempts) {
+                live.dirty = true;
                 break;
             }
             if attempts > 1 {
@@ -787,10 +819,16 @@ impl Consumer {
                 live.ledger.cursor = seq + 1;
                 continue;
             }
-            if !deliver(&mut live, record, 1) {
+            if !deliver(&mut live, &mut batches, record, 1) {
                 break;
             }
             live.ledger.cursor = seq + 1;
+        }
+        // A full queue closes the connection, and its deliveries come back then.
+        for (slot, (bytes, count)) in live.members.iter().zip(batches) {
+            if count > 0 {
+                slot.member.outbox.push_events(bytes.into(), count);
+            }
         }
         if !tries.is_empty() {
             if let Some(consumers) = &durable.consumers {
@@ -849,6 +887,7 @@ impl Consumer {
                 Err(_) => {
                     // Tried again later (ack_wait from now).
                     let again = Instant::now() + live.ledger.spec.ack_wait();
+                    live.dirty = true;
                     if let Some(p) = live.ledger.pending.get_mut(&seq) {
                         p.at = Where::Later(again);
                         p.attempts = p.attempts.saturating_sub(1);
@@ -914,6 +953,55 @@ fn read(store: &dyn Store, stream: &str, plan: Plan) -> Result<Read, StoreError>
     })
 }
 
+/// The fixed parts of a consumer's deliveries, JSON-escaped once.
+struct Parts {
+    /// `,"stream":NAME,"seq":`
+    before_seq: Vec<u8>,
+    /// `,"consumer":NAME,"attempt":`
+    before_attempt: Vec<u8>,
+    stream: String,
+    consumer: String,
+}
+
+impl Parts {
+    fn new(stream: &str, consumer: &str) -> Parts {
+        let json = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        Parts {
+            before_seq: format!(",\"stream\":{},\"seq\":", json(stream)).into_bytes(),
+            before_attempt: format!(",\"consumer\":{},\"attempt\":", json(consumer)).into_bytes(),
+            stream: stream.to_owned(),
+            consumer: consumer.to_owned(),
+        }
+    }
+
+    /// Appends the delivery of `line` to `out`.
+    fn write(&self, out: &mut Vec<u8>, line: &[u8], seq: u64, attempt: u32) {
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        match body.strip_suffix(b"}") {
+            Some(open) if !has_delivery_key(body) => {
+                out.extend_from_slice(open);
+                out.extend_from_slice(&self.before_seq);
+                out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+                out.extend_from_slice(&self.before_attempt);
+                out.extend_from_slice(itoa::Buffer::new().format(attempt).as_bytes());
+                out.extend_from_slice(b"}\n");
+            }
+            _ => out.extend_from_slice(&delivery(line, &self.stream, seq, &self.consumer, attempt)),
+        }
+    }
+}
+
+/// Whether a line may hold one of the keys a delivery adds (then it is rebuilt): one
+/// pass over its quotes.
+fn has_delivery_key(body: &[u8]) -> bool {
+    memchr::memchr_iter(b'"', body).any(|at| {
+        let rest = &body[at + 1..];
+        [&b"stream\""[..], b"seq\"", b"consumer\"", b"attempt\""]
+            .iter()
+            .any(|key| rest.starts_with(key))
+    })
+}
+
 /// A stored event as a delivery: its line with `"stream"`, `"seq"`, `"consumer"` and
 /// `"attempt"` added at the top level.
 pub(crate) fn delivery(line: &[u8], stream: &str, seq: u64, consumer: &str, attempt: u32) -> Bytes {
@@ -966,6 +1054,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_delivery_format_is_the_same_as_the_general_one() {
+        let parts = Parts::new("orders", "dri\"vers");
+        for line in [
+            &b"{\"event\":\"pickup\",\"payload\":{\"n\":1}}\n"[..],
+            b"{\"event\":\"x\",\"payload\":{\"seq\":1}}\n",
+            b"{\"event\":\"x\",\"payload\":1} \n",
+        ] {
+            let mut fast = Vec::new();
+            parts.write(&mut fast, line, 12345, 7);
+            let general = delivery(line, "orders", 12345, "dri\"vers", 7);
+            let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+            assert_eq!(parse(&fast), parse(&general));
+            assert!(fast.ends_with(b"}\n"));
+        }
+    }
 
     #[test]
     fn fields_are_appended_or_replaced() {

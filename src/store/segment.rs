@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::{Appended, Fsync, Record, Recovery, Store, StoreConfig, StoreError, StreamInfo};
 
@@ -377,12 +377,18 @@ struct BadRecord {
     torn: bool,
 }
 
-/// Reads records one after another from a segment file.
+/// Reads records one after another from a segment file, in large chunks: each record
+/// is a slice of its chunk (no allocation or copy per record).
 struct RecordReader {
-    file: BufReader<File>,
+    file: File,
+    /// Read from the file and not yet returned.
+    chunk: BytesMut,
     offset: u64,
     len: u64,
 }
+
+/// How much a reader takes from its file at a time.
+const CHUNK: usize = 256 << 10;
 
 impl RecordReader {
     fn open(path: &Path, offset: u64) -> Result<Self, StoreError> {
@@ -395,10 +401,35 @@ impl RecordReader {
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
         Ok(RecordReader {
-            file: BufReader::with_capacity(64 << 10, file),
+            file,
+            chunk: BytesMut::new(),
             offset,
             len,
         })
+    }
+
+    /// Makes sure `n` bytes from the current offset are in the chunk (the caller has
+    /// checked that the file holds them).
+    fn fill(&mut self, n: usize) -> std::io::Result<()> {
+        if self.chunk.len() >= n {
+            return Ok(());
+        }
+        let want = n.max(CHUNK);
+        let have = self.chunk.len();
+        self.chunk.reserve(want - have);
+        // Read at most what the file holds past the chunk.
+        let left = (self.len - self.offset) as usize - have;
+        let goal = want.min(have + left).max(n);
+        while self.chunk.len() < goal {
+            let start = self.chunk.len();
+            self.chunk.resize(goal, 0);
+            let read = self.file.read(&mut self.chunk[start..])?;
+            self.chunk.truncate(start + read);
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
     }
 
     /// The next record, `None` at the end of the file.
@@ -415,12 +446,9 @@ impl RecordReader {
         if self.len - at < HEADER as u64 {
             return Err(bad("a record header cut short".into(), true));
         }
-        let mut header = [0u8; HEADER];
-        self.file
-            .read_exact(&mut header)
-            .map_err(|e| bad(e.to_string(), false))?;
-        let body_len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
+        self.fill(HEADER).map_err(|e| bad(e.to_string(), false))?;
+        let body_len = u32::from_le_bytes(self.chunk[..4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(self.chunk[4..HEADER].try_into().unwrap());
         if !(FIXED..=MAX_BODY).contains(&body_len) {
             return Err(bad(format!("a record length of {body_len} bytes"), false));
         }
@@ -430,13 +458,13 @@ impl RecordReader {
                 true,
             ));
         }
-        let mut body = vec![0u8; body_len];
-        self.file
-            .read_exact(&mut body)
+        self.fill(HEADER + body_len)
             .map_err(|e| bad(e.to_string(), false))?;
-        if crc32fast::hash(&body) != crc {
+        if crc32fast::hash(&self.chunk[HEADER..HEADER + body_len]) != crc {
             return Err(bad("a checksum mismatch".into(), false));
         }
+        let mut body = self.chunk.split_to(HEADER + body_len).freeze();
+        let body = body.split_off(HEADER);
         let record = decode(body).map_err(|why| bad(why, false))?;
         self.offset = at + (HEADER + body_len) as u64;
         Ok(Some(record))
@@ -458,7 +486,7 @@ fn encode(out: &mut Vec<u8>, seq: u64, time_ms: u64, id: Option<&str>, line: &[u
     out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn decode(body: Vec<u8>) -> Result<Record, String> {
+fn decode(body: Bytes) -> Result<Record, String> {
     let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
     let time_ms = u64::from_le_bytes(body[8..16].try_into().unwrap());
     let id_len = u16::from_le_bytes(body[16..18].try_into().unwrap()) as usize;
@@ -468,17 +496,16 @@ fn decode(body: Vec<u8>) -> Result<Record, String> {
     let id = match id_len {
         0 => None,
         _ => Some(
-            String::from_utf8(body[FIXED..FIXED + id_len].to_vec())
-                .map_err(|_| "an id that is not UTF-8".to_string())?,
+            std::str::from_utf8(&body[FIXED..FIXED + id_len])
+                .map_err(|_| "an id that is not UTF-8".to_string())?
+                .to_owned(),
         ),
     };
-    let mut line = Bytes::from(body);
-    let line = line.split_off(FIXED + id_len);
     Ok(Record {
         seq,
         time_ms,
         id,
-        line,
+        line: body.slice(FIXED + id_len..),
     })
 }
 

@@ -344,3 +344,84 @@ async fn a_run_cut_short_says_so() {
         "{report:#}"
     );
 }
+
+/// Runs the two durable workloads against `target`; checks every message counted.
+async fn durable_workloads(target: &str) {
+    for (mode, conns) in [("publish", ["-P", "2"]), ("consume", ["-n", "2"])] {
+        let (code, report) = bench_json(&[
+            "-t",
+            target,
+            "--durable",
+            mode,
+            &conns[0],
+            &conns[1],
+            "-k",
+            "3000",
+        ])
+        .await;
+        assert_eq!(code, Some(0), "{report:#}");
+        assert_eq!(report["mode"], mode, "{report:#}");
+        assert_eq!(report["messages"], 3000, "{report:#}");
+        assert!(report["per_second"].as_f64().unwrap() > 0.0, "{report:#}");
+        if mode == "publish" {
+            assert!(
+                report["latency_us"]["p99"].as_u64().unwrap() > 0,
+                "{report:#}"
+            );
+        }
+    }
+}
+
+/// `bench --durable` against a hub declaring the `bench` stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_workloads_run_against_a_hub() {
+    let dir = std::env::temp_dir().join(format!("hubcast-bench-durable-{}", fastrand::u64(..)));
+    let config = Config::builder()
+        .streams(vec![hubcast::StreamSpec::new("bench", &["bench"])])
+        .data_dir(dir.clone())
+        .fsync(hubcast::store::Fsync::Never)
+        .build()
+        .unwrap();
+    let hub = TestHub::start_with(config, false).await;
+    durable_workloads(&format!("hubcast://{}", hub.addr)).await;
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same against JetStream (file storage) and Redis Streams (AOF on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_workloads_run_against_jetstream_and_redis_streams() {
+    let dir = std::env::temp_dir().join(format!("hubcast-bench-js-{}", fastrand::u64(..)));
+    let store = dir.display().to_string();
+    let js = |port: &str| {
+        ["-a", "127.0.0.1", "-p", port, "-js", "-sd", &store]
+            .map(String::from)
+            .to_vec()
+    };
+    if let Some((_server, port)) = external("nats-server", js, "Server is ready").await {
+        durable_workloads(&format!("nats://127.0.0.1:{port}")).await;
+    }
+    let redis = |port: &str| {
+        [
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--dir",
+            &store,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    if let Some((_server, port)) =
+        external("redis-server", redis, "Ready to accept connections").await
+    {
+        durable_workloads(&format!("redis://127.0.0.1:{port}")).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

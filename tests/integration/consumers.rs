@@ -836,3 +836,80 @@ async fn consumer(port: watch::Receiver<u16>, progress: Arc<Progress>) {
         }
     }
 }
+
+/// `hubcast sub --durable`: prints what is stored (also what came while it was not
+/// running) and acknowledges it once printed, so a second run prints only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_durable_prints_and_acks_so_a_second_run_resumes() {
+    let dir = temp_dir("sub");
+    let hub = TestHub::start(config(&dir)).await;
+    publish(&hub, "s", 3).await;
+    let port = hub.addr.port().to_string();
+    let sub = || {
+        let mut cmd = HubProcess::command(&[
+            "sub",
+            "--port",
+            &port,
+            "--durable",
+            "printer",
+            "--stream",
+            "orders",
+        ]);
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd.spawn().unwrap()
+    };
+    let read =
+        |child: &mut tokio::process::Child| BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut first = sub();
+    let mut lines = read(&mut first);
+    for n in 0..3 {
+        let text = within(lines.next_line()).await.unwrap().unwrap();
+        let event: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(event["id"], format!("s-{n}"));
+        assert_eq!(event["seq"], n + 1);
+    }
+    // Printed, then acknowledged: wait for the hub to have the ack of the last.
+    hub.wait_for(|e| {
+        matches!(e, hubcast::HubEvent::Control { event, .. }
+            if event.name().as_str() == "$ack" && event.payload().contains('3'))
+    })
+    .await;
+    first.kill().await.unwrap();
+    publish(&hub, "t", 2).await;
+    let mut second = sub();
+    let mut lines = read(&mut second);
+    for n in 0..2 {
+        let text = within(lines.next_line()).await.unwrap().unwrap();
+        let event: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(event["id"], format!("t-{n}"), "{text}");
+    }
+    second.kill().await.unwrap();
+    // A stream the hub does not have: one clear line, exit 1.
+    let output = within(
+        HubProcess::command(&[
+            "sub",
+            "--port",
+            &port,
+            "--no-reconnect",
+            "--durable",
+            "x",
+            "--stream",
+            "nope",
+        ])
+        .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no stream is named \"nope\""), "{stderr}");
+    // --durable without --stream is a usage error.
+    let output = within(HubProcess::command(&["sub", "--durable", "x"]).output())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}

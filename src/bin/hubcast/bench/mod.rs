@@ -7,6 +7,7 @@
 //! ahead of the slowest one), so no target is pushed into dropping messages and every
 //! run measures sustained, loss-free delivery.
 
+mod durable;
 mod report;
 mod run;
 mod tally;
@@ -20,7 +21,7 @@ use wire::Target;
 
 pub use run::run;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// The server: hubcast://HOST:PORT, nats://HOST:PORT, redis://HOST:PORT, or a bare
     /// HOST:PORT (a hub).
@@ -64,6 +65,12 @@ pub struct Args {
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measure durable streams instead of fan-out: `publish` (confirmed publishes,
+    /// --pubs connections) or `consume` (a consumer of --subs members acking what it
+    /// gets, after filling the stream). A hub must declare `--stream bench=bench`;
+    /// JetStream (nats-server -js) and Redis (with AOF) are set up by the bench.
+    #[arg(long, value_name = "MODE", conflicts_with = "embedded")]
+    durable: Option<durable::Mode>,
 }
 
 fn usage(message: &str) -> anyhow::Result<ExitCode> {

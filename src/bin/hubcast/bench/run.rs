@@ -77,6 +77,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         (target, None)
     };
+    if let Some(mode) = args.durable {
+        return super::durable::main(&args, &target, mode).await;
+    }
     let counts = (0..args.pubs)
         .map(|p| (args.events / args.pubs + usize::from(p < args.events % args.pubs)) as u64)
         .collect();
