@@ -353,8 +353,8 @@ async fn durable_workloads(target: &str) {
             target,
             "--durable",
             mode,
-            &conns[0],
-            &conns[1],
+            conns[0],
+            conns[1],
             "-k",
             "3000",
         ])
