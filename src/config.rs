@@ -604,6 +604,8 @@ setters! {
     fsync: crate::store::Fsync => streams.fsync;
     /// Sets [`Streams::dedup_window`].
     dedup_window: Duration => streams.dedup_window;
+    /// Sets [`Streams::retention`] (each stream's limits).
+    retention: crate::store::Retention => streams.retention;
 }
 
 impl ConfigBuilder {

@@ -39,6 +39,8 @@ pub(crate) struct Durable {
     pub(crate) consumers: Option<Consumers>,
     /// Per stream (as `names`): the consumers to wake when it grows.
     watchers: Vec<Mutex<Vec<Arc<consumer::Consumer>>>>,
+    /// How many consumers there are in `watchers` (none: nothing to wake).
+    watching: std::sync::atomic::AtomicUsize,
     /// Event-name patterns to the index of their stream in `names`.
     router: Router<usize>,
     dedup: Mutex<Dedup>,
@@ -51,7 +53,8 @@ pub(crate) struct Durable {
 /// Ids seen recently, oldest first.
 #[derive(Default)]
 struct Dedup {
-    by_id: HashMap<Box<str>, Seen>,
+    /// Seeded per process: ids are chosen by clients.
+    by_id: HashMap<Box<str>, Seen, foldhash::quality::RandomState>,
     order: VecDeque<(Instant, Box<str>)>,
 }
 
@@ -121,15 +124,17 @@ impl Durable {
             declared,
             consumers,
             watchers,
+            watching: Default::default(),
             router,
             dedup: Mutex::default(),
             window: streams.dedup_window,
             unreported: Mutex::default(),
         };
         if let Some(consumers) = &durable.consumers {
-            for (index, watchers) in durable.watchers.iter().enumerate() {
-                *watchers.lock().unwrap_or_else(PoisonError::into_inner) =
-                    consumers.of_stream(index);
+            for index in 0..durable.watchers.len() {
+                for consumer in consumers.of_stream(index) {
+                    durable.watch(consumer);
+                }
             }
         }
         durable.remember_recent();
@@ -155,14 +160,20 @@ impl Durable {
                 .last_seq
                 .saturating_sub(MAX_DEDUP_IDS as u64 - 1)
                 .max(info.first_seq);
-            // A store that cannot be read here fails later, where it is reported.
-            let Ok(records) = store.read(name, from, MAX_DEDUP_IDS) else {
-                continue;
-            };
-            for record in records {
-                let age = now_ms.saturating_sub(record.time_ms);
-                if let (Some(id), true) = (record.id, age <= window_ms) {
-                    recent.push((record.time_ms, id, index, record.seq));
+            // In batches: only the ids are kept, not the records' chunks. A store that
+            // cannot be read here fails later, where it is reported.
+            let mut next = from;
+            while next <= info.last_seq {
+                let Ok(records) = store.read(name, next, 4096) else {
+                    break;
+                };
+                let Some(last) = records.last() else { break };
+                next = last.seq + 1;
+                for record in records {
+                    let age = now_ms.saturating_sub(record.time_ms);
+                    if let (Some(id), true) = (record.id, age <= window_ms) {
+                        recent.push((record.time_ms, id, index, record.seq));
+                    }
                 }
             }
         }
@@ -247,6 +258,9 @@ impl Durable {
 
     /// Stream `stream` grew: its consumers may have something to deliver.
     fn appended(&self, stream: usize) {
+        if self.watching.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
         let watchers = self.watchers[stream]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -257,6 +271,8 @@ impl Durable {
 
     /// A new consumer of `stream` is to be woken when it grows.
     pub(crate) fn watch(&self, consumer: Arc<consumer::Consumer>) {
+        self.watching
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.watchers[consumer.stream]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -378,13 +394,16 @@ impl Durable {
             };
             match &result {
                 Ok(seq) => {
-                    dedup.by_id.insert(
-                        id.into(),
-                        Seen::Done {
-                            stream: Some(stream),
-                            seq: *seq,
-                        },
-                    );
+                    let done = Seen::Done {
+                        stream: Some(stream),
+                        seq: *seq,
+                    };
+                    match dedup.by_id.get_mut(id) {
+                        Some(seen) => *seen = done,
+                        None => {
+                            dedup.by_id.insert(id.into(), done);
+                        }
+                    }
                 }
                 // Not stored: a resend must be able to try again.
                 Err(_) => {
@@ -488,16 +507,24 @@ impl Durable {
 /// `{"event":"$stored","payload":{"id":ID,"stream":NAME,"seq":N}}`, with
 /// `"duplicate":true` for a resend.
 fn stored_frame(id: &str, stream: Option<&str>, seq: u64, duplicate: bool) -> Bytes {
-    let mut payload = json!({ "id": id, "stream": stream });
-    if stream.is_some() {
-        payload["seq"] = json!(seq);
+    // One per confirmed event, written on the store's writer thread: by hand.
+    let mut out = Vec::with_capacity(64 + id.len());
+    out.extend_from_slice(b"{\"event\":\"$stored\",\"payload\":{\"id\":");
+    serde_json::to_writer(&mut out, id).expect("a string serialises");
+    out.extend_from_slice(b",\"stream\":");
+    match stream {
+        Some(stream) => {
+            serde_json::to_writer(&mut out, stream).expect("a string serialises");
+            out.extend_from_slice(b",\"seq\":");
+            out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        }
+        None => out.extend_from_slice(b"null"),
     }
     if duplicate {
-        payload["duplicate"] = json!(true);
+        out.extend_from_slice(b",\"duplicate\":true");
     }
-    Event::new("$stored", &payload)
-        .map(|e| e.line().clone())
-        .expect("a $stored frame is a valid event")
+    out.extend_from_slice(b"}}\n");
+    out.into()
 }
 
 /// An error with its causes, on one line.

@@ -1110,15 +1110,18 @@ mod tests {
                 match seen_rx.try_recv() {
                     // Refused at once, in this thread.
                     Ok(false) => {
-                        behind = Some(n);
+                        behind = Some((n, log.queued.load(Ordering::Acquire)));
                         break;
                     }
                     _ => accepted += 1,
                 }
             }
         }
-        let behind = behind.expect("refused before 1,000 appends of ~100 bytes");
-        assert!(behind > 10 && behind < 200, "{behind}");
+        // The writer may have taken one batch off the queue before it stalled (how
+        // many depends on timing); past that, what waits stays within the bound.
+        let (behind, queued) = behind.expect("refused before 1,000 appends of ~100 bytes");
+        assert!(behind > 10, "{behind}");
+        assert!(queued <= 10_000, "{queued} bytes waiting");
         let mut stored = 0;
         let mut refused = 0;
         for _ in 0..=accepted {

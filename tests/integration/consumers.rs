@@ -913,3 +913,97 @@ async fn sub_durable_prints_and_acks_so_a_second_run_resumes() {
     hub.hub.close_store();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue #12 (2): a torn write at the end of a stream and of the consumer log (as a
+/// crash mid-write leaves them) is cut back to the last whole record when the real hub
+/// starts; it says what it cut, serves, and the stream and consumer go on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_store_tail_is_cut_reported_and_the_hub_goes_on() {
+    use std::io::Write;
+    let dir = temp_dir("torn");
+    let data_dir = dir.display().to_string();
+    let args = [
+        "serve",
+        "--port",
+        "0",
+        "--no-echo",
+        "--stream",
+        "orders=pickup",
+        "--data-dir",
+        &data_dir,
+    ];
+    let hub = HubProcess::spawn(HubProcess::command(&args)).await;
+    let stream = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    for n in 0..3 {
+        let event = json!({"event": "pickup", "payload": n, "id": format!("t-{n}")});
+        write.write_all(line(event).as_bytes()).await.unwrap();
+        let frame: Value =
+            serde_json::from_str(&within(lines.next_line()).await.unwrap().unwrap()).unwrap();
+        assert_eq!(frame["event"], "$stored");
+    }
+    let request =
+        json!({"event": "$ack", "payload": {"consumer": "c", "seq": [1], "confirm": true}});
+    write
+        .write_all(consume(json!({"stream": "orders", "consumer": "c"})).as_bytes())
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < 4 {
+        within(lines.next_line()).await.unwrap().unwrap();
+        seen += 1; // $consuming and three deliveries
+    }
+    write.write_all(line(request).as_bytes()).await.unwrap();
+    let acked: Value =
+        serde_json::from_str(&within(lines.next_line()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(acked["event"], "$acked");
+    drop(write);
+    hub.kill9().await;
+    // Half a record at the end of each log.
+    for sub in ["streams/orders", "consumers/streams/consumers"] {
+        let segment = std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&segment)
+            .unwrap();
+        file.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
+    }
+    let mut hub = HubProcess::spawn(HubProcess::command(&args)).await;
+    hub.wait_log("store repaired on open", 2).await;
+    assert!(
+        hub.log_contains("stream orders: cut 9 bytes after seq 3"),
+        "{:?}",
+        hub.lines
+    );
+    let mut client = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    client
+        .write_all(line(json!({"event": "pickup", "payload": 3, "id": "t-3"})).as_bytes())
+        .await
+        .unwrap();
+    client
+        .write_all(consume(json!({"stream": "orders", "consumer": "c"})).as_bytes())
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(client).lines();
+    let mut frames = Vec::new();
+    while frames.len() < 5 {
+        let text = within(reader.next_line()).await.unwrap().unwrap();
+        frames.push(serde_json::from_str::<Value>(&text).unwrap());
+    }
+    let stored = frames.iter().find(|f| f["event"] == "$stored").unwrap();
+    assert_eq!(
+        stored["payload"]["seq"], 4,
+        "the stream goes on after seq 3"
+    );
+    let mut delivered: Vec<u64> = frames.iter().filter_map(|f| f["seq"].as_u64()).collect();
+    delivered.sort_unstable();
+    // Seq 1 was acked (durably) before the crash: 2 and 3 again, and 4.
+    assert_eq!(delivered, [2, 3, 4]);
+    hub.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -399,13 +399,15 @@ async fn pattern_bomb(segments: usize) {
         worst.1,
         growth >> 20
     );
+    // Before the fix these took seconds (5–12.8 s). The bound leaves room for the rest
+    // of the suite, which runs real processes beside this test on two cores.
     assert!(
-        worst.0 < Duration::from_millis(100),
+        worst.0 < Duration::from_millis(500),
         "$ping took {:?}",
         worst.0
     );
     assert!(
-        worst.1 < Duration::from_millis(100),
+        worst.1 < Duration::from_millis(500),
         "$subscribe took {:?}",
         worst.1
     );

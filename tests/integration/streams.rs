@@ -261,6 +261,20 @@ async fn bad_stream_flags_are_named() {
         assert_eq!(output.status.code(), Some(2), "{bad}: {stderr}");
         assert!(stderr.contains("--stream"), "{bad}: {stderr}");
     }
+    // Dead-letter streams' names are taken; retention must be able to keep something.
+    for (flag, value) in [
+        ("--stream", "orders.dead=x"),
+        ("--max-stream-events", "0"),
+        ("--max-stream-bytes", "0"),
+        ("--max-stream-age", "soon"),
+    ] {
+        let output = within(HubProcess::command(&["serve", "--port", "0", flag, value]).output())
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
 }
 
 /// The tools name what is missing: a directory with no store, a stream not in it.

@@ -82,6 +82,16 @@ pub struct Args {
     /// A resent "id" within this window is neither stored nor broadcast again.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     dedup_window: Duration,
+    /// Each stream keeps at most this many events: past it, its oldest segments are
+    /// deleted (events not consumed by then are skipped).
+    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_stream_events: u64,
+    /// Each stream's files take at most this much disk (e.g. 1GiB, 500MiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    max_stream_bytes: usize,
+    /// Segments whose newest event is older than this are deleted (default: kept).
+    #[arg(long, value_parser = parse_positive_duration)]
+    max_stream_age: Option<Duration>,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -146,6 +156,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             FsyncPolicy::Never => hubcast::store::Fsync::Never,
         })
         .dedup_window(args.dedup_window)
+        .retention(hubcast::store::Retention {
+            max_events: args.max_stream_events,
+            max_bytes: args.max_stream_bytes as u64,
+            max_age: args.max_stream_age,
+        })
         .build()
         // Flags that cannot work together: one line naming the flag, exit 2.
         .map_err(|e| crate::UsageError(e.describe(hubcast::Setting::flag)))?;

@@ -475,6 +475,12 @@ async fn publish(
     let mut conns = Vec::new();
     for _ in 0..publishers {
         let mut conn = Conn::open(target).await?;
+        if target.kind == Kind::Hubcast {
+            // A durable publisher has no use for its own events back.
+            conn.write
+                .write_all(b"{\"event\":\"$hello\",\"payload\":{\"echo\":false}}\n")
+                .await?;
+        }
         if target.kind == Kind::Nats {
             conn.write.write_all(b"SUB _INBOX.ack 1\r\n").await?;
             // The SUB is in place once the PONG comes back.
