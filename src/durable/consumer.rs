@@ -27,7 +27,10 @@ use crate::store::{Record, SegmentLog, Store, StoreConfig, StoreError};
 /// The consumer log's stream in its store.
 const LOG: &str = "consumers";
 /// Records appended to the consumer log between two rounds of snapshots.
+#[cfg(not(test))]
 const SNAPSHOT_EVERY: u64 = 50_000;
+#[cfg(test)]
+const SNAPSHOT_EVERY: u64 = 64;
 /// The most records one pump turn reads from the stream.
 const READ_BATCH: usize = 4096;
 /// The most consumers a hub keeps, and one connection may hold.
@@ -106,7 +109,7 @@ impl Consumers {
     ) -> Result<(Self, Vec<String>), StoreError> {
         // Small segments, no retention: older records are dropped only once a
         // snapshot has superseded them.
-        config.segment_bytes = 4 << 20;
+        config.segment_bytes = if cfg!(test) { 4 << 10 } else { 4 << 20 };
         config.retention.max_events = u64::MAX;
         config.retention.max_bytes = u64::MAX;
         config.retention.max_age = None;
@@ -1054,6 +1057,85 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Acks past several snapshot rounds: each round's states are written, the log is
+    /// trimmed behind them (from the writer's own callback), and what is read back
+    /// after a restart is every ack, the floor, and what is still out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshots_trim_the_log_and_a_restart_remembers_every_ack() {
+        use crate::durable::ledger::Start;
+        let dir = std::env::temp_dir().join(format!("hubcast-snapshots-{}", fastrand::u64(..)));
+        let config = crate::Config::builder()
+            .streams(vec![crate::StreamSpec::new("s", &["e"])])
+            .data_dir(dir.clone())
+            .fsync(crate::store::Fsync::Never)
+            .build()
+            .unwrap();
+        let hub = Hub::try_new(config).unwrap();
+        let (tx, mut stored) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..600 {
+            let tx = tx.clone();
+            let line = Bytes::from(format!("{{\"event\":\"e\",\"payload\":{n}}}\n"));
+            let done = Box::new(move |r: Result<u64, StoreError>| {
+                let _ = tx.send(r.is_ok());
+            });
+            hub.durable().append_to(&hub, 0, None, line, done);
+        }
+        for _ in 0..600 {
+            assert!(stored.recv().await.unwrap());
+        }
+        let member = hub.join("127.0.0.1:9".parse().unwrap());
+        let consumers = hub.durable().consumers.as_ref().unwrap();
+        let spec = Spec {
+            stream: "s".into(),
+            filter: None,
+            room: None,
+            start: Start::All,
+            ack_wait_ms: 60_000,
+            max_deliver: 5,
+            max_in_flight: 1000,
+        };
+        let request = Request {
+            spec,
+            named: Named::default(),
+        };
+        consumers
+            .consume(&hub, &member, "c", 0, request, |_| 1)
+            .unwrap();
+        let (mut acked, mut queue) = (0, std::collections::VecDeque::new());
+        while acked < 500 {
+            tokio::time::timeout(Duration::from_secs(10), member.outbox.notified())
+                .await
+                .expect("deliveries");
+            member.outbox.take(&mut queue);
+            for chunk in queue.drain(..) {
+                for text in chunk.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    let frame: serde_json::Value = serde_json::from_slice(text).unwrap();
+                    if let (Some(seq), true) = (frame["seq"].as_u64(), acked < 500) {
+                        // One record each: many snapshot rounds.
+                        consumers.ack(&hub, member.id, "c", &[seq], false).unwrap();
+                        acked += 1;
+                    }
+                }
+            }
+        }
+        // (A writer hung in its own callback would never close: bounded.)
+        let closing = hub.clone();
+        let closed = tokio::task::spawn_blocking(move || closing.close_store());
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the consumer log's writer hung")
+            .unwrap();
+        let log = SegmentLog::open_read_only(&dir.join("consumers")).unwrap();
+        let info = log.info(LOG).unwrap();
+        assert!(info.first_seq > 1, "the log was trimmed: {info:?}");
+        assert!(info.events < 500, "{info:?}");
+        let listed = crate::store::consumers(&dir).unwrap();
+        assert_eq!(listed.len(), 1);
+        let c = &listed[0];
+        assert_eq!((c.acked, c.ack_floor, c.pending), (500, 500, 100), "{c:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_fast_delivery_format_is_the_same_as_the_general_one() {

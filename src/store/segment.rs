@@ -687,27 +687,33 @@ impl Writer {
         for (stream, batch) in &pending {
             results.push(self.write(stream, batch));
         }
-        // Only now (written, and synced if asked) does anyone hear of it.
-        let mut streams = lock(&self.streams);
-        for ((stream, batch), result) in pending.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    if let Some(meta) = streams.get_mut(&stream) {
-                        meta.last_seq += batch.records.len() as u64;
-                        self.retain(meta, now);
+        // Only now (written, and synced if asked) does anyone hear of it: readers see
+        // the new records, then the callbacks run, without the lock (a callback may
+        // read or trim this very log).
+        let mut outcomes = Vec::with_capacity(pending.len());
+        {
+            let mut streams = lock(&self.streams);
+            for ((stream, batch), result) in pending.into_iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        if let Some(meta) = streams.get_mut(&stream) {
+                            meta.last_seq += batch.records.len() as u64;
+                            self.retain(meta, now);
+                        }
+                        outcomes.push((Ok(()), batch.done));
                     }
-                    for (seq, done) in batch.done {
-                        done(Ok(seq));
+                    Err(e) => {
+                        // Nothing of the batch counts: the file is cut back on the next
+                        // open, and the next batch starts a new segment.
+                        self.files.remove(&stream);
+                        outcomes.push((Err(e), batch.done));
                     }
                 }
-                Err(e) => {
-                    // Nothing of the batch counts: the file is cut back on the next
-                    // open, and the next batch starts a new segment.
-                    self.files.remove(&stream);
-                    for (_, done) in batch.done {
-                        done(Err(e.clone()));
-                    }
-                }
+            }
+        }
+        for (result, done) in outcomes {
+            for (seq, done) in done {
+                done(result.clone().map(|()| seq));
             }
         }
     }
@@ -1082,6 +1088,55 @@ mod tests {
     }
 
     /// Appends arriving faster than the writer takes them are refused at once past
+    /// A callback may use its own log (read it, trim it, append to it): the writer
+    /// calls back without holding the log's lock (it used to, and a consumer-log
+    /// snapshot that trimmed from its callback would have hung the writer).
+    #[test]
+    fn a_callback_may_read_trim_and_append_to_its_own_log() {
+        let dir = temp_dir("reentrant");
+        let mut config = StoreConfig::new(&dir);
+        config.segment_bytes = 256;
+        let (log, _) = SegmentLog::open(config).unwrap();
+        let log = Arc::new(log);
+        append_all(&log, "s", (0..20).map(line));
+        let (tx, rx) = channel();
+        let inner = Arc::clone(&log);
+        log.append(
+            "s",
+            None,
+            line(20),
+            Box::new(move |stored| {
+                let seq = stored.unwrap();
+                let read = inner.read("s", seq, 1).unwrap();
+                let trimmed = inner.trim("s", seq).unwrap();
+                let again = Arc::clone(&inner);
+                let tx2 = tx.clone();
+                inner.append(
+                    "s",
+                    None,
+                    line(21),
+                    Box::new(move |r| {
+                        let _ = tx2.send(("appended", r.unwrap(), 0));
+                        drop(again);
+                    }),
+                );
+                let _ = tx.send(("read", read[0].seq, trimmed));
+            }),
+        );
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer hung");
+        assert_eq!((first.0, first.1), ("read", 21));
+        assert!(first.2 > 0, "older segments were trimmed");
+        let second = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer hung");
+        assert_eq!((second.0, second.1), ("appended", 22));
+        assert!(log.info("s").unwrap().first_seq > 1);
+        log.close();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// `max_queued` (memory stays bounded); the ones accepted are all stored.
     #[test]
     fn a_writer_that_falls_behind_refuses_rather_than_queues_without_bound() {
