@@ -81,6 +81,30 @@ struct Outstanding {
     changed: Notify,
 }
 
+impl Outstanding {
+    /// Waits up to `timeout` for every order sent to be delivered, then closes the
+    /// client: success, or a line naming the missing orders.
+    async fn wait(&self, client: &hubcast::Client, sent: u64, timeout: Duration) -> ExitCode {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiting = self.changed.notified();
+            let missing: Vec<String> = self.orders.lock().unwrap().iter().cloned().collect();
+            if missing.is_empty() {
+                client.close().await;
+                return ExitCode::SUCCESS;
+            }
+            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                report!(
+                    "hubcast: error: {} of {sent} orders not delivered within {timeout:?}: {}",
+                    missing.len(),
+                    missing.join(", ")
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.durable {
         return durable(args).await;
@@ -128,24 +152,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         client.emit("pickup", &order).await?;
         sent += 1;
     }
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    loop {
-        let waiting = outstanding.changed.notified();
-        let missing: Vec<String> = outstanding.orders.lock().unwrap().iter().cloned().collect();
-        if missing.is_empty() {
-            client.close().await;
-            return Ok(ExitCode::SUCCESS);
-        }
-        if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-            report!(
-                "hubcast: error: {} of {sent} orders not delivered within {:?}: {}",
-                missing.len(),
-                args.timeout,
-                missing.join(", ")
-            );
-            return Ok(ExitCode::FAILURE);
-        }
-    }
+    Ok(outstanding.wait(&client, sent, args.timeout).await)
 }
 
 /// Thanks for `order` once: says whether it was one to thank for now (an order of
@@ -225,22 +232,5 @@ async fn durable(args: Args) -> anyhow::Result<ExitCode> {
     if counting {
         tracing::info!(orders = sent, "all orders stored");
     }
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    loop {
-        let waiting = outstanding.changed.notified();
-        let missing: Vec<String> = outstanding.orders.lock().unwrap().iter().cloned().collect();
-        if missing.is_empty() {
-            client.close().await;
-            return Ok(ExitCode::SUCCESS);
-        }
-        if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-            report!(
-                "hubcast: error: {} of {sent} orders not delivered within {:?}: {}",
-                missing.len(),
-                args.timeout,
-                missing.join(", ")
-            );
-            return Ok(ExitCode::FAILURE);
-        }
-    }
+    Ok(outstanding.wait(&client, sent, args.timeout).await)
 }
