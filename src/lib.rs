@@ -40,8 +40,11 @@
 //! * `inbound`: the hub-wide budget for read buffers (frames in progress).
 //! * [`store`]: durable streams' storage, an append-only segment log with group
 //!   commit (docs/storage.md); `durable`: the ingest pipeline's store stage (streams,
-//!   `$stored`, deduplication by `"id"`).
-//! * [`client`]: a client library ([`client::Client`]) for sending and hearing events.
+//!   `$stored`, deduplication by `"id"`) and the durable consumers (`durable::consumer`:
+//!   deliveries, acks, work queues, dead letters; `durable::ledger`: what a consumer
+//!   remembers, in the consumer log; docs/durability.md).
+//! * [`client`]: a client library ([`client::Client`]) for sending and hearing events,
+//!   confirming them, and consuming durable streams ([`client::Consumer`]).
 //!
 //! # Examples
 //!
