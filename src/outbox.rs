@@ -218,7 +218,6 @@ impl Outbox {
     }
 
     /// The cost of what is queued or being written.
-    #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }

@@ -559,13 +559,13 @@ impl Live {
         }
     }
 
-    /// The next member with room, round robin.
-    fn pick(&mut self) -> Option<usize> {
+    /// The next member with room (under `max_in_flight`, and `fits`), round robin.
+    fn pick(&mut self, fits: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.members.len();
         let max = self.ledger.spec.max_in_flight;
         (0..n)
             .map(|k| (self.next + k) % n)
-            .find(|&i| self.members[i].out < max)
+            .find(|&i| self.members[i].out < max && fits(i))
             .inspect(|&i| self.next = i + 1)
     }
 }
@@ -660,7 +660,13 @@ impl Consumer {
             match read {
                 Ok(Ok(read)) => {
                     failing = false;
-                    self.assign(&hub, read);
+                    if !self.assign(&hub, read) {
+                        // Every member with room in flight has a full queue: look again
+                        // once they have read some (or something else wakes us).
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(10), self.wake.notified())
+                                .await;
+                    }
                 }
                 Ok(Err(e)) => {
                     if !failing {
@@ -752,7 +758,8 @@ impl Consumer {
     }
 
     /// Under the lock: hands what was read to members with room.
-    fn assign(self: &Arc<Self>, hub: &Hub, read: Read) {
+    /// Returns whether anything was delivered (or there was nothing to deliver).
+    fn assign(self: &Arc<Self>, hub: &Hub, read: Read) -> bool {
         let durable = hub.durable();
         let stream_name = durable.stream_name(self.stream);
         let now = Instant::now();
@@ -764,12 +771,29 @@ impl Consumer {
         // Each member's deliveries of this turn, queued as one unit.
         let mut batches: Vec<(Vec<u8>, usize)> =
             live.members.iter().map(|_| (Vec::new(), 0)).collect();
+        // What each member's queue can still take: deliveries fill at most half of
+        // `--max-pending`, so a member that reads slowly (or not at all) is skipped,
+        // not cut as a slow consumer for a burst the hub chose to send it.
+        let half = hub.config().limits.max_pending / 2;
+        let queued: Vec<usize> = live
+            .members
+            .iter()
+            .map(|s| s.member.outbox.pending())
+            .collect();
+        let mut blocked = false;
         let deliver = |live: &mut Live,
                        batches: &mut Vec<(Vec<u8>, usize)>,
                        record: &Record,
                        attempts: u32|
          -> bool {
-            let Some(i) = live.pick() else { return false };
+            let size = crate::outbox::cost(record.line.len() + 256);
+            let fits = |i: usize| {
+                let batch: &(Vec<u8>, usize) = &batches[i];
+                queued[i] + batch.0.len() + size <= half || (queued[i] == 0 && batch.1 == 0)
+            };
+            let Some(i) = live.pick(fits) else {
+                return false;
+            };
             let slot = &mut live.members[i];
             parts.write(&mut batches[i].0, &record.line, record.seq, attempts);
             batches[i].1 += 1;
@@ -800,6 +824,7 @@ impl Consumer {
             let attempts = pending.attempts + 1;
             if !deliver(&mut live, &mut batches, &record, attempts) {
                 live.dirty = true;
+                blocked = true;
                 break;
             }
             if attempts > 1 {
@@ -823,10 +848,12 @@ impl Consumer {
                 continue;
             }
             if !deliver(&mut live, &mut batches, record, 1) {
+                blocked = true;
                 break;
             }
             live.ledger.cursor = seq + 1;
         }
+        let delivered: usize = batches.iter().map(|b| b.1).sum();
         // A full queue closes the connection, and its deliveries come back then.
         for (slot, (bytes, count)) in live.members.iter().zip(batches) {
             if count > 0 {
@@ -842,6 +869,7 @@ impl Consumer {
         for (seq, record) in read.dying {
             self.dead_letter(hub, seq, record);
         }
+        delivered > 0 || !blocked
     }
 
     /// Whether a stored event is for this consumer (its filter and room).

@@ -1007,3 +1007,56 @@ async fn a_torn_store_tail_is_cut_reported_and_the_hub_goes_on() {
     hub.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A member that never reads is given no more than half its queue's room (plus
+/// what its socket buffers take), and is skipped after that: it is not cut as a slow
+/// consumer for a burst the hub chose to send, and it does not hold up the member that
+/// reads. When it goes, what it held goes to the reader. (Found by hand: with
+/// `max_in_flight` 1,000 and 100 KB events both members were cut at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_reads_neither_is_cut_nor_holds_up_the_others() {
+    const EVENTS: usize = 300;
+    let dir = temp_dir("stuck");
+    let mut cfg = config(&dir);
+    cfg.limits.max_pending = 2 << 20;
+    let hub = TestHub::start(cfg).await;
+    let mut publisher = hub.connect().await;
+    let pad = "x".repeat(50_000);
+    for n in 0..EVENTS {
+        let event = json!({"event": "pickup", "payload": pad, "id": format!("big-{n}")});
+        publisher.send(line(event)).await;
+        assert_eq!(publisher.json().await["event"], "$stored");
+    }
+    let settings =
+        json!({"stream": "orders", "consumer": "q", "max_in_flight": 1000, "ack_wait": "60s"});
+    let mut stuck = hub.connect_small_window().await;
+    stuck.send(consume(settings.clone())).await;
+    let mut reader = hub.connect().await;
+    start(&mut reader, settings).await;
+    // The stuck member can hold 1 MiB of queue and what its socket buffers take (a few
+    // MB on loopback): about 100 of these at most. The reader gets the other 200 while
+    // it is still connected, then, once it has gone, the rest.
+    let mut got = BTreeSet::new();
+    let mut again = 0;
+    let mut stuck = Some(stuck);
+    while got.len() < EVENTS {
+        let d = delivery(&mut reader).await;
+        let seq = d["seq"].as_u64().unwrap();
+        assert!(got.insert(seq), "seq {seq} twice");
+        reader.send(ack("q", json!(seq))).await;
+        if d["attempt"] != 1 {
+            again += 1;
+        }
+        if got.len() == EVENTS / 2 {
+            drop(stuck.take());
+        }
+    }
+    assert!(again < EVENTS / 2, "the stuck member held {again}");
+    assert!(
+        hub.events_matching(|e| matches!(e, hubcast::HubEvent::SlowConsumer { .. }))
+            .is_empty(),
+        "nobody is cut as a slow consumer"
+    );
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
