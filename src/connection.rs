@@ -471,7 +471,7 @@ impl Connection<'_> {
 
     fn dispatch(&mut self, event: Event) {
         if !event.name().is_reserved() {
-            ingest::event(self.hub, self.client.id, event);
+            ingest::event(self.hub, self.client, event);
             return;
         }
         // A `$pong` nobody asked for costs a unit of the error budget (without a

@@ -26,14 +26,17 @@ use std::time::Instant;
 use crate::durable::Verdict;
 use crate::event::Event;
 use crate::frame::Run;
-use crate::hub::{ClientId, Hub, RunProgress};
+use std::sync::Arc;
+
+use crate::hub::{ClientId, Hub, Member, RunProgress};
 
 /// Takes one client event into the hub: through the stages, then out to its
 /// receivers.
-pub(crate) fn event(hub: &Hub, from: ClientId, event: Event) {
+pub(crate) fn event(hub: &Hub, sender: &Arc<Member>, event: Event) {
+    let from = sender.id;
     // authorize: everyone may send everything (no identities yet).
     // store: append to the stream it matches; confirm its id; drop a resent id.
-    let Verdict::Deliver(confirmation) = hub.durable().store(hub, from, &event) else {
+    let Verdict::Deliver(confirmation) = hub.durable().store(hub, sender, &event) else {
         return;
     };
     // backplane: a single hub; no other nodes to tell.

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::config::{ConfigError, Setting, Streams, MAX_DEDUP_IDS};
 use crate::event::Event;
-use crate::hub::{ClientId, Hub};
+use crate::hub::{ClientId, Hub, Member};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routing::{Pattern, Router};
 use crate::store::{Recovery, SegmentLog, Store, StoreConfig};
@@ -327,7 +327,8 @@ impl Durable {
 
     /// The store stage for one event from `from`: store it if a stream wants it, and
     /// confirm it if it has an id. `hub` is where the confirmation is sent.
-    pub(crate) fn store(&self, hub: &Hub, from: ClientId, event: &Event) -> Verdict {
+    pub(crate) fn store(&self, hub: &Hub, sender: &Arc<Member>, event: &Event) -> Verdict {
+        let from = sender.id;
         let stream = self.stream_for(event.name().as_str());
         let Some(id) = event.id() else {
             if let Some(stream) = stream {
@@ -367,12 +368,17 @@ impl Durable {
             .store
             .as_ref()
             .expect("a stream matched, so there is a store");
-        let (hub, id_owned) = (hub.clone(), Box::<str>::from(id));
+        // The sender itself, not its id: its confirmation goes straight to its queue,
+        // without a look-up in the pool (on the store's writer, once per event).
+        let (hub, id_owned, sender) = (hub.clone(), Box::<str>::from(id), Arc::clone(sender));
         store.append(
             &self.names[stream],
             Some(id.to_owned()),
             event.line().clone(),
-            Box::new(move |result| hub.durable().settle(&hub, from, &id_owned, stream, result)),
+            Box::new(move |result| {
+                hub.durable()
+                    .settle(&hub, &sender, &id_owned, stream, result)
+            }),
         );
         Verdict::Deliver(None)
     }
@@ -381,42 +387,45 @@ impl Durable {
     pub(crate) fn settle(
         &self,
         hub: &Hub,
-        from: ClientId,
+        from: &Member,
         id: &str,
         stream: usize,
         result: Result<u64, crate::store::StoreError>,
     ) {
         let waiting = {
             let mut dedup = self.lock();
-            let waiting = match dedup.by_id.get_mut(id) {
-                Some(Seen::Pending(waiting)) => std::mem::take(waiting),
-                _ => Vec::new(),
-            };
-            match &result {
-                Ok(seq) => {
+            match (dedup.by_id.get_mut(id), &result) {
+                (Some(seen), Ok(seq)) => {
                     let done = Seen::Done {
                         stream: Some(stream),
                         seq: *seq,
                     };
-                    match dedup.by_id.get_mut(id) {
-                        Some(seen) => *seen = done,
-                        None => {
-                            dedup.by_id.insert(id.into(), done);
-                        }
+                    match std::mem::replace(seen, done) {
+                        Seen::Pending(waiting) => waiting,
+                        Seen::Done { .. } => Vec::new(),
                     }
                 }
-                // Not stored: a resend must be able to try again.
-                Err(_) => {
-                    dedup.by_id.remove(id);
+                // Forgotten meanwhile (the window passed): remembered again.
+                (None, Ok(seq)) => {
+                    let done = Seen::Done {
+                        stream: Some(stream),
+                        seq: *seq,
+                    };
+                    dedup.by_id.insert(id.into(), done);
+                    Vec::new()
                 }
+                // Not stored: a resend must be able to try again.
+                (_, Err(_)) => match dedup.by_id.remove(id) {
+                    Some(Seen::Pending(waiting)) => waiting,
+                    _ => Vec::new(),
+                },
             }
-            waiting
         };
         let name = &*self.names[stream];
         match result {
             Ok(seq) => {
                 self.appended(stream);
-                hub.reply(from, stored_frame(id, Some(name), seq, false));
+                from.outbox.push(stored_frame(id, Some(name), seq, false));
                 for client in waiting {
                     hub.reply(client, stored_frame(id, Some(name), seq, true));
                 }
@@ -437,7 +446,8 @@ impl Durable {
                 )
                 .map(|e| e.line().clone())
                 .unwrap_or_else(|_| error.to_frame());
-                for client in std::iter::once(from).chain(waiting) {
+                from.outbox.push(frame.clone());
+                for client in waiting {
                     hub.reply(client, frame.clone());
                 }
                 hub.store_failed(chain(&e));
