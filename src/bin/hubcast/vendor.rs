@@ -82,6 +82,11 @@ struct Outstanding {
 }
 
 impl Outstanding {
+    /// An order was sent: it is waited for.
+    fn expect(&self, order_id: &str) {
+        self.orders.lock().unwrap().insert(order_id.to_owned());
+    }
+
     /// Waits up to `timeout` for every order sent to be delivered, then closes the
     /// client: success, or a line naming the missing orders.
     async fn wait(&self, client: &hubcast::Client, sent: u64, timeout: Duration) -> ExitCode {
@@ -144,11 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     while args.count.is_none_or(|count| sent < count) {
         ticker.tick().await;
         let order = Order::random(&args.store);
-        outstanding
-            .orders
-            .lock()
-            .unwrap()
-            .insert(order.order_id.clone());
+        outstanding.expect(&order.order_id);
         client.emit("pickup", &order).await?;
         sent += 1;
     }
@@ -212,11 +213,7 @@ async fn durable(args: Args) -> anyhow::Result<ExitCode> {
     while args.count.is_none_or(|count| sent < count) {
         ticker.tick().await;
         let order = Order::random(&args.store);
-        outstanding
-            .orders
-            .lock()
-            .unwrap()
-            .insert(order.order_id.clone());
+        outstanding.expect(&order.order_id);
         // The orderID is the id: a resend after a reconnect is not a second order.
         let stored = client
             .emit_with_id("pickup", &order, &order.order_id)
