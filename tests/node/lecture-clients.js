@@ -77,8 +77,11 @@ onEvents(vendor, (msg) => {
     delivered.add(msg.payload.orderID);
     if (delivered.size === orders) {
       console.log(`delivered ${delivered.size}/${orders}`);
+      allDelivered = true;
       vendor.end();
-      driver.end();
+      // The manifest may still be on its way (the hub reads the vendor's 200 KB while
+      // the driver's answers go round): the driver leaves once it has it.
+      if (manifestSeen) driver.end();
     }
   } else if (msg.event === '$error') {
     fail(`hub error: ${JSON.stringify(msg.payload)}`);
@@ -86,6 +89,7 @@ onEvents(vendor, (msg) => {
 });
 
 let manifestSeen = false;
+let allDelivered = false;
 onEvents(driver, (msg) => {
   if (msg.event === 'pickup') {
     driver.write(JSON.stringify({ event: 'in-transit', payload: msg.payload }));
@@ -93,6 +97,7 @@ onEvents(driver, (msg) => {
   } else if (msg.event === 'manifest') {
     if (msg.payload.notes.length !== 200000) fail('manifest truncated');
     manifestSeen = true;
+    if (allDelivered) driver.end();
   }
 });
 
