@@ -1025,11 +1025,18 @@ impl Parts {
 /// Whether a line may hold one of the keys a delivery adds (then it is rebuilt): one
 /// pass over its quotes.
 fn has_delivery_key(body: &[u8]) -> bool {
+    has_any_key(body, &["stream", "seq", "consumer", "attempt"])
+}
+
+/// Whether `body` may hold one of `keys` (a quoted string equal to it anywhere: a
+/// cheap, conservative check, in one pass over its quotes).
+fn has_any_key(body: &[u8], keys: &[&str]) -> bool {
     memchr::memchr_iter(b'"', body).any(|at| {
         let rest = &body[at + 1..];
-        [&b"stream\""[..], b"seq\"", b"consumer\"", b"attempt\""]
-            .iter()
-            .any(|key| rest.starts_with(key))
+        keys.iter().any(|key| {
+            rest.strip_prefix(key.as_bytes())
+                .is_some_and(|after| after.first() == Some(&b'"'))
+        })
     })
 }
 
@@ -1051,10 +1058,8 @@ pub(crate) fn delivery(line: &[u8], stream: &str, seq: u64, consumer: &str, atte
 /// place when the line cannot already have those keys; rebuilt otherwise.
 pub(crate) fn with_fields(line: &[u8], fields: &[(&str, serde_json::Value)]) -> Bytes {
     let body = line.strip_suffix(b"\n").unwrap_or(line);
-    let clash = fields.iter().any(|(key, _)| {
-        let quoted = format!("\"{key}\"");
-        memchr::memmem::find(body, quoted.as_bytes()).is_some()
-    });
+    let keys: Vec<&str> = fields.iter().map(|(key, _)| *key).collect();
+    let clash = has_any_key(body, &keys);
     if let (false, Some(open)) = (clash, body.strip_suffix(b"}")) {
         let mut out = Vec::with_capacity(line.len() + 96);
         out.extend_from_slice(open);
