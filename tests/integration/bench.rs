@@ -273,6 +273,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// redis-server's arguments for a loopback test server on `port`, without snapshots.
+fn redis_args(port: &str, extra: &[&str]) -> Vec<String> {
+    ["--port", port, "--bind", "127.0.0.1", "--save", ""]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect()
+}
+
 /// Runs a small workload against the server at `target` and checks it was complete.
 async fn same_workload(target: &str) {
     let (code, report) = bench_json(&["-t", target, "-n", "3", "-P", "2", "-k", "2000"]).await;
@@ -290,20 +299,7 @@ async fn nats_server_speaks_the_same_workload() {
 
 #[tokio::test]
 async fn redis_pub_sub_speaks_the_same_workload() {
-    let args = |port: &str| {
-        [
-            "--port",
-            port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = |port: &str| redis_args(port, &["--appendonly", "no"]);
     if let Some((_server, port)) =
         external("redis-server", args, "Ready to accept connections").await
     {
@@ -401,22 +397,7 @@ async fn durable_workloads_run_against_jetstream_and_redis_streams() {
     if let Some((_server, port)) = external("nats-server", js, "Server is ready").await {
         durable_workloads(&format!("nats://127.0.0.1:{port}")).await;
     }
-    let redis = |port: &str| {
-        [
-            "--port",
-            port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--dir",
-            &store,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let redis = |port: &str| redis_args(port, &["--appendonly", "yes", "--dir", &store]);
     std::fs::create_dir_all(&dir).unwrap();
     if let Some((_server, port)) =
         external("redis-server", redis, "Ready to accept connections").await
