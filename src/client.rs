@@ -510,6 +510,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Authenticates with `token` (an auth-file token or a JWT), as `user` if given:
+    /// sent in the first frame, `$hello`, on every connect and reconnect. A hub that
+    /// requires authentication closes a connection whose first frame is anything else.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let builder = hubcast::Client::builder().credentials(Some("vendor-acme"), "s3cret");
+    /// ```
+    pub fn credentials(mut self, user: Option<&str>, token: &str) -> Self {
+        if let Some(user) = user {
+            self.hello.insert("user".into(), user.into());
+        }
+        self.hello.insert("token".into(), token.into());
+        self
+    }
+
     /// Whether this client hears its own events (sent in `$hello`; default: the hub's).
     ///
     /// # Examples

@@ -71,6 +71,9 @@ pub struct Config {
     pub streams: Streams,
 }
 
+/// How long a new connection has to authenticate, by default.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The default window in which a resent `"id"` is recognised as a duplicate.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
@@ -175,6 +178,17 @@ pub struct Limits {
     pub max_errors: usize,
     /// The window for `max_errors`.
     pub error_window: Duration,
+    /// The most events per second one connection may send; past it the hub stops
+    /// reading it for a while (TCP back-pressure: nothing is dropped). `None`: no limit.
+    pub max_rate: Option<u32>,
+    /// The most bytes per second one connection may send, as `max_rate`.
+    pub max_bytes_rate: Option<u64>,
+    /// The most connections from one IP address at once; more are answered
+    /// `too_many_connections`. `None`: no limit.
+    pub max_conns_per_ip: Option<usize>,
+    /// The most connection attempts per second from one IP address; more are answered
+    /// `too_many_connections` with a retry hint. `None`: no limit.
+    pub accept_rate: Option<u32>,
 }
 
 /// Who hears what, and what happens to a client that cannot keep up.
@@ -197,6 +211,8 @@ pub struct Timeouts {
     /// How long closing connections may spend flushing what is queued for them
     /// (at shutdown, after end of stream, or to deliver a final `$error`).
     pub drain: Duration,
+    /// With authentication on, how long a new connection has to send its `$hello`.
+    pub auth: Duration,
 }
 
 /// What the hub does with a client that reads too slowly (its queue is full).
@@ -224,6 +240,10 @@ impl Default for Limits {
             max_rooms: DEFAULT_MAX_ROOMS,
             max_errors: DEFAULT_MAX_ERRORS,
             error_window: DEFAULT_ERROR_WINDOW,
+            max_rate: None,
+            max_bytes_rate: None,
+            max_conns_per_ip: None,
+            accept_rate: None,
         }
     }
 }
@@ -242,6 +262,7 @@ impl Default for Timeouts {
         Timeouts {
             idle: None,
             drain: DEFAULT_DRAIN_TIMEOUT,
+            auth: DEFAULT_AUTH_TIMEOUT,
         }
     }
 }
@@ -285,6 +306,16 @@ pub enum Setting {
     DataDir,
     /// [`Streams::dedup_window`]
     DedupWindow,
+    /// [`Timeouts::auth`]
+    AuthTimeout,
+    /// [`Limits::max_rate`]
+    MaxRate,
+    /// [`Limits::max_bytes_rate`]
+    MaxBytesRate,
+    /// [`Limits::max_conns_per_ip`]
+    MaxConnsPerIp,
+    /// [`Limits::accept_rate`]
+    AcceptRate,
 }
 
 impl Setting {
@@ -308,6 +339,11 @@ impl Setting {
             Setting::Stream => "streams.declared",
             Setting::DataDir => "streams.data_dir",
             Setting::DedupWindow => "streams.dedup_window",
+            Setting::AuthTimeout => "timeouts.auth",
+            Setting::MaxRate => "limits.max_rate",
+            Setting::MaxBytesRate => "limits.max_bytes_rate",
+            Setting::MaxConnsPerIp => "limits.max_conns_per_ip",
+            Setting::AcceptRate => "limits.accept_rate",
         }
     }
 
@@ -331,6 +367,11 @@ impl Setting {
             Setting::Stream => "--stream",
             Setting::DataDir => "--data-dir",
             Setting::DedupWindow => "--dedup-window",
+            Setting::AuthTimeout => "--auth-timeout",
+            Setting::MaxRate => "--max-rate",
+            Setting::MaxBytesRate => "--max-bytes-rate",
+            Setting::MaxConnsPerIp => "--max-conns-per-ip",
+            Setting::AcceptRate => "--accept-rate",
         }
     }
 }
@@ -439,6 +480,33 @@ impl Config {
                 "no pattern would fit",
             ),
         ];
+        let optional = [
+            (
+                Setting::MaxRate,
+                limits.max_rate.map(u64::from),
+                "no event could be sent",
+            ),
+            (
+                Setting::MaxBytesRate,
+                limits.max_bytes_rate,
+                "no event could be sent",
+            ),
+            (
+                Setting::MaxConnsPerIp,
+                limits.max_conns_per_ip.map(|n| n as u64),
+                "every client would be refused",
+            ),
+            (
+                Setting::AcceptRate,
+                limits.accept_rate.map(u64::from),
+                "every client would be refused",
+            ),
+        ];
+        for (setting, value, why) in optional {
+            if value == Some(0) {
+                return fail(setting, Problem::Zero(why));
+            }
+        }
         for (setting, value, why) in positive {
             if value == 0 {
                 return fail(setting, Problem::Zero(why));
@@ -456,6 +524,11 @@ impl Config {
                 "every client would be closed at once (leave it unset to never close idle clients)",
             ),
             (Setting::DrainTimeout, Some(self.timeouts.drain), ""),
+            (
+                Setting::AuthTimeout,
+                Some(self.timeouts.auth),
+                "every client would be closed before it could authenticate",
+            ),
         ];
         for (setting, value, why) in durations {
             match value {
@@ -596,6 +669,16 @@ setters! {
     idle_timeout: Option<Duration> => timeouts.idle;
     /// Sets [`Timeouts::drain`].
     drain_timeout: Duration => timeouts.drain;
+    /// Sets [`Timeouts::auth`].
+    auth_timeout: Duration => timeouts.auth;
+    /// Sets [`Limits::max_rate`].
+    max_rate: Option<u32> => limits.max_rate;
+    /// Sets [`Limits::max_bytes_rate`].
+    max_bytes_rate: Option<u64> => limits.max_bytes_rate;
+    /// Sets [`Limits::max_conns_per_ip`].
+    max_conns_per_ip: Option<usize> => limits.max_conns_per_ip;
+    /// Sets [`Limits::accept_rate`].
+    accept_rate: Option<u32> => limits.accept_rate;
     /// Sets [`Streams::declared`].
     streams: Vec<StreamSpec> => streams.declared;
     /// Sets [`Streams::data_dir`].

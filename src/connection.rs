@@ -189,6 +189,11 @@ struct Connection<'a> {
     run: Run,
     /// How far routing got with `run`, while it is not finished.
     routing: Option<RunProgress>,
+    /// Its peer, and whether it must still authenticate.
+    session: control::Session,
+    /// A frame was answered with an error that ends the connection (`auth_failed`,
+    /// `auth_required`): close once it is sent.
+    fatal: Option<ErrorCode>,
 }
 
 impl Drop for Connection<'_> {
@@ -226,6 +231,7 @@ pub(crate) async fn run<R, W>(
     mut writer: W,
     phases: &Phases,
     reading: mpsc::Sender<()>,
+    session: control::Session,
 ) -> CloseReason
 where
     R: Source,
@@ -243,13 +249,24 @@ where
         backlog: false,
         run: Run::default(),
         routing: None,
+        session,
+        fatal: None,
     };
+    if conn.session.awaiting_hello {
+        let at = Instant::now() + hub.config().timeouts.auth;
+        conn.liveness.set_expiry(Some((at, ErrorCode::AuthTimeout)));
+    }
     let inbound = hub.inbound();
     let mut reading = Some(reading);
     // Boxed and kept across turns: only connections with a timer pay for one, and it
     // is re-armed rather than re-registered on every turn.
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let reason = loop {
+        if let Some(error) = client.access.take_revoked() {
+            let code = error.code;
+            conn.reject(error);
+            break CloseReason::Protocol(code);
+        }
         // Checked even mid-write: a client that stopped reading blocks the write forever.
         let closed = if conn.batch.is_empty() {
             client.outbox.take(&mut conn.batch.frames)
@@ -438,12 +455,35 @@ impl Connection<'_> {
                 // The receivers hold the chunk now; we keep only the event list's room.
                 self.run.clear();
             }
+            if let Some(code) = self.fatal {
+                return Err(code);
+            }
             if std::time::Instant::now() >= deadline {
                 self.backlog = !self.input.buf().is_empty();
                 return Ok(());
             }
+            if self.session.awaiting_hello {
+                // Only `$hello` with credentials may come first.
+                match self.decoder.decode(self.input.buf()) {
+                    Ok(Some(Frame::Event(event))) if event.name().as_str() == "$hello" => {
+                        self.dispatch(event);
+                    }
+                    Ok(Some(_)) | Err(_) => {
+                        self.reject(ProtocolError::new(
+                            ErrorCode::AuthRequired,
+                            "this hub requires authentication: the first frame must be {\"event\":\"$hello\",\"payload\":{\"token\":...}}",
+                        ));
+                    }
+                    Ok(None) => return Ok(()),
+                }
+                continue;
+            }
             if self.decoder.decode_run(self.input.buf(), &mut self.run) {
-                self.routing = Some(RunProgress::default());
+                if self.run_is_allowed() {
+                    self.routing = Some(RunProgress::default());
+                } else {
+                    self.publish_one_by_one();
+                }
                 continue;
             }
             match self.decoder.decode(self.input.buf()) {
@@ -469,8 +509,57 @@ impl Connection<'_> {
         }
     }
 
+    /// Whether every event of the run just decoded may be published (one check per
+    /// name, through the rule's index; nothing to check without authentication).
+    fn run_is_allowed(&self) -> bool {
+        let Some(permissions) = self.client.access.permissions() else {
+            return true;
+        };
+        let rule = &permissions.publish;
+        rule.allows_everything() || (0..self.run.len()).all(|i| rule.allows(self.run.name(i)))
+    }
+
+    /// A run holds an event this identity may not publish: each event on its own, the
+    /// denied ones answered `permission_denied`.
+    fn publish_one_by_one(&mut self) {
+        let run = std::mem::take(&mut self.run);
+        for index in 0..run.len() {
+            match Event::from_line(run.line(index)) {
+                Ok(event) => self.dispatch(event),
+                Err(error) => self.reject(error),
+            }
+        }
+    }
+
+    /// Whether this identity may publish `event` (its name, and its room if any).
+    fn may_publish(&self, event: &Event) -> Result<(), ProtocolError> {
+        let Some(permissions) = self.client.access.permissions() else {
+            return Ok(());
+        };
+        let name = event.name().as_str();
+        if !permissions.publish.allows(name) {
+            return Err(control::denied(format!(
+                "publishing {}",
+                crate::protocol::excerpt(name)
+            )));
+        }
+        if let Some(room) = event.room() {
+            if !permissions.rooms.allows(room.as_str()) {
+                return Err(control::denied(format!(
+                    "sending to room {}",
+                    crate::protocol::excerpt(room.as_str())
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn dispatch(&mut self, event: Event) {
         if !event.name().is_reserved() {
+            if let Err(error) = self.may_publish(&event) {
+                self.reject(error);
+                return;
+            }
             ingest::event(self.hub, self.client, event);
             return;
         }
@@ -480,7 +569,13 @@ impl Connection<'_> {
             self.charge_error();
             return;
         }
-        match control::handle(self.hub, self.client, &mut self.liveness, &event) {
+        match control::handle(
+            self.hub,
+            self.client,
+            &mut self.liveness,
+            &mut self.session,
+            &event,
+        ) {
             Ok(reply) => {
                 if let Some(reply) = reply {
                     self.client.outbox.push(reply);
@@ -495,9 +590,17 @@ impl Connection<'_> {
     /// Tells this client (and only it) what was wrong with its input, and spends one
     /// unit of its error budget.
     fn reject(&mut self, error: ProtocolError) {
+        let code = error.code;
         self.client.outbox.push(error.to_frame());
         self.hub.rejected(self.client.id, error);
-        self.charge_error();
+        match code {
+            // The connection ends once the client has read why.
+            ErrorCode::AuthRequired | ErrorCode::AuthFailed => self.fatal = Some(code),
+            // Permissions are the hub's policy, not a broken client: a denial is
+            // answered (the connection stays), not charged.
+            ErrorCode::PermissionDenied => {}
+            _ => self.charge_error(),
+        }
     }
 
     /// Spends one unit of the error budget; the last one closes the connection.
@@ -615,12 +718,16 @@ mod tests {
         tokio::task::JoinHandle<CloseReason>,
     ) {
         let (peer, server_side) = tokio::io::duplex(1024);
-        let client = hub.join(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let client = hub.join(SocketAddr::from(([127, 0, 0, 1], 1)), true);
         let (tx, _rx) = mpsc::channel(1);
         let hub = hub.clone();
         let task = tokio::spawn(async move {
             let (r, w) = tokio::io::split(server_side);
-            run(&hub, &client, r, w, &Phases::default(), tx).await
+            let session = control::Session {
+                peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+                awaiting_hello: false,
+            };
+            run(&hub, &client, r, w, &Phases::default(), tx, session).await
         });
         (peer, task)
     }

@@ -226,6 +226,11 @@ impl Outbox {
     pub(crate) fn notified(&self) -> Notified<'_> {
         self.notify.notified()
     }
+
+    /// Wakes the connection without a push (to see that its access was revoked).
+    pub(crate) fn notify(&self) {
+        self.notify.notify_one();
+    }
 }
 
 #[cfg(test)]

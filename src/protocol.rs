@@ -61,6 +61,20 @@ pub enum ErrorCode {
     ConsumerMismatch,
     /// `$ack`, `$nack` or `$unconsume` for a consumer this connection does not hold.
     NotConsuming,
+    /// The hub requires authentication and the first frame was not `$hello` with a
+    /// token; the connection is closed.
+    AuthRequired,
+    /// The credentials in `$hello` are wrong; the connection is closed.
+    AuthFailed,
+    /// No `$hello` arrived within `--auth-timeout`; the connection is closed.
+    AuthTimeout,
+    /// The connection's JWT expired and no fresh one was sent; it is closed.
+    TokenExpired,
+    /// The identity was removed from the hub's auth settings; the connection is closed.
+    AuthRevoked,
+    /// The identity may not do that (publish this event, subscribe to this pattern,
+    /// join this room, use this consumer); the connection stays.
+    PermissionDenied,
     /// A code this version does not know (from a newer hub); the hub never sends it.
     #[serde(other)]
     Unknown,
@@ -96,6 +110,12 @@ impl ErrorCode {
             ErrorCode::UnknownConsumer => "unknown_consumer",
             ErrorCode::ConsumerMismatch => "consumer_mismatch",
             ErrorCode::NotConsuming => "not_consuming",
+            ErrorCode::AuthRequired => "auth_required",
+            ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::AuthTimeout => "auth_timeout",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::AuthRevoked => "auth_revoked",
+            ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Unknown => "unknown",
         }
     }

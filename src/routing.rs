@@ -136,6 +136,62 @@ impl Pattern {
         }
         names.next().is_none()
     }
+
+    /// Whether every name `other` matches is matched by `self` too: `order.>` covers
+    /// `order.*` and `order.created`, but `order.*` does not cover `order.>`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hubcast::routing::Pattern;
+    /// let p = |t| Pattern::parse(t).unwrap();
+    /// assert!(p("order.>").covers(&p("order.*")));
+    /// assert!(!p("order.*").covers(&p("order.>")));
+    /// assert!(p(">").covers(&p("a.b.c")));
+    /// ```
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let mut theirs = other.text.split('.').map(segment);
+        for ours in self.text.split('.').map(segment) {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            match (ours, their) {
+                // One or more segments, whatever they are: `their` is one at least.
+                (Segment::Tail, _) => return true,
+                (Segment::Star, Segment::Literal(_) | Segment::Star) => {}
+                (Segment::Literal(a), Segment::Literal(b)) if a == b => {}
+                _ => return false,
+            }
+        }
+        theirs.next().is_none()
+    }
+
+    /// Whether some name matches both patterns.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hubcast::routing::Pattern;
+    /// let p = |t| Pattern::parse(t).unwrap();
+    /// assert!(p("order.*").overlaps(&p("*.created")));
+    /// assert!(!p("order.*").overlaps(&p("order.a.b")));
+    /// assert!(p("order.>").overlaps(&p("*.a.b")));
+    /// ```
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        let mut theirs = other.text.split('.').map(segment);
+        for ours in self.text.split('.').map(segment) {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            match (ours, their) {
+                // `>` takes whatever remains of the other, which has a segment here.
+                (Segment::Tail, _) | (_, Segment::Tail) => return true,
+                (Segment::Literal(a), Segment::Literal(b)) if a != b => return false,
+                _ => {}
+            }
+        }
+        theirs.next().is_none()
+    }
 }
 
 impl fmt::Debug for Pattern {
@@ -356,6 +412,11 @@ impl<K: Copy + Eq + Hash + Ord> Router<K> {
         removed
     }
 
+    /// Whether any pattern matches `name` (no allocation, stops at the first).
+    pub fn matches_any(&self, name: &str) -> bool {
+        self.exact.contains_key(name) || any_in(&self.root, Some(name))
+    }
+
     /// Appends to `out` every key with a pattern matching `name`, once each, in no
     /// particular order.
     pub fn matches(&self, name: &str, out: &mut Vec<K>) {
@@ -408,6 +469,24 @@ fn walk<K: Copy>(node: &Node<K>, rest: Option<&str>, out: &mut Vec<K>, sources: 
     if let Some(star) = &node.star {
         walk(star, after, out, sources);
     }
+}
+
+/// Whether some pattern in `node` matches `rest` (as [`walk`], stopping at the first).
+fn any_in<K>(node: &Node<K>, rest: Option<&str>) -> bool {
+    let Some(rest) = rest else {
+        return node.end.is_some();
+    };
+    if node.tail.is_some() {
+        return true;
+    }
+    let (part, after) = match rest.split_once('.') {
+        Some((part, after)) => (part, Some(after)),
+        None => (rest, None),
+    };
+    node.literal
+        .get(part)
+        .is_some_and(|child| any_in(child, after))
+        || node.star.as_deref().is_some_and(|star| any_in(star, after))
 }
 
 /// Removes `key` at the end of `parts`, pruning nodes left empty.

@@ -195,7 +195,22 @@ fn refuse<T: Transport>(hub: &Hub, stream: T, peer: SocketAddr, lingering: &Arc<
             hub.config().limits.max_connections
         ),
     );
-    hub.refused(peer);
+    refuse_with(hub, stream, peer, lingering, error, true);
+}
+
+/// Tells a connection why it is refused, as [`refuse`] describes; `count` says whether
+/// it counts as refused at a limit.
+fn refuse_with<T: Transport>(
+    hub: &Hub,
+    stream: T,
+    peer: SocketAddr,
+    lingering: &Arc<Semaphore>,
+    error: ProtocolError,
+    count: bool,
+) {
+    if count {
+        hub.refused(peer);
+    }
     let Ok(permit) = Arc::clone(lingering).try_acquire_owned() else {
         stream.write_now_and_close(&error.to_frame());
         return;
@@ -240,14 +255,57 @@ async fn serve<T: Transport>(
     phases: Phases,
     reading: mpsc::Sender<()>,
 ) {
-    let client = hub.join(peer.addr);
+    let auth = hub.authenticator();
+    // A verified client certificate names the identity: no `$hello` needed.
+    let by_certificate = match (&auth, &peer.certificate) {
+        (Some(auth), Some(name)) => match auth.certificate(name) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                hub.penalties().failed(peer.addr.ip());
+                let error = ProtocolError::new(
+                    ErrorCode::AuthFailed,
+                    "the client certificate is not allowed in; closing the connection",
+                );
+                tracing::debug!(peer = %peer.addr, error = %e, "client certificate refused");
+                let lingering = Arc::new(Semaphore::new(1));
+                refuse_with(&hub, stream, peer.addr, &lingering, error, false);
+                return;
+            }
+        },
+        _ => None,
+    };
+    let awaiting_hello = auth.is_some() && by_certificate.is_none();
+    if awaiting_hello {
+        // An address that failed recently waits before this attempt is read.
+        if let Some(slot) = hub.penalties().slot(peer.addr.ip()) {
+            tokio::select! {
+                _ = phases.stop_reading.cancelled() => return,
+                _ = tokio::time::sleep_until(slot) => {}
+            }
+        }
+    }
+    let client = hub.join(peer.addr, auth.is_none());
     let mut membership = Membership {
         hub: &hub,
         client: client.id,
         reason: None,
     };
+    if let Some(identity) = by_certificate {
+        let user = identity.name.clone();
+        hub.admit(&client, identity);
+        let id = client.id;
+        hub.report(|| HubEvent::Authenticated {
+            client: id,
+            peer: peer.addr,
+            user,
+        });
+    }
+    let session = crate::control::Session {
+        peer: peer.addr,
+        awaiting_hello,
+    };
     let (reader, writer) = stream.split();
-    let reason = connection::run(&hub, &client, reader, writer, &phases, reading).await;
+    let reason = connection::run(&hub, &client, reader, writer, &phases, reading, session).await;
     membership.reason = Some(reason);
 }
 

@@ -34,12 +34,17 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
 pub(crate) struct PeerInfo {
     /// The peer's address.
     pub(crate) addr: SocketAddr,
-    // To come: the identity a TLS client certificate proves (the security issue).
+    /// The name a verified TLS client certificate gives (its subject CN, else its
+    /// first DNS or email SAN).
+    pub(crate) certificate: Option<String>,
 }
 
 impl PeerInfo {
     pub(crate) fn new(addr: SocketAddr) -> Self {
-        PeerInfo { addr }
+        PeerInfo {
+            addr,
+            certificate: None,
+        }
     }
 }
 

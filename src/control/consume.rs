@@ -122,6 +122,15 @@ fn start(request: &Request<'_>, asked: Consume) -> Result<Option<Bytes>, Protoco
         ));
     };
     consumer_name(name, &asked.consumer)?;
+    if let Some(permissions) = request.client.access.permissions() {
+        if !permissions.consume.allows(&asked.stream, &asked.consumer) {
+            return Err(super::denied(format!(
+                "consuming {}/{}",
+                crate::protocol::printable(&asked.stream),
+                crate::protocol::printable(&asked.consumer)
+            )));
+        }
+    }
     if let Some(filter) = &asked.filter {
         Pattern::parse(filter)?;
     }

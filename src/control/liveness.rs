@@ -18,6 +18,9 @@ pub(crate) struct Liveness {
     next_ping: Option<Instant>,
     /// `$ping`s sent and not answered yet: a `$pong` beyond them was not asked for.
     pings_out: u32,
+    /// A moment the connection closes at, whatever it sends, and why: the end of the
+    /// time to authenticate, or its credentials' expiry.
+    expiry: Option<(Instant, ErrorCode)>,
 }
 
 /// What the timer asks the connection to do.
@@ -35,7 +38,14 @@ impl Liveness {
             last_heard: Instant::now(),
             next_ping: None,
             pings_out: 0,
+            expiry: None,
         }
+    }
+
+    /// Closes the connection at `at` with `code` (`auth_timeout`, `token_expired`)
+    /// unless called again first; `None` clears it.
+    pub(crate) fn set_expiry(&mut self, expiry: Option<(Instant, ErrorCode)>) {
+        self.expiry = expiry;
     }
 
     /// Records that the client sent something.
@@ -62,13 +72,27 @@ impl Liveness {
         let silent = self
             .heartbeat
             .and_then(|d| self.last_heard.checked_add(d.saturating_mul(2)));
-        [idle, silent, self.next_ping].into_iter().flatten().min()
+        let expiry = self.expiry.map(|(at, _)| at);
+        [idle, silent, self.next_ping, expiry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Decides what is due now.
     pub(crate) fn fire(&mut self) -> Due {
         let now = Instant::now();
         let quiet = now.saturating_duration_since(self.last_heard);
+        if let Some((_, code)) = self.expiry.filter(|&(at, _)| at <= now) {
+            let why = match code {
+                ErrorCode::AuthTimeout => "no $hello with credentials arrived in time",
+                _ => "the connection's token expired and no fresh one was sent with $hello",
+            };
+            return Due::Close(ProtocolError::new(
+                code,
+                format!("{why}; closing the connection"),
+            ));
+        }
         if let Some(idle) = self.idle.filter(|&d| quiet >= d) {
             return Due::Close(ProtocolError::new(
                 ErrorCode::IdleTimeout,

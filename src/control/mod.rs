@@ -27,11 +27,21 @@ mod subscribe;
 pub use hello::PROTOCOL_VERSION;
 pub(crate) use liveness::{Due, Liveness};
 
+/// What a connection knows of its peer that control requests need.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// The peer's address (failed authentications count against it).
+    pub(crate) peer: std::net::SocketAddr,
+    /// The hub requires authentication and this connection has not authenticated yet.
+    pub(crate) awaiting_hello: bool,
+}
+
 /// One control request: who sent it, on which connection, and the event itself.
 pub(crate) struct Request<'a> {
     pub(crate) hub: &'a Hub,
     pub(crate) client: &'a std::sync::Arc<Member>,
     pub(crate) liveness: &'a mut Liveness,
+    pub(crate) session: &'a mut Session,
     pub(crate) event: &'a Event,
 }
 
@@ -58,12 +68,14 @@ pub(crate) fn handle(
     hub: &Hub,
     client: &std::sync::Arc<Member>,
     liveness: &mut Liveness,
+    session: &mut Session,
     event: &Event,
 ) -> Result<Option<Bytes>, ProtocolError> {
     let mut request = Request {
         hub,
         client,
         liveness,
+        session,
         event,
     };
     let reply = match request.name() {
@@ -94,6 +106,11 @@ pub(crate) fn handle(
 
 pub(crate) fn reply<T: Serialize>(name: &str, payload: &T) -> Result<Bytes, ProtocolError> {
     Event::new(name, payload).map(|e| e.line().clone())
+}
+
+/// `permission_denied`: the identity may not do `what`.
+pub(crate) fn denied(what: String) -> ProtocolError {
+    ProtocolError::new(ErrorCode::PermissionDenied, format!("not allowed: {what}"))
 }
 
 pub(crate) fn invalid_payload(name: &str, why: &str) -> ProtocolError {

@@ -16,6 +16,14 @@ struct Room {
 pub(super) fn join(request: &Request<'_>) -> Result<Bytes, ProtocolError> {
     let wanted: Room = request.payload()?;
     let room = RoomName::new(wanted.room.as_str())?;
+    if let Some(permissions) = request.client.access.permissions() {
+        if !permissions.rooms.allows(room.as_str()) {
+            return Err(super::denied(format!(
+                "joining room {}",
+                crate::protocol::excerpt(room.as_str())
+            )));
+        }
+    }
     request.hub.join_room(request.client.id, &room)?;
     reply("$joined", &wanted)
 }

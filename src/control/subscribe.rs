@@ -17,6 +17,17 @@ struct Patterns {
 pub(super) fn subscribe(request: &Request<'_>) -> Result<Bytes, ProtocolError> {
     let wanted: Patterns = request.payload()?;
     let patterns = patterns(request.hub, request.name(), &wanted.events)?;
+    if let Some(permissions) = request.client.access.permissions() {
+        if let Some(p) = patterns
+            .iter()
+            .find(|p| !permissions.subscribe.allows_pattern(p))
+        {
+            return Err(super::denied(format!(
+                "subscribing to {} (it could match events this identity may not hear)",
+                crate::protocol::excerpt(p.as_str())
+            )));
+        }
+    }
     request.hub.subscribe(request.client.id, &patterns)?;
     reply("$subscribed", &wanted)
 }

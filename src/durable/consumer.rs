@@ -1137,7 +1137,7 @@ mod tests {
         for _ in 0..600 {
             assert!(stored.recv().await.unwrap());
         }
-        let member = hub.join("127.0.0.1:9".parse().unwrap());
+        let member = hub.join("127.0.0.1:9".parse().unwrap(), true);
         let consumers = hub.durable().consumers.as_ref().unwrap();
         let spec = Spec {
             stream: "s".into(),

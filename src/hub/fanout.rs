@@ -177,7 +177,8 @@ impl Hub {
                 // One copy of the line per event, shared by its matching receivers.
                 let mut line = None;
                 for id in &matched {
-                    if let Some(client) = pool.clients.get(id) {
+                    let name = run.name(index);
+                    if let Some(client) = pool.clients.get(id).filter(|c| c.access.may_hear(name)) {
                         tally.offer(
                             client,
                             skip,
@@ -239,7 +240,11 @@ impl Hub {
         let mut deliver = |client: &Member| tally.offer(client, skip, || line.clone(), 1);
         if let Some(room) = event.room() {
             for id in pool.rooms.get(room).into_iter().flatten() {
-                if let Some(client) = pool.clients.get(id).filter(|_| pool.wants(*id, name)) {
+                if let Some(client) = pool
+                    .clients
+                    .get(id)
+                    .filter(|c| pool.wants(*id, name) && c.access.may_hear(name))
+                {
                     deliver(client);
                 }
             }
@@ -251,7 +256,8 @@ impl Hub {
                 let mut matched = Vec::new();
                 pool.router.matches(name, &mut matched);
                 for id in matched {
-                    if let Some(client) = pool.clients.get(&id) {
+                    if let Some(client) = pool.clients.get(&id).filter(|c| c.access.may_hear(name))
+                    {
                         deliver(client);
                     }
                 }

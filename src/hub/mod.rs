@@ -19,6 +19,7 @@ use crate::event::Event;
 use crate::inbound::InboundBudget;
 use crate::protocol::{ErrorCode, ProtocolError};
 
+mod access;
 mod fanout;
 mod pool;
 
@@ -147,6 +148,25 @@ pub enum HubEvent {
         /// Why.
         message: String,
     },
+    /// A client proved who it is (`$hello` with credentials, or a client certificate).
+    Authenticated {
+        /// The client.
+        client: ClientId,
+        /// Its address.
+        peer: SocketAddr,
+        /// Its identity's name.
+        user: String,
+    },
+    /// A client's credentials were wrong; it is being closed, and its address waits
+    /// longer before its next attempt is read.
+    AuthFailed {
+        /// The client.
+        client: ClientId,
+        /// Its address.
+        peer: SocketAddr,
+        /// Why (for the log; the client is only told its credentials are invalid).
+        reason: String,
+    },
     /// A connection was refused at the connection limit.
     Refused {
         /// Who tried to connect.
@@ -235,6 +255,10 @@ struct HubState {
     inbound: InboundBudget,
     /// Declared streams, their store, and publisher ids seen recently.
     durable: crate::durable::Durable,
+    /// Who may connect and what they may do; `None`: everyone, everything.
+    auth: RwLock<Option<Arc<crate::auth::Authenticator>>>,
+    /// Addresses that failed to authenticate recently.
+    penalties: crate::auth::Penalties,
 }
 
 /// The hub: the pool of clients and everything that can be done with it.
@@ -349,12 +373,91 @@ impl Hub {
                 ),
                 durable,
                 config,
+                auth: RwLock::new(None),
+                penalties: Default::default(),
             }),
         };
         for message in recovery.repairs {
             hub.report(|| HubEvent::StoreRepaired { message });
         }
         Ok(hub)
+    }
+
+    /// Turns authentication on (or replaces the authenticator, as a reload does): from
+    /// now on every new connection must prove who it is with its first frame (`$hello
+    /// {"token"}`) or a client certificate. On a replacement, connected clients are
+    /// checked against it: those no longer allowed in are closed (`auth_revoked`), the
+    /// others get their new permissions, and subscriptions and rooms those forbid are
+    /// dropped (each client is told with a `permission_denied`). Returns how many
+    /// clients were closed.
+    pub fn set_authenticator(&self, auth: crate::auth::Authenticator) -> usize {
+        let auth = Arc::new(auth);
+        let previous = self
+            .state
+            .auth
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(Arc::clone(&auth));
+        if previous.is_none() {
+            return 0;
+        }
+        let members: Vec<Arc<Member>> = self.read_pool().clients.values().cloned().collect();
+        let mut closed = 0;
+        for member in members {
+            let Some(identity) = member.access.identity() else {
+                continue;
+            };
+            match auth.refresh(&identity) {
+                None => {
+                    closed += 1;
+                    member.access.revoke(ProtocolError::new(
+                        ErrorCode::AuthRevoked,
+                        format!(
+                            "{:?} may no longer connect (the hub's auth settings changed); closing",
+                            identity.name
+                        ),
+                    ));
+                    // Wakes its connection.
+                    member.outbox.notify();
+                }
+                Some(permissions) => {
+                    let identity = crate::auth::Identity {
+                        permissions,
+                        ..identity
+                    };
+                    for what in self.admit(&member, identity) {
+                        member.outbox.push(
+                            ProtocolError::new(
+                                ErrorCode::PermissionDenied,
+                                format!("{what} is no longer allowed (the hub's auth settings changed); it was removed"),
+                            )
+                            .to_frame(),
+                        );
+                    }
+                }
+            }
+        }
+        closed
+    }
+
+    /// The authenticator, when authentication is on (to reload it: see
+    /// [`Authenticator::reload`](crate::auth::Authenticator::reload)).
+    pub fn authenticator_handle(&self) -> Option<Arc<crate::auth::Authenticator>> {
+        self.authenticator()
+    }
+
+    /// The authenticator, when authentication is on.
+    pub(crate) fn authenticator(&self) -> Option<Arc<crate::auth::Authenticator>> {
+        self.state
+            .auth
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Addresses that failed to authenticate recently.
+    pub(crate) fn penalties(&self) -> &crate::auth::Penalties {
+        &self.state.penalties
     }
 
     /// The configuration the hub runs with.

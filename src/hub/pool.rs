@@ -24,6 +24,8 @@ pub(crate) struct Member {
     pub(crate) outbox: Outbox,
     /// Whether it hears its own events (the hub's default, or its `$hello`).
     pub(crate) echo: AtomicBool,
+    /// Who it is and what it may do (with authentication on).
+    pub(crate) access: super::access::Access,
 }
 
 /// Who is connected and who wants what. One lock guards it all, so a broadcast sees
@@ -44,6 +46,10 @@ pub(super) struct Pool {
 struct Routes {
     /// Set by the first `$subscribe`: from then on only matches are heard.
     subscribed: bool,
+    /// The patterns are not the client's own but the ones its permissions allow it to
+    /// hear (a client that may not hear everything and never subscribed): its first
+    /// `$subscribe` replaces them.
+    implicit: bool,
     patterns: HashSet<Pattern, foldhash::fast::RandomState>,
     /// The patterns' total length, against `Limits::max_pattern_bytes`.
     pattern_bytes: usize,
@@ -81,6 +87,13 @@ impl Hub {
         let mut guard = self.write_pool();
         let pool = &mut *guard;
         let routes = pool.routes.entry(id).or_default();
+        if routes.implicit {
+            routes.implicit = false;
+            for pattern in routes.patterns.drain() {
+                pool.router.remove(&pattern, id);
+            }
+            routes.pattern_bytes = 0;
+        }
         // Linear: one hash lookup per pattern (issue #10: this was quadratic).
         let fresh: Vec<&Pattern> = patterns
             .iter()
@@ -167,8 +180,9 @@ impl Hub {
         remove_member(&mut pool.rooms, room, id);
     }
 
-    /// Adds a new client to the pool.
-    pub(crate) fn join(&self, peer: SocketAddr) -> Arc<Member> {
+    /// Adds a new client to the pool. One that must authenticate first (`open` false)
+    /// hears nothing until [`Hub::admit`].
+    pub(crate) fn join(&self, peer: SocketAddr, open: bool) -> Arc<Member> {
         let id = ClientId(self.state.next_id.fetch_add(1, Ordering::Relaxed));
         let client = Arc::new(Member {
             id,
@@ -177,15 +191,82 @@ impl Hub {
                 self.state.config.delivery.slow_consumer == SlowConsumerPolicy::Drop,
             ),
             echo: AtomicBool::new(self.state.config.delivery.echo),
+            access: Default::default(),
         });
         {
             let mut pool = self.write_pool();
             pool.clients.insert(id, Arc::clone(&client));
-            pool.unfiltered.insert(id, Arc::clone(&client));
+            if open {
+                pool.unfiltered.insert(id, Arc::clone(&client));
+            }
             self.state.count.send_replace(pool.clients.len());
         }
         self.report(|| HubEvent::Connection { client: id, peer });
         client
+    }
+
+    /// Lets a client that authenticated (or whose permissions changed on a reload)
+    /// hear what its identity allows: everything if it may hear everything and never
+    /// subscribed; else, until it subscribes, the patterns it is allowed. Its own
+    /// subscriptions and rooms that the permissions no longer allow are dropped and
+    /// returned, to tell it.
+    pub(crate) fn admit(
+        &self,
+        client: &Arc<Member>,
+        identity: crate::auth::Identity,
+    ) -> Vec<String> {
+        let id = client.id;
+        let permissions = Arc::clone(&identity.permissions);
+        client.access.set(identity);
+        let hear = &permissions.subscribe;
+        let mut guard = self.write_pool();
+        let pool = &mut *guard;
+        if !pool.clients.contains_key(&id) {
+            return Vec::new();
+        }
+        let routes = pool.routes.entry(id).or_default();
+        let mut dropped = Vec::new();
+        if routes.subscribed && !routes.implicit {
+            let forbidden: Vec<Pattern> = routes
+                .patterns
+                .iter()
+                .filter(|p| !hear.allows_pattern(p))
+                .cloned()
+                .collect();
+            for pattern in forbidden {
+                routes.patterns.remove(&pattern);
+                routes.pattern_bytes -= pattern.as_str().len();
+                pool.router.remove(&pattern, id);
+                dropped.push(format!("subscription {}", pattern.as_str()));
+            }
+        } else {
+            for pattern in routes.patterns.drain() {
+                pool.router.remove(&pattern, id);
+            }
+            routes.pattern_bytes = 0;
+            if hear.allows_everything() {
+                routes.subscribed = false;
+                routes.implicit = false;
+                pool.unfiltered.insert(id, Arc::clone(client));
+            } else {
+                routes.subscribed = true;
+                routes.implicit = true;
+                pool.unfiltered.remove(&id);
+                for pattern in hear.allowed() {
+                    routes.patterns.insert(pattern.clone());
+                    pool.router.insert(pattern, id);
+                }
+            }
+        }
+        let (kept, gone): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut routes.rooms)
+            .into_iter()
+            .partition(|room| permissions.rooms.allows(room.as_str()));
+        routes.rooms = kept;
+        for room in gone {
+            remove_member(&mut pool.rooms, &room, id);
+            dropped.push(format!("room {}", room.as_str()));
+        }
+        dropped
     }
 
     /// Removes a client from the pool.

@@ -17,5 +17,7 @@ mod node;
 mod pool;
 mod properties;
 mod protocol;
+mod security;
+mod security_cli;
 mod streams;
 mod support;

@@ -142,6 +142,16 @@ impl TestHub {
             .await
     }
 
+    /// Connects from a loopback address of our choice (127.0.0.2, ...) and waits until
+    /// the hub has the client in its pool.
+    pub async fn connect_from(&self, ip: std::net::Ipv4Addr) -> TestClient {
+        let since = self.log_len();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((ip, 0))).unwrap();
+        self.connect_stream(since, socket.connect(self.addr).await.unwrap())
+            .await
+    }
+
     fn log_len(&self) -> usize {
         self.log.events.lock().unwrap().len()
     }

@@ -15,6 +15,13 @@ pub struct HubAddr {
     /// Give up when the connection is lost instead of reconnecting.
     #[arg(long)]
     no_reconnect: bool,
+    /// The token (or JWT) to authenticate with, for a hub started with --auth or
+    /// --jwt-key.
+    #[arg(long, env = "HUBCAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The user to authenticate as (optional: the token says who).
+    #[arg(long, env = "HUBCAST_USER", requires = "token")]
+    user: Option<String>,
 }
 
 impl HubAddr {
@@ -30,7 +37,10 @@ impl HubAddr {
 
     /// A builder that logs connection changes to stderr and reconnects (unless told not to).
     pub fn builder(&self) -> ClientBuilder {
-        let builder = Client::builder().on_any(log_lifecycle);
+        let mut builder = Client::builder().on_any(log_lifecycle);
+        if let Some(token) = &self.token {
+            builder = builder.credentials(self.user.as_deref(), token);
+        }
         if self.no_reconnect {
             builder
         } else {

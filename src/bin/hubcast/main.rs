@@ -19,6 +19,7 @@ macro_rules! report {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod args;
+mod auth;
 mod bench;
 mod driver;
 mod hub_client;
@@ -57,6 +58,10 @@ enum Command {
     Streams(streams::ListArgs),
     /// Print a stream's stored events, one JSON line each (read-only).
     Replay(streams::ReplayArgs),
+    /// Authentication helpers: `hubcast auth hash` prints a token's hash.
+    Auth(auth::AuthArgs),
+    /// Mint a JWT for testing, signed with a key (`--jwt-key` verifies it).
+    Token(auth::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -110,6 +115,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Bench(args) => bench::run(args).await,
             Command::Streams(args) => streams::list(args),
             Command::Replay(args) => streams::replay(args),
+            Command::Auth(args) => auth::auth(args),
+            Command::Token(args) => auth::token(args),
         }
     })
 }

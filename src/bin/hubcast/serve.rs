@@ -92,9 +92,52 @@ pub struct Args {
     /// Segments whose newest event is older than this are deleted (default: kept).
     #[arg(long, value_parser = parse_positive_duration)]
     max_stream_age: Option<Duration>,
+    /// Require authentication: users, token hashes and permissions in this TOML file
+    /// (see docs/security.md). Reread on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    auth: Option<std::path::PathBuf>,
+    /// Accept JWTs verified with this key: an HS256 secret (the file's contents) or an
+    /// RS256/ES256/EdDSA public key PEM. Reread on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    jwt_key: Option<std::path::PathBuf>,
+    /// How long a new connection has to authenticate (with --auth or --jwt-key).
+    #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
+    auth_timeout: Duration,
+    /// Allow listening beyond this machine without --auth or --jwt-key: anyone who
+    /// can reach the port reads and sends every event.
+    #[arg(long)]
+    insecure: bool,
+    /// Most events per second one connection may send; past it the hub stops reading
+    /// it for a moment (back-pressure: nothing is dropped).
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    max_rate: Option<u32>,
+    /// Most bytes per second one connection may send (e.g. 1MiB), as --max-rate.
+    #[arg(long, value_name = "SIZE/s", value_parser = parse_byte_rate)]
+    max_bytes_rate: Option<u64>,
+    /// Most connections from one IP address at once.
+    #[arg(long, value_parser = parse_positive)]
+    max_conns_per_ip: Option<usize>,
+    /// Most connection attempts per second from one IP address.
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    accept_rate: Option<u32>,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
+}
+
+/// `100`, `100/s`: a positive rate per second.
+fn parse_rate(text: &str) -> Result<u32, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<u32>() {
+        Ok(0) => Err("must be at least 1 per second".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a rate (examples: 1000, 1000/s)")),
+    }
+}
+
+/// `1MiB`, `1MiB/s`: a positive byte rate per second.
+fn parse_byte_rate(text: &str) -> Result<u64, String> {
+    parse_size(text.trim().trim_end_matches("/s")).map(|n| n as u64)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -156,6 +199,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             FsyncPolicy::Never => hubcast::store::Fsync::Never,
         })
         .dedup_window(args.dedup_window)
+        .auth_timeout(args.auth_timeout)
+        .max_rate(args.max_rate)
+        .max_bytes_rate(args.max_bytes_rate)
+        .max_conns_per_ip(args.max_conns_per_ip)
+        .accept_rate(args.accept_rate)
         .retention(hubcast::store::Retention {
             max_events: args.max_stream_events,
             max_bytes: args.max_stream_bytes as u64,
@@ -164,9 +212,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()
         // Flags that cannot work together: one line naming the flag, exit 2.
         .map_err(|e| crate::UsageError(e.describe(hubcast::Setting::flag)))?;
+    let auth = if args.auth.is_some() || args.jwt_key.is_some() {
+        let auth =
+            hubcast::auth::Authenticator::load(args.auth.as_deref(), args.jwt_key.as_deref())
+                .map_err(|e| crate::UsageError(format!("--auth/--jwt-key: {e}")))?;
+        Some(auth)
+    } else {
+        None
+    };
     raise_open_files_limit(config.limits.max_connections, "clients");
     let quiet = args.quiet;
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     let events = (!quiet).then(EventLog::start);
     let hub = Hub::try_with_observer(config, move |event| match (event, &events) {
         // Per-event lines are formatted by a task of their own, never on the
@@ -186,16 +242,37 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let host = args.host.trim_start_matches('[').trim_end_matches(']');
+    // Protected mode, as Redis's: beyond this machine only with authentication,
+    // checked before anything listens.
+    if auth.is_none() && !args.insecure {
+        let beyond = tokio::net::lookup_host((host, args.port))
+            .await
+            .with_context(|| format!("cannot resolve --host {}", args.host))?
+            .find(|a| !a.ip().is_loopback());
+        if let Some(addr) = beyond {
+            return Err(crate::UsageError(format!(
+                "refusing to listen on {addr} without authentication (protected mode): add --auth FILE or --jwt-key FILE, or --insecure to let anyone who reaches the port read and send every event"
+            ))
+            .into());
+        }
+    }
     let server = Server::bind((host, args.port), hub.clone())
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = server.local_addr()?;
+    if !addr.ip().is_loopback() && auth.is_none() {
+        warn!("listening on {addr} with --insecure: anyone who can reach this port can read and send every event");
+    }
+    if let Some(auth) = auth {
+        info!(users = auth.users(), "authentication required");
+        hub.set_authenticator(auth);
+    }
     // Not `println!`: a closed stdout must not take the hub down.
     let _ = writeln!(std::io::stdout(), "Server up on {addr}");
-    if !addr.ip().is_loopback() {
-        warn!("listening on {addr}, beyond this machine: hubcast has no authentication yet, so anyone who can reach this port can read and send every event");
-    }
     let shutdown = CancellationToken::new();
+    if let Some(hangup) = signals.hangup.take() {
+        tokio::spawn(reload_on_hangup(hangup, hub.clone()));
+    }
     tokio::spawn(signals.watch(shutdown.clone()));
     tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
     server.run(shutdown).await;
@@ -219,6 +296,28 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 struct Signals {
     interrupt: Signal,
     terminate: Signal,
+    /// SIGHUP: reread the auth file, JWT key and certificates (taken by its task).
+    hangup: Option<Signal>,
+}
+
+/// On each SIGHUP, rereads what can be reloaded without dropping connections: the
+/// auth file and JWT key (clients no longer allowed are closed, changed permissions
+/// apply at once). A file that does not load is logged and the old settings kept.
+async fn reload_on_hangup(mut hangup: Signal, hub: Hub) {
+    while hangup.recv().await.is_some() {
+        let Some(current) = hub.authenticator_handle() else {
+            info!("SIGHUP: nothing to reload (no --auth or --jwt-key)");
+            continue;
+        };
+        match current.reload() {
+            Ok(fresh) => {
+                let users = fresh.users();
+                let closed = hub.set_authenticator(fresh);
+                info!(users, closed, "SIGHUP: auth settings reloaded");
+            }
+            Err(e) => error!("SIGHUP: auth settings not reloaded, the old ones stay: {e}"),
+        }
+    }
 }
 
 impl Signals {
@@ -232,6 +331,7 @@ impl Signals {
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            hangup: Some(signal(SignalKind::hangup()).context("installing a SIGHUP handler")?),
         })
     }
 
@@ -418,6 +518,14 @@ fn log(event: &HubEvent, quiet: bool) {
             warn!(%client, count, "slow consumer: events dropped")
         }
         HubEvent::Refused { peer } => warn!(%peer, "refused: at the connection limit"),
+        HubEvent::Authenticated { client, peer, user } => {
+            info!(%client, %peer, user = %printable(user), "authenticated")
+        }
+        HubEvent::AuthFailed {
+            client,
+            peer,
+            reason,
+        } => warn!(%client, %peer, "authentication failed: {}", printable(reason)),
         HubEvent::StoreRepaired { message } => warn!("store repaired on open: {message}"),
         HubEvent::StoreFailed { message } => {
             error!("storage failed (events are still delivered live): {message}")

@@ -1,0 +1,178 @@
+//! Issue #13 through the binary: protected mode, `hubcast auth hash`, `hubcast token`,
+//! the client subcommands' `--token`, and SIGHUP reloading the auth file.
+
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::support::{within, HubProcess};
+
+async fn run(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcast"))
+        .args(args)
+        .env_remove("PORT")
+        .env_remove("HUBCAST_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    within(child.wait_with_output()).await.unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn protected_mode_refuses_to_listen_beyond_loopback_without_auth() {
+    // Refused before anything listens: exit 2, one line naming --insecure.
+    let out = run(&["serve", "--host", "0.0.0.0", "--port", "0"], "").await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--insecure"), "{stderr}");
+    assert!(stderr.contains("protected mode"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[tokio::test]
+async fn auth_hash_reads_stdin_without_its_newline_and_refuses_nothing() {
+    let out = run(&["auth", "hash"], "s3cret\n").await;
+    assert!(out.status.success());
+    let hash = text(&out.stdout).trim().to_string();
+    let parsed = hubcast::auth::TokenHash::parse(&hash).unwrap();
+    assert!(parsed.verify(b"s3cret"));
+    let out = run(&["auth", "hash"], "").await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["auth", "hash", "--new"], "").await;
+    let printed = text(&out.stdout);
+    let token = printed
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("token: ")
+        .unwrap();
+    let hash = printed
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("token_hash: ")
+        .unwrap();
+    assert!(hubcast::auth::TokenHash::parse(hash)
+        .unwrap()
+        .verify(token.as_bytes()));
+}
+
+/// The README's secured demo, end to end: an auth file made with `auth hash`, a hub
+/// with --auth, `sub` and `pub` with --token; a denied publish is reported by `pub`;
+/// SIGHUP with a user removed closes its connection.
+#[tokio::test]
+async fn clients_authenticate_with_token_and_sighup_reloads_the_file() {
+    let dir = std::env::temp_dir().join(format!("hubcast-auth-cli-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hash = |secret: &str| hubcast::auth::TokenHash::new(secret.as_bytes()).to_string();
+    let file = dir.join("auth.toml");
+    let listener = format!(
+        "[[users]]\nname = \"listener\"\ntoken_hash = \"{}\"\nsubscribe = {{ allow = [\">\"] }}\n",
+        hash("listen")
+    );
+    let vendor = format!(
+        "[[users]]\nname = \"vendor\"\ntoken_hash = \"{}\"\npublish = {{ allow = [\"pickup\"] }}\n",
+        hash("vend")
+    );
+    std::fs::write(&file, format!("{listener}{vendor}")).unwrap();
+    let mut hub = HubProcess::spawn(HubProcess::command(&[
+        "serve",
+        "--port",
+        "0",
+        "--auth",
+        file.to_str().unwrap(),
+    ]))
+    .await;
+    let port = hub.port.to_string();
+    let sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcast"))
+        .args([
+            "sub",
+            "--port",
+            &port,
+            "--token",
+            "listen",
+            "--no-reconnect",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    hub.wait_log("authenticated", 1).await;
+    let out = run(
+        &[
+            "pub",
+            "--port",
+            &port,
+            "--user",
+            "vendor",
+            "--token",
+            "vend",
+            "pickup",
+            "{\"orderID\":7}",
+        ],
+        "",
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        &["pub", "--port", &port, "--token", "vend", "delivered", "1"],
+        "",
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("permission_denied"), "{stderr}");
+    let out = run(
+        &["pub", "--port", &port, "--token", "wrong", "pickup", "1"],
+        "",
+    )
+    .await;
+    assert!(
+        text(&out.stderr).contains("auth_failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The listener is removed: SIGHUP closes its connection (`sub` ends).
+    std::fs::write(&file, &vendor).unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &hub.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    hub.wait_log("auth settings reloaded", 1).await;
+    let output = within(sub.wait_with_output()).await.unwrap();
+    let printed = text(&output.stdout);
+    assert!(printed.contains("\"orderID\":7"), "{printed}");
+    assert!(!printed.contains("delivered"), "{printed}");
+    assert!(
+        text(&output.stderr).contains("auth_revoked"),
+        "{}",
+        text(&output.stderr)
+    );
+    // A file that no longer parses is refused on SIGHUP; the hub keeps the old one.
+    std::fs::write(&file, "[[users]]\nnme = 1\n").unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &hub.pid().to_string()])
+        .status()
+        .unwrap();
+    hub.wait_log("not reloaded", 1).await;
+    let out = run(
+        &["pub", "--port", &port, "--token", "vend", "pickup", "2"],
+        "",
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    hub.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
