@@ -190,6 +190,15 @@ pub enum ClientError {
         /// Why.
         source: IoError,
     },
+    /// The TLS handshake failed (an untrusted, expired or misnamed certificate, or a
+    /// hub that does not speak TLS).
+    #[error("TLS handshake with {addr} failed")]
+    Tls {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: IoError,
+    },
     /// No connection could be made.
     #[error("cannot connect to {addr}")]
     Connect {
@@ -410,6 +419,7 @@ impl Listeners {
 /// ```
 pub struct ClientBuilder {
     connect_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
     reconnect: Option<Reconnect>,
     idle_timeout: Option<Duration>,
     buffer: usize,
@@ -436,6 +446,7 @@ impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
             reconnect: None,
             idle_timeout: None,
             buffer: DEFAULT_BUFFER,
@@ -507,6 +518,23 @@ impl ClientBuilder {
     /// ```
     pub fn name(mut self, name: &str) -> Self {
         self.hello.insert("name".into(), name.into());
+        self
+    }
+
+    /// Connects with TLS, trusting and presenting what `config` says (see
+    /// [`tls::client_config`](crate::tls::client_config)); the host part of the
+    /// address given to `connect` is the name the hub's certificate must carry.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), String> {
+    /// let config = hubcast::tls::client_config(Some("ca.pem".as_ref()), None)?;
+    /// let builder = hubcast::Client::builder().tls(config);
+    /// # Ok(()) }
+    /// ```
+    pub fn tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -665,7 +693,7 @@ impl ClientBuilder {
         let addr = addr.to_string();
         let listeners = Arc::new(self.listeners);
         let mut first = Vec::new();
-        let stream = task::dial(&addr, self.connect_timeout, &mut first).await?;
+        let stream = task::dial(&addr, self.connect_timeout, self.tls.as_ref(), &mut first).await?;
         let (commands, receiver) = mpsc::channel(self.buffer);
         let (connected_tx, connected) = watch::channel(true);
         let closing = CancellationToken::new();
@@ -680,6 +708,7 @@ impl ClientBuilder {
             state: Arc::clone(&state),
             addr,
             connect_timeout: self.connect_timeout,
+            tls: self.tls,
             reconnect: self.reconnect,
             idle_timeout: self.idle_timeout,
             mode: self.mode,

@@ -86,6 +86,7 @@ pub mod protocol;
 pub mod routing;
 mod server;
 pub mod store;
+pub mod tls;
 mod transport;
 
 pub use client::{Client, ClientEvent};

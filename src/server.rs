@@ -47,6 +47,8 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub struct Server {
     listener: TcpListener,
     hub: Hub,
+    /// Serve TLS instead of plain TCP.
+    tls: Option<crate::tls::ServerTls>,
 }
 
 impl Server {
@@ -73,7 +75,18 @@ impl Server {
 
     /// Serves on a listener the caller already bound.
     pub fn from_listener(listener: TcpListener, hub: Hub) -> Self {
-        Server { listener, hub }
+        Server {
+            listener,
+            hub,
+            tls: None,
+        }
+    }
+
+    /// Serves TLS (every connection handshakes first) with `tls`'s certificate, which
+    /// [`ServerTls::reload`](crate::tls::ServerTls::reload) can swap while serving.
+    pub fn with_tls(mut self, tls: crate::tls::ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The address the server listens on.
@@ -94,8 +107,16 @@ impl Server {
     /// lets every connection flush what is queued for it (bounded by the hub's drain
     /// deadline), and returns once all connections have closed.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Server { listener, hub } = self;
-        accept_loop(listener, hub, shutdown).await;
+        let Server { listener, hub, tls } = self;
+        match tls {
+            Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
+                Ok(listener) => accept_loop(listener, hub, shutdown).await,
+                Err(e) => hub.report(|| HubEvent::Error {
+                    message: format!("cannot serve TLS: {e}"),
+                }),
+            },
+            None => accept_loop(listener, hub, shutdown).await,
+        }
     }
 }
 

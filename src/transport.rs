@@ -90,13 +90,11 @@ impl Transport for TcpStream {
 }
 
 /// Any `AsyncRead + AsyncWrite` stream, served through `tokio::io::split`; it keeps
-/// its read buffer while it waits. Only the tests serve one today (an in-memory pipe,
-/// proving the seam); the TLS transport will be the first outside them.
-#[cfg(test)]
+/// its read buffer while it waits. TLS streams are served this way (and, in the
+/// tests, an in-memory pipe).
 #[derive(Debug)]
 pub(crate) struct Plain<S>(pub(crate) S);
 
-#[cfg(test)]
 impl<S> Transport for Plain<S>
 where
     S: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -32,6 +31,8 @@ pub(crate) struct Session {
     pub(crate) state: Arc<std::sync::Mutex<super::SessionState>>,
     pub(crate) addr: String,
     pub(crate) connect_timeout: Duration,
+    /// TLS to the hub, when set.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) reconnect: Option<Reconnect>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) mode: Mode,
@@ -53,9 +54,50 @@ enum Outcome {
     Lost { had_error: bool },
 }
 
+/// A connection to the hub: plain TCP, or TLS over it.
+pub(crate) enum Conn {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects as [`dial_tcp`] does, then runs the TLS handshake if `tls` is set (the
+/// host part of `addr` is the name the hub's certificate must carry).
+pub(crate) async fn dial(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    report: &mut Vec<ClientEvent>,
+) -> Result<Conn, ClientError> {
+    let stream = dial_tcp(addr, timeout, report).await?;
+    let Some(config) = tls else {
+        return Ok(Conn::Tcp(stream));
+    };
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match tokio::time::timeout(
+        timeout,
+        crate::tls::connect(Arc::clone(config), host, stream),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => Ok(Conn::Tls(Box::new(stream))),
+        Ok(Err(e)) => Err(ClientError::Tls {
+            addr: addr.to_string(),
+            source: e.into(),
+        }),
+        Err(_) => Err(ClientError::ConnectTimeout {
+            addr: addr.to_string(),
+            timeout,
+        }),
+    }
+}
+
 /// Resolves `addr` and connects to the first address that answers; the lifecycle
 /// events on the way (`Lookup`, `Connect`) are added to `report`.
-pub(crate) async fn dial(
+async fn dial_tcp(
     addr: &str,
     timeout: Duration,
     report: &mut Vec<ClientEvent>,
@@ -107,7 +149,7 @@ struct Pending {
 }
 
 impl Session {
-    pub(crate) async fn run(mut self, first: TcpStream) {
+    pub(crate) async fn run(mut self, first: Conn) {
         let mut pending = VecDeque::new();
         let mut stream = first;
         loop {
@@ -182,7 +224,7 @@ impl Session {
     }
 
     /// Tries again with backoff until connected, closed, or out of attempts.
-    async fn reconnect(&mut self, pending: &mut VecDeque<Pending>) -> Option<TcpStream> {
+    async fn reconnect(&mut self, pending: &mut VecDeque<Pending>) -> Option<Conn> {
         let policy = self.reconnect.clone()?;
         for attempt in 1.. {
             if policy.max_attempts.is_some_and(|max| attempt > max) {
@@ -197,7 +239,7 @@ impl Session {
             let mut report = Vec::new();
             let dialed = tokio::select! {
                 _ = self.closing.cancelled() => return None,
-                dialed = dial(&self.addr, self.connect_timeout, &mut report) => dialed,
+                dialed = dial(&self.addr, self.connect_timeout, self.tls.as_ref(), &mut report) => dialed,
             };
             for event in report {
                 self.offer(pending, event);
@@ -231,8 +273,29 @@ impl Session {
     /// Runs one connection until it ends. While a stream is full, the socket is not
     /// read (the hub holds what the client has not taken), but sends are still
     /// written: a consumer that awaits `emit` for each event it takes keeps going.
-    async fn serve(&mut self, stream: TcpStream, pending: &mut VecDeque<Pending>) -> Outcome {
-        let (mut reader, mut writer) = stream.into_split();
+    async fn serve(&mut self, stream: Conn, pending: &mut VecDeque<Pending>) -> Outcome {
+        match stream {
+            Conn::Tcp(stream) => {
+                let (reader, writer) = stream.into_split();
+                self.serve_io(reader, writer, pending).await
+            }
+            Conn::Tls(stream) => {
+                let (reader, writer) = tokio::io::split(stream);
+                self.serve_io(reader, writer, pending).await
+            }
+        }
+    }
+
+    async fn serve_io<R, W>(
+        &mut self,
+        mut reader: R,
+        mut writer: W,
+        pending: &mut VecDeque<Pending>,
+    ) -> Outcome
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         // Tell the hub again who we are and what we want, before anything else.
         let restore = self
             .state
@@ -357,7 +420,10 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Writes every queued send in one go, then tells each sender how it went.
-async fn write_batch(writer: &mut OwnedWriteHalf, batch: &mut Vec<Command>) -> Result<(), IoError> {
+async fn write_batch<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    batch: &mut Vec<Command>,
+) -> Result<(), IoError> {
     if batch.is_empty() {
         return Ok(());
     }

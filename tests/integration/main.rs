@@ -21,3 +21,4 @@ mod security;
 mod security_cli;
 mod streams;
 mod support;
+mod tls;

@@ -48,6 +48,16 @@ impl TestHub {
         Self::serve(server, hub, log, None)
     }
 
+    /// A hub serving TLS with `tls`.
+    pub async fn start_tls(config: Config, tls: hubcast::tls::ServerTls) -> TestHub {
+        let (hub, log) = Self::observed(config, true);
+        let server = Server::bind("127.0.0.1:0", hub.clone())
+            .await
+            .unwrap()
+            .with_tls(tls);
+        Self::serve(server, hub, log, None)
+    }
+
     /// A hub whose listening socket outlives it: [`TestHub::successor`] brings a new
     /// hub up on the same port without binding it again (issue #11: a port let go and
     /// bound again could be taken by anything in between).

@@ -36,7 +36,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.durable {
         return durable(args).await;
     }
-    let builder = args.hub.builder();
+    let builder = args.hub.builder()?;
     let mut events = builder.events();
     let client = args.hub.connect(builder).await?;
     while let Some(next) = events.next().await {
@@ -64,7 +64,7 @@ async fn deliver(client: Client, pickup: Event, pickup_delay: Duration, deliver_
 
 /// `hubcast driver --durable`.
 async fn durable(args: Args) -> anyhow::Result<ExitCode> {
-    let client = args.hub.connect(args.hub.builder()).await?;
+    let client = args.hub.connect(args.hub.builder()?).await?;
     // Longer than a delivery takes, so a slow one is not given to a second driver.
     let ack_wait = (args.pickup_delay + args.deliver_delay) * 2 + Duration::from_secs(10);
     let options = hubcast::client::ConsumeOptions::new(crate::vendor::ORDERS, "drivers")

@@ -22,6 +22,38 @@ pub struct HubAddr {
     /// The user to authenticate as (optional: the token says who).
     #[arg(long, env = "HUBCAST_USER", requires = "token")]
     user: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS to the hub, as the client subcommands take it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Connect with TLS (trusting the system's roots, or --ca).
+    #[arg(long)]
+    pub tls: bool,
+    /// Trust this CA (PEM) for the hub's certificate; implies --tls.
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Present this client certificate (PEM) for mutual TLS; needs --key; implies --tls.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client config, when TLS is asked for.
+    pub fn config(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        if !self.tls && self.ca.is_none() && self.cert.is_none() {
+            return Ok(None);
+        }
+        let identity = self.cert.as_deref().zip(self.key.as_deref());
+        hubcast::tls::client_config(self.ca.as_deref(), identity)
+            .map(Some)
+            .map_err(|e| crate::UsageError(e).into())
+    }
 }
 
 impl HubAddr {
@@ -35,25 +67,29 @@ impl HubAddr {
         }
     }
 
-    /// A builder that logs connection changes to stderr and reconnects (unless told not to).
-    pub fn builder(&self) -> ClientBuilder {
+    /// A builder that logs connection changes to stderr and reconnects (unless told
+    /// not to), with TLS and credentials if asked for.
+    pub fn builder(&self) -> anyhow::Result<ClientBuilder> {
         let mut builder = Client::builder().on_any(log_lifecycle);
+        if let Some(config) = self.tls.config()? {
+            builder = builder.tls(config);
+        }
         if let Some(token) = &self.token {
             builder = builder.credentials(self.user.as_deref(), token);
         }
-        if self.no_reconnect {
+        Ok(if self.no_reconnect {
             builder
         } else {
             builder.reconnect(Reconnect::default())
-        }
+        })
     }
 
     /// Connects `builder` to the hub, with an error that says what to check.
     pub async fn connect(&self, builder: ClientBuilder) -> anyhow::Result<Client> {
         let addr = self.addr();
         builder.connect(&addr).await.map_err(|e| match e {
-            // A name that does not resolve: no hub question to ask.
-            ClientError::Resolve { .. } => anyhow::Error::new(e),
+            // A name that does not resolve, a certificate problem: no hub question to ask.
+            ClientError::Resolve { .. } | ClientError::Tls { .. } => anyhow::Error::new(e),
             _ => anyhow::Error::new(e).context(format!("is `hubcast serve` running at {addr}?")),
         })
     }

@@ -60,7 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let rejected = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&rejected);
-    let builder = args.hub.builder().on_any(move |event| {
+    let builder = args.hub.builder()?.on_any(move |event| {
         if matches!(event, ClientEvent::HubError(_)) {
             counter.fetch_add(1, Ordering::Relaxed);
         }

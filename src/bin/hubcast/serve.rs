@@ -103,6 +103,16 @@ pub struct Args {
     /// How long a new connection has to authenticate (with --auth or --jwt-key).
     #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
     auth_timeout: Duration,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. Reread on SIGHUP.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Mutual TLS: require client certificates signed by this CA (PEM); a
+    /// certificate's subject CN (or first SAN) names the client's identity.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// Allow listening beyond this machine without --auth or --jwt-key: anyone who
     /// can reach the port reads and sends every event.
     #[arg(long)]
@@ -220,6 +230,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            hubcast::tls::ServerTls::new(hubcast::tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })
+            .map_err(crate::UsageError)?,
+        ),
+        _ => None,
+    };
     raise_open_files_limit(config.limits.max_connections, "clients");
     let quiet = args.quiet;
     let mut signals = Signals::install()?;
@@ -256,9 +277,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .into());
         }
     }
-    let server = Server::bind((host, args.port), hub.clone())
+    let mut server = Server::bind((host, args.port), hub.clone())
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    if let Some(tls) = &tls {
+        server = server.with_tls(tls.clone());
+        info!(
+            client_certificates = args.tls_client_ca.is_some(),
+            "serving TLS"
+        );
+    }
     let addr = server.local_addr()?;
     if !addr.ip().is_loopback() && auth.is_none() {
         warn!("listening on {addr} with --insecure: anyone who can reach this port can read and send every event");
@@ -271,7 +299,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let _ = writeln!(std::io::stdout(), "Server up on {addr}");
     let shutdown = CancellationToken::new();
     if let Some(hangup) = signals.hangup.take() {
-        tokio::spawn(reload_on_hangup(hangup, hub.clone()));
+        tokio::spawn(reload_on_hangup(hangup, hub.clone(), tls));
     }
     tokio::spawn(signals.watch(shutdown.clone()));
     tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
@@ -300,13 +328,21 @@ struct Signals {
     hangup: Option<Signal>,
 }
 
-/// On each SIGHUP, rereads what can be reloaded without dropping connections: the
-/// auth file and JWT key (clients no longer allowed are closed, changed permissions
+/// On each SIGHUP, rereads what can be reloaded without dropping connections: the TLS
+/// certificate and key, the auth file and JWT key (clients no longer allowed are closed, changed permissions
 /// apply at once). A file that does not load is logged and the old settings kept.
-async fn reload_on_hangup(mut hangup: Signal, hub: Hub) {
+async fn reload_on_hangup(mut hangup: Signal, hub: Hub, tls: Option<hubcast::tls::ServerTls>) {
     while hangup.recv().await.is_some() {
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => info!("SIGHUP: TLS certificate reloaded (open connections keep theirs)"),
+                Err(e) => error!("SIGHUP: TLS certificate not reloaded, the old one stays: {e}"),
+            }
+        }
         let Some(current) = hub.authenticator_handle() else {
-            info!("SIGHUP: nothing to reload (no --auth or --jwt-key)");
+            if tls.is_none() {
+                info!("SIGHUP: nothing to reload (no --auth, --jwt-key or --tls-cert)");
+            }
             continue;
         };
         match current.reload() {

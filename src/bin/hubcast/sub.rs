@@ -57,7 +57,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         return durable(&args, stream, consumer).await;
     }
     let patterns: Vec<&str> = args.events.iter().map(String::as_str).collect();
-    let mut builder = args.hub.builder().subscribe(&patterns);
+    let mut builder = args.hub.builder()?.subscribe(&patterns);
     for room in &args.rooms {
         builder = builder.join(room);
     }
@@ -112,7 +112,7 @@ async fn durable(args: &Args, stream: &str, consumer: &str) -> anyhow::Result<Ex
         Some(Start::New) => options.start_new(),
         Some(Start::Seq(seq)) => options.start_at(seq),
     };
-    let client = args.hub.connect(args.hub.builder()).await?;
+    let client = args.hub.connect(args.hub.builder()?).await?;
     let mut deliveries = match client.consume(options).await {
         Ok(deliveries) => deliveries,
         Err(hubcast::client::ClientError::Hub(refused)) => {

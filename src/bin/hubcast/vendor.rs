@@ -121,7 +121,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Its own room, and only `delivered`: the driver sends deliveries to the store's room.
     let builder = args
         .hub
-        .builder()
+        .builder()?
         .join(&args.store)
         .subscribe(&["delivered"]);
     let builder = builder.on("delivered", move |event| {
@@ -180,7 +180,7 @@ fn thank(
 async fn durable(args: Args) -> anyhow::Result<ExitCode> {
     let outstanding = Arc::new(Outstanding::default());
     let counting = args.count.is_some();
-    let client = args.hub.connect(args.hub.builder()).await?;
+    let client = args.hub.connect(args.hub.builder()?).await?;
     let options = hubcast::client::ConsumeOptions::new(ORDERS, &format!("vendor-{}", args.store))
         .filter("delivered")
         .room(&args.store);

@@ -1,0 +1,326 @@
+//! TLS with rustls (the *ring* provider: it builds in seconds here where aws-lc-rs
+//! takes most of a minute, and this machine measured no difference that matters for a
+//! hub's handshakes; see ARCHITECTURE.md), for the server and the client.
+//!
+//! The server: [`TlsSettings`] names the certificate chain, key and (for mutual TLS)
+//! the client CA, as PEM files; [`ServerTls`] holds the rustls config built from them
+//! and swaps it on [`ServerTls::reload`] (SIGHUP): new handshakes use the new files,
+//! connections already up keep theirs. The server (`Server::with_tls`) accepts TCP connections and
+//! runs each handshake in a task of its own (bounded, with a deadline), so a client
+//! that stalls its handshake never holds up anyone else's accept.
+//!
+//! A verified client certificate names an identity: its subject CN, else its first
+//! DNS or email SAN (see `auth`).
+//!
+//! The client: [`client_config`] builds a rustls client config from an optional CA
+//! file (else the system's roots) and an optional certificate and key.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::transport::{Listener, PeerInfo, Plain};
+
+/// Most handshakes in progress at once; past it, accepting waits (the kernel's
+/// backlog holds the rest).
+const MAX_HANDSHAKES: usize = 1024;
+/// How long a client may take to complete its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the server's TLS files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate chain, PEM (the server's certificate first).
+    pub cert: PathBuf,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// For mutual TLS: the CA that signs client certificates, PEM. Clients without a
+    /// certificate it signed are refused in the handshake.
+    pub client_ca: Option<PathBuf>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("key {}: {e} (expected a PEM private key)", path.display()))
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    for cert in read_certs(path, "CA file")? {
+        store
+            .add(cert)
+            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    }
+    Ok(store)
+}
+
+impl TlsSettings {
+    /// Reads the files and builds a server config: TLS 1.2 and 1.3.
+    ///
+    /// # Errors
+    ///
+    /// A file that cannot be read or parsed, or a key that does not match the
+    /// certificate, named.
+    pub fn server_config(&self) -> Result<ServerConfig, String> {
+        let certs = read_certs(&self.cert, "certificate")?;
+        let key = read_key(&self.key)?;
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                        .build()
+                        .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("--tls-cert/--tls-key: {e}"))
+    }
+}
+
+/// The server's TLS config, swapped whole on reload.
+#[derive(Clone)]
+pub struct ServerTls {
+    settings: TlsSettings,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl ServerTls {
+    /// Reads the files.
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsSettings::server_config`].
+    pub fn new(settings: TlsSettings) -> Result<Self, String> {
+        let config = settings.server_config()?;
+        Ok(ServerTls {
+            settings,
+            current: Arc::new(RwLock::new(Arc::new(config))),
+        })
+    }
+
+    /// Reads the files again; new handshakes use them, open connections keep theirs.
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsSettings::server_config`]; the old config stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let config = self.settings.server_config()?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(Arc::clone(
+            &self.current.read().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+/// A TLS stream served by the session loop.
+pub(crate) type ServerStream = Plain<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Accepts TCP connections and hands over those that complete a TLS handshake.
+pub(crate) struct TlsListener {
+    addr: SocketAddr,
+    done: mpsc::Receiver<(ServerStream, PeerInfo)>,
+    /// Ends the accepting task when the listener is dropped.
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl TlsListener {
+    pub(crate) fn new(tcp: TcpListener, tls: ServerTls) -> io::Result<Self> {
+        let addr = tcp.local_addr()?;
+        let (ready, done) = mpsc::channel(64);
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(handshakes(tcp, tls, ready, stop.clone()));
+        Ok(TlsListener {
+            addr,
+            done,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+/// Accepts, and runs each handshake in a task (at most [`MAX_HANDSHAKES`] at once,
+/// each within [`HANDSHAKE_TIMEOUT`]); completed streams go to `ready`.
+async fn handshakes(
+    mut tcp: TcpListener,
+    tls: ServerTls,
+    ready: mpsc::Sender<(ServerStream, PeerInfo)>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else {
+            return;
+        };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = Listener::accept(&mut tcp) => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                // Out of descriptors and the like: do not spin.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        let acceptor = tls.acceptor();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            drop(slot);
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer.addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer.addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| certificate_name(cert));
+            let peer = PeerInfo {
+                certificate,
+                ..peer
+            };
+            let _ = ready.send((Plain(stream), peer)).await;
+        });
+    }
+}
+
+impl Listener for TlsListener {
+    type Stream = ServerStream;
+
+    async fn accept(&mut self) -> io::Result<(ServerStream, PeerInfo)> {
+        match self.done.recv().await {
+            Some(accepted) => Ok(accepted),
+            None => Err(io::Error::other("the TLS accept task ended")),
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+/// The identity a client certificate names: its subject's CN, else its first DNS or
+/// email SAN.
+pub(crate) fn certificate_name(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    if let Some(cn) = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_string());
+    }
+    let san = parsed.subject_alternative_name().ok().flatten()?;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::DNSName(n) | GeneralName::RFC822Name(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// A client config: trusting `ca` (PEM) if given, else the system's roots; presenting
+/// `identity` (certificate chain and key, PEM) if given, for mutual TLS.
+///
+/// # Errors
+///
+/// A file that cannot be read or parsed, named; no roots at all.
+pub fn client_config(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
+    let roots = match ca {
+        Some(path) => roots(path)?,
+        None => {
+            let mut store = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = store.add(cert);
+            }
+            if store.is_empty() {
+                return Err("no CA given (--ca) and no system root certificates found".into());
+            }
+            store
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(read_certs(cert, "certificate")?, read_key(key)?)
+            .map_err(|e| format!("--cert/--key: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Connects TLS over `stream` to `host` (the name the certificate must carry).
+pub(crate) async fn connect(
+    config: Arc<ClientConfig>,
+    host: &str,
+    stream: TcpStream,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+}
