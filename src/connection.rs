@@ -194,6 +194,59 @@ struct Connection<'a> {
     /// A frame was answered with an error that ends the connection (`auth_failed`,
     /// `auth_required`): close once it is sent.
     fatal: Option<ErrorCode>,
+    /// `--max-rate` / `--max-bytes-rate`, when set.
+    throttle: Option<Throttle>,
+    /// Over its rate: not read until then (the client's sends wait in TCP).
+    paused_until: Option<Instant>,
+    /// Frames decoded since the throttle last counted.
+    frames: u64,
+}
+
+/// Token buckets for one connection's events and bytes per second (a second's worth
+/// of burst); a connection that overdraws waits until the debt is paid.
+struct Throttle {
+    events: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+struct Bucket {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_second: f64) -> Self {
+        Bucket {
+            per_second,
+            tokens: per_second,
+            at: Instant::now(),
+        }
+    }
+
+    /// Spends `n`; when that overdraws, the moment the debt is paid.
+    fn spend(&mut self, n: u64, now: Instant) -> Option<Instant> {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.per_second) - n as f64;
+        self.at = now;
+        (self.tokens < 0.0)
+            .then(|| now + std::time::Duration::from_secs_f64(-self.tokens / self.per_second))
+    }
+}
+
+impl Throttle {
+    fn new(limits: &crate::Limits) -> Option<Self> {
+        let events = limits.max_rate.map(|n| Bucket::new(f64::from(n)));
+        let bytes = limits.max_bytes_rate.map(|n| Bucket::new(n as f64));
+        (events.is_some() || bytes.is_some()).then_some(Throttle { events, bytes })
+    }
+
+    fn spend(&mut self, frames: u64, bytes: u64) -> Option<Instant> {
+        let now = Instant::now();
+        let a = self.events.as_mut().and_then(|b| b.spend(frames, now));
+        let b = self.bytes.as_mut().and_then(|b| b.spend(bytes, now));
+        a.max(b)
+    }
 }
 
 impl Drop for Connection<'_> {
@@ -251,6 +304,9 @@ where
         routing: None,
         session,
         fatal: None,
+        throttle: Throttle::new(&hub.config().limits),
+        paused_until: None,
+        frames: 0,
     };
     if conn.session.awaiting_hello {
         let at = Instant::now() + hub.config().timeouts.auth;
@@ -285,7 +341,9 @@ where
         let freed = conn.input.is_starved().then(|| Box::pin(inbound.freed()));
         let was_starved = freed.is_some();
         let room = conn.decoder.read_limit(conn.input.buf());
+        let paused = conn.paused_until.is_some();
         let prepared = match reading {
+            Some(_) if paused => Prepared::Parked,
             // Nothing buffered: wait for readiness, then `read_now`.
             Some(_) if R::WAITS_UNBUFFERED && conn.input.buf().is_empty() => Prepared::Parked,
             Some(_) if !conn.backlog => conn.input.prepare(inbound, room),
@@ -366,7 +424,10 @@ where
                 }
             }
             _ = async { freed.expect("made when starved").await }, if starved && was_starved => {}
-            res = read, if reading.is_some() && !starved && !conn.backlog => {
+            _ = tokio::time::sleep_until(conn.paused_until.unwrap_or_else(Instant::now)), if paused => {
+                conn.paused_until = None;
+            }
+            res = read, if reading.is_some() && !starved && !conn.backlog && !paused => {
                 let res = match res {
                     // Readable: take a buffer only now, and only for what is there.
                     Ok(None) => match conn.read_now(&mut reader) {
@@ -420,7 +481,15 @@ impl Connection<'_> {
             Ok((n, offered)) => {
                 self.input.read(n, offered);
                 self.liveness.heard();
-                self.consumed(n >= offered)
+                let consumed = self.consumed(n >= offered);
+                if let Some(throttle) = self.throttle.as_mut() {
+                    let frames = std::mem::take(&mut self.frames);
+                    if let Some(until) = throttle.spend(frames, n as u64) {
+                        self.paused_until = Some(until);
+                        self.hub.count(|c| &c.throttled);
+                    }
+                }
+                consumed
             }
             Err(e) => Err(CloseReason::Io(e.into())),
         }
@@ -479,6 +548,7 @@ impl Connection<'_> {
                 continue;
             }
             if self.decoder.decode_run(self.input.buf(), &mut self.run) {
+                self.frames += self.run.len() as u64;
                 if self.run_is_allowed() {
                     self.routing = Some(RunProgress::default());
                 } else {
@@ -487,8 +557,14 @@ impl Connection<'_> {
                 continue;
             }
             match self.decoder.decode(self.input.buf()) {
-                Ok(Some(Frame::Event(event))) => self.dispatch(event),
-                Ok(Some(Frame::Rejected(error))) => self.reject(error),
+                Ok(Some(Frame::Event(event))) => {
+                    self.frames += 1;
+                    self.dispatch(event);
+                }
+                Ok(Some(Frame::Rejected(error))) => {
+                    self.frames += 1;
+                    self.reject(error);
+                }
                 Ok(None) => return Ok(()),
                 Err(fatal) => {
                     let code = fatal.code;

@@ -69,6 +69,7 @@
 
 #![warn(missing_docs)]
 
+mod admission;
 pub mod auth;
 pub mod client;
 mod config;

@@ -150,6 +150,9 @@ pub struct ProtocolError {
     /// The durable consumer the error is about (errors answering `$consume`, `$ack`,
     /// `$nack` and `$unconsume`), so a client consuming several can tell.
     pub consumer: Option<String>,
+    /// When a refusal is about a rate (`too_many_connections` under `--accept-rate`):
+    /// how long to wait before trying again, in milliseconds.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ProtocolError {
@@ -171,7 +174,14 @@ impl ProtocolError {
             code,
             message,
             consumer: None,
+            retry_after_ms: None,
         }
+    }
+
+    /// The same error, with a retry hint.
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after_ms = Some(wait.as_millis().try_into().unwrap_or(u64::MAX));
+        self
     }
 
     /// The same error, about consumer `name`.
@@ -193,6 +203,8 @@ impl ProtocolError {
             message: &'a str,
             #[serde(skip_serializing_if = "Option::is_none")]
             consumer: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            retry_after_ms: Option<u64>,
         }
         let wire = Wire {
             event: "$error",
@@ -200,6 +212,7 @@ impl ProtocolError {
                 code: self.code,
                 message: &self.message,
                 consumer: self.consumer.as_deref(),
+                retry_after_ms: self.retry_after_ms,
             },
         };
         let mut line = serde_json::to_vec(&wire).unwrap_or_default();

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, Refusal};
 use crate::connection::{self, Phases};
 use crate::hub::{CloseReason, Hub, HubEvent};
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -139,6 +140,8 @@ pub(crate) async fn accept_loop<L: Listener>(
     // One permit per connection: taken at accept, given back when it closes.
     let slots = Arc::new(Semaphore::new(hub.config().limits.max_connections));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
+    let limits = &hub.config().limits;
+    let admission = Admission::new(limits.max_conns_per_ip, limits.accept_rate);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -147,6 +150,23 @@ pub(crate) async fn accept_loop<L: Listener>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
+                let ticket = match admission.admit(peer.addr.ip()) {
+                    Ok(ticket) => ticket,
+                    Err(refusal) => {
+                        let error = match refusal {
+                            Refusal::PerIp(e) => {
+                                hub.count(|c| &c.refused_per_ip);
+                                e
+                            }
+                            Refusal::Rate(e) => {
+                                hub.count(|c| &c.refused_accept_rate);
+                                e
+                            }
+                        };
+                        refuse_with(&hub, stream, peer.addr, &lingering, error, true);
+                        continue;
+                    }
+                };
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                     refuse(&hub, stream, peer.addr, &lingering);
                     continue;
@@ -155,6 +175,7 @@ pub(crate) async fn accept_loop<L: Listener>(
                 tracker.spawn(async move {
                     task.await;
                     drop(slot);
+                    drop(ticket);
                 });
             }
             Err(e) if is_per_connection(&e) => continue,
@@ -283,6 +304,7 @@ async fn serve<T: Transport>(
             Ok(identity) => Some(identity),
             Err(e) => {
                 hub.penalties().failed(peer.addr.ip());
+                hub.count(|c| &c.auth_failed);
                 let error = ProtocolError::new(
                     ErrorCode::AuthFailed,
                     "the client certificate is not allowed in; closing the connection",

@@ -514,10 +514,12 @@ fn parse_line(line: Bytes, seen: &mut dyn FnMut(&Event)) -> ClientEvent {
             code: ErrorCode,
             message: String,
             consumer: Option<String>,
+            retry_after_ms: Option<u64>,
         }
         return match serde_json::from_str::<Payload>(event.payload()) {
             Ok(p) => ClientEvent::HubError(ProtocolError {
                 consumer: p.consumer,
+                retry_after_ms: p.retry_after_ms,
                 ..ProtocolError::new(p.code, p.message)
             }),
             Err(e) => ClientEvent::Error(ClientError::Protocol(format!("malformed $error: {e}"))),

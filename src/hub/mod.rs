@@ -230,10 +230,27 @@ pub struct Stats {
     /// Times a connection had to wait to be read because frames in progress had
     /// filled `--max-inbound-memory`.
     pub inbound_waits: u64,
+    /// Connections refused because their address had `--max-conns-per-ip` open (also
+    /// counted in `refused`).
+    pub refused_per_ip: u64,
+    /// Connections refused because their address passed `--accept-rate` (also
+    /// counted in `refused`).
+    pub refused_accept_rate: u64,
+    /// Times a connection over `--max-rate` or `--max-bytes-rate` was paused.
+    pub throttled: u64,
+    /// Failed authentications (wrong token, bad JWT, refused certificate).
+    pub auth_failed: u64,
+    /// Requests refused `permission_denied`.
+    pub permission_denied: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
+    pub(crate) refused_per_ip: AtomicU64,
+    pub(crate) refused_accept_rate: AtomicU64,
+    pub(crate) throttled: AtomicU64,
+    pub(crate) auth_failed: AtomicU64,
+    pub(crate) permission_denied: AtomicU64,
     events: AtomicU64,
     deliveries: AtomicU64,
     rejected: AtomicU64,
@@ -502,6 +519,11 @@ impl Hub {
             dropped: c.dropped.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             inbound_waits: c.inbound_waits.load(Ordering::Relaxed),
+            refused_per_ip: c.refused_per_ip.load(Ordering::Relaxed),
+            refused_accept_rate: c.refused_accept_rate.load(Ordering::Relaxed),
+            throttled: c.throttled.load(Ordering::Relaxed),
+            auth_failed: c.auth_failed.load(Ordering::Relaxed),
+            permission_denied: c.permission_denied.load(Ordering::Relaxed),
         }
     }
 
@@ -516,6 +538,11 @@ impl Hub {
         &self.state.inbound
     }
 
+    /// Adds one to the counter `which` picks.
+    pub(crate) fn count(&self, which: impl FnOnce(&Counters) -> &AtomicU64) {
+        which(&self.state.counters).fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn count_inbound_wait(&self) {
         self.state
             .counters
@@ -525,6 +552,11 @@ impl Hub {
 
     pub(crate) fn rejected(&self, client: ClientId, error: ProtocolError) {
         self.state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        match error.code {
+            ErrorCode::PermissionDenied => self.count(|c| &c.permission_denied),
+            ErrorCode::AuthFailed => self.count(|c| &c.auth_failed),
+            _ => {}
+        }
         self.report(|| HubEvent::Rejected { client, error });
     }
 

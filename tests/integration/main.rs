@@ -11,6 +11,7 @@ mod control;
 mod delivery;
 mod demo;
 mod faults;
+mod flood;
 mod hostile;
 mod logging;
 mod node;

@@ -314,6 +314,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         slow_consumers = stats.slow_consumers,
         dropped = stats.dropped,
         refused = stats.refused,
+        refused_per_ip = stats.refused_per_ip,
+        refused_accept_rate = stats.refused_accept_rate,
+        throttled = stats.throttled,
+        auth_failed = stats.auth_failed,
+        permission_denied = stats.permission_denied,
         "totals"
     );
     Ok(ExitCode::SUCCESS)
