@@ -83,6 +83,62 @@ impl Tally {
     }
 }
 
+/// Offers a run to the guarded clients (see `Pool::guarded`): the whole chunk to
+/// each whose rules allow every event in it (one `Tally::offer`, counted with those
+/// who hear everything), else each event it may hear on its own. Rules are checked
+/// once per set of rules (clients of one identity share theirs) and per distinct name
+/// in a row, not per client and event. Returns the deliveries made event by event.
+fn offer_guarded(
+    pool: &super::pool::Pool,
+    run: &Run,
+    skip: Option<ClientId>,
+    tally: &mut Tally,
+) -> usize {
+    // (rules, which events of the run they allow: None = all).
+    type Verdict = (std::sync::Arc<crate::auth::Permissions>, Option<Vec<bool>>);
+    let mut verdicts: Vec<Verdict> = Vec::new();
+    let mut partial = 0;
+    for client in pool.guarded.values() {
+        let Some(rules) = client.access.permissions() else {
+            tally.offer(client, skip, || run.bytes().clone(), run.len());
+            continue;
+        };
+        let known = verdicts
+            .iter()
+            .position(|(r, _)| std::sync::Arc::ptr_eq(r, &rules));
+        let index = known.unwrap_or_else(|| {
+            let hear = &rules.subscribe;
+            let mut allowed = Vec::with_capacity(run.len());
+            let mut last: Option<(&str, bool)> = None;
+            for i in 0..run.len() {
+                let name = run.name(i);
+                let verdict = match last {
+                    Some((previous, verdict)) if previous == name => verdict,
+                    _ => hear.allows(name),
+                };
+                last = Some((name, verdict));
+                allowed.push(verdict);
+            }
+            let all = allowed.iter().all(|&a| a);
+            verdicts.push((rules, (!all).then_some(allowed)));
+            verdicts.len() - 1
+        });
+        match &verdicts[index].1 {
+            None => tally.offer(client, skip, || run.bytes().clone(), run.len()),
+            Some(allowed) => {
+                for (i, _) in allowed.iter().enumerate().filter(|(_, &a)| a) {
+                    let before = tally.queued;
+                    tally.offer(client, skip, || run.line(i), 1);
+                    partial += tally.queued - before;
+                }
+            }
+        }
+    }
+    // Those pushes were counted as queued: `everyone` must count only whole runs.
+    tally.queued -= partial;
+    partial
+}
+
 impl Hub {
     /// Queues `event` to one client, through its bounded queue.
     ///
@@ -150,9 +206,14 @@ impl Hub {
         let skip = pool.echo_skip(from);
         let mut tally = Tally::default();
         let first = progress.next;
+        // Deliveries to guarded clients that may hear only part of the run.
+        let mut partial = 0;
         if first == 0 {
             for client in pool.unfiltered.values() {
                 tally.offer(client, skip, || run.bytes().clone(), events);
+            }
+            if !pool.guarded.is_empty() {
+                partial = offer_guarded(&pool, run, skip, &mut tally);
             }
             progress.everyone = tally.queued;
         }
@@ -197,7 +258,7 @@ impl Hub {
         let everyone = progress.everyone;
         self.settle(
             &tally,
-            everyone * done + matched_counts.iter().sum::<usize>(),
+            everyone * done + matched_counts.iter().sum::<usize>() + partial,
         );
         let counters = &self.state.counters;
         counters.events.fetch_add(done as u64, Ordering::Relaxed);
@@ -251,6 +312,11 @@ impl Hub {
         } else {
             for client in pool.unfiltered.values() {
                 deliver(client);
+            }
+            for client in pool.guarded.values() {
+                if client.access.may_hear(name) {
+                    deliver(client);
+                }
             }
             if !pool.router.is_empty() {
                 let mut matched = Vec::new();

@@ -35,6 +35,10 @@ pub(super) struct Pool {
     pub(super) clients: HashMap<ClientId, Arc<Member>>,
     /// Clients that never subscribed: they hear every event that names no room.
     pub(super) unfiltered: HashMap<ClientId, Arc<Member>>,
+    /// Clients that never subscribed but may not hear everything (their identity's
+    /// `subscribe` rules): they hear what those allow, checked once per run of events
+    /// per set of rules.
+    pub(super) guarded: HashMap<ClientId, Arc<Member>>,
     pub(super) router: Router<ClientId>,
     /// Subscriptions and rooms, for clients that have any.
     routes: HashMap<ClientId, Routes>,
@@ -46,10 +50,6 @@ pub(super) struct Pool {
 struct Routes {
     /// Set by the first `$subscribe`: from then on only matches are heard.
     subscribed: bool,
-    /// The patterns are not the client's own but the ones its permissions allow it to
-    /// hear (a client that may not hear everything and never subscribed): its first
-    /// `$subscribe` replaces them.
-    implicit: bool,
     patterns: HashSet<Pattern, foldhash::fast::RandomState>,
     /// The patterns' total length, against `Limits::max_pattern_bytes`.
     pattern_bytes: usize,
@@ -87,13 +87,6 @@ impl Hub {
         let mut guard = self.write_pool();
         let pool = &mut *guard;
         let routes = pool.routes.entry(id).or_default();
-        if routes.implicit {
-            routes.implicit = false;
-            for pattern in routes.patterns.drain() {
-                pool.router.remove(&pattern, id);
-            }
-            routes.pattern_bytes = 0;
-        }
         // Linear: one hash lookup per pattern (issue #10: this was quadratic).
         let fresh: Vec<&Pattern> = patterns
             .iter()
@@ -124,6 +117,7 @@ impl Hub {
         if !routes.subscribed {
             routes.subscribed = true;
             pool.unfiltered.remove(&id);
+            pool.guarded.remove(&id);
         }
         routes.pattern_bytes = bytes;
         for pattern in fresh {
@@ -207,7 +201,7 @@ impl Hub {
 
     /// Lets a client that authenticated (or whose permissions changed on a reload)
     /// hear what its identity allows: everything if it may hear everything and never
-    /// subscribed; else, until it subscribes, the patterns it is allowed. Its own
+    /// subscribed; else, until it subscribes, what its rules allow. Its own
     /// subscriptions and rooms that the permissions no longer allow are dropped and
     /// returned, to tell it.
     pub(crate) fn admit(
@@ -226,7 +220,7 @@ impl Hub {
         }
         let routes = pool.routes.entry(id).or_default();
         let mut dropped = Vec::new();
-        if routes.subscribed && !routes.implicit {
+        if routes.subscribed {
             let forbidden: Vec<Pattern> = routes
                 .patterns
                 .iter()
@@ -239,24 +233,12 @@ impl Hub {
                 pool.router.remove(&pattern, id);
                 dropped.push(format!("subscription {}", pattern.as_str()));
             }
+        } else if hear.allows_everything() {
+            pool.guarded.remove(&id);
+            pool.unfiltered.insert(id, Arc::clone(client));
         } else {
-            for pattern in routes.patterns.drain() {
-                pool.router.remove(&pattern, id);
-            }
-            routes.pattern_bytes = 0;
-            if hear.allows_everything() {
-                routes.subscribed = false;
-                routes.implicit = false;
-                pool.unfiltered.insert(id, Arc::clone(client));
-            } else {
-                routes.subscribed = true;
-                routes.implicit = true;
-                pool.unfiltered.remove(&id);
-                for pattern in hear.allowed() {
-                    routes.patterns.insert(pattern.clone());
-                    pool.router.insert(pattern, id);
-                }
-            }
+            pool.unfiltered.remove(&id);
+            pool.guarded.insert(id, Arc::clone(client));
         }
         let (kept, gone): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut routes.rooms)
             .into_iter()
@@ -276,6 +258,7 @@ impl Hub {
             let pool = &mut *guard;
             pool.clients.remove(&client);
             pool.unfiltered.remove(&client);
+            pool.guarded.remove(&client);
             if let Some(routes) = pool.routes.remove(&client) {
                 for pattern in &routes.patterns {
                     pool.router.remove(pattern, client);

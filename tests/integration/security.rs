@@ -490,3 +490,29 @@ async fn wrong_tokens_slow_their_address_down_and_no_one_else() {
     let answer = penalised.await.unwrap();
     assert!(answer.contains("$welcome"), "{answer}");
 }
+
+/// One write from a publisher is a run of events routed as a whole; a client whose
+/// rules deny some of them gets the others, in order, and one that may hear them all
+/// gets the run whole.
+#[tokio::test]
+async fn a_run_with_denied_events_reaches_guarded_clients_in_part() {
+    let hub = secured(Config::default()).await;
+    let (mut admin, _) = login(&hub, "admin").await;
+    let (mut driver, _) = login(&hub, "driver").await;
+    let (mut vendor, _) = login(&hub, "vendor-acme").await;
+    let run: String = ["a", "secret.x", "b", "secret.y", "delivered"]
+        .iter()
+        .map(|name| event(name, json!(name)) + "\n")
+        .collect();
+    admin.send(run).await;
+    let driver_heard: Vec<Value> = until_marker(&mut admin, &mut driver)
+        .await
+        .into_iter()
+        .map(|f| f["payload"].clone())
+        .collect();
+    assert_eq!(driver_heard, [json!("a"), json!("b"), json!("delivered")]);
+    let vendor_heard = until_named_marker(&mut admin, &mut vendor, "delivered").await;
+    assert_eq!(vendor_heard.len(), 1, "{vendor_heard:?}");
+    assert_eq!(vendor_heard[0]["payload"], "delivered");
+    assert_eq!(hub.hub.stats().events, 7);
+}

@@ -7,6 +7,7 @@
 //! ahead of the slowest one), so no target is pushed into dropping messages and every
 //! run measures sustained, loss-free delivery.
 
+mod connects;
 mod durable;
 mod report;
 mod run;
@@ -71,6 +72,22 @@ pub struct Args {
     /// JetStream (nats-server -js) and Redis (with AOF) are set up by the bench.
     #[arg(long, value_name = "MODE", conflicts_with = "embedded")]
     durable: Option<durable::Mode>,
+    /// Connect with TLS (as `hubcasts://`; for nats:// the server needs
+    /// `handshake_first`), trusting the system's roots or --ca.
+    #[arg(long)]
+    tls: bool,
+    /// Trust this CA (PEM) for the target's certificate; implies --tls.
+    #[arg(long, value_name = "PEM")]
+    ca: Option<std::path::PathBuf>,
+    /// Authenticate every connection with this token (hubcast: `$hello {token}`, an
+    /// auth-file token or a JWT; NATS: `auth_token` in CONNECT).
+    #[arg(long, env = "HUBCAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Measure connection setup instead of fan-out: open this many connections (TCP,
+    /// TLS if asked, and authentication), 32 at a time, each closed once the server
+    /// has accepted it; report connects/s and their latency.
+    #[arg(long, value_name = "N", value_parser = parse_positive, conflicts_with_all = ["durable", "embedded"])]
+    connects: Option<usize>,
 }
 
 fn usage(message: &str) -> anyhow::Result<ExitCode> {

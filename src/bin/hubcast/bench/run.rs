@@ -80,6 +80,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(mode) = args.durable {
         return super::durable::main(&args, &target, mode).await;
     }
+    if let Some(count) = args.connects {
+        return super::connects::main(&args, &target, count).await;
+    }
     let counts = (0..args.pubs)
         .map(|p| (args.events / args.pubs + usize::from(p < args.events % args.pubs)) as u64)
         .collect();
@@ -122,19 +125,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::Result<Report> {
+    let dial = Dial::new(args, target)?;
     let connecting = Instant::now();
     let mut subscribers = Vec::with_capacity(args.subs);
     for index in 0..args.subs {
-        let ready = handshake(target, &target.kind.subscribe())
+        let ready = handshake(target, &dial, &dial.subscribe(target.kind))
             .await
             .with_context(|| format!("subscriber {} of {}", index + 1, args.subs))?;
         subscribers.push(ready);
     }
     let mut publishers = Vec::with_capacity(args.pubs);
     for index in 0..args.pubs {
-        let ready = match target.kind.publisher_hello() {
-            Some(hello) => handshake(target, &hello).await,
-            None => connect(target).await.map(|stream| (stream, Vec::new())),
+        let ready = match dial.publisher_hello(target.kind) {
+            Some(hello) => handshake(target, &dial, &hello).await,
+            None => connect(target, &dial)
+                .await
+                .map(|stream| (stream, Vec::new())),
         }
         .with_context(|| format!("publisher {} of {}", index + 1, args.pubs))?;
         publishers.push(ready);
@@ -227,8 +233,115 @@ fn progress_bar(expected: u64, hidden: bool) -> ProgressBar {
     bar
 }
 
-/// Connects with a bounded wait and no Nagle delay (every target gets the same).
-async fn connect(target: &Target) -> anyhow::Result<TcpStream> {
+/// A connection to the target: TCP, or TLS over it.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+pub type BenchStream = Box<dyn Stream>;
+
+/// How to reach the target: TLS (trusting `--ca`, else the system's roots) and a
+/// token to authenticate with.
+#[derive(Clone, Default)]
+pub struct Dial {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub token: Option<String>,
+}
+
+impl Dial {
+    pub fn new(args: &Args, target: &Target) -> anyhow::Result<Dial> {
+        let tls = if target.tls || args.tls || args.ca.is_some() {
+            Some(hubcast::tls::client_config(args.ca.as_deref(), None).map_err(crate::UsageError)?)
+        } else {
+            None
+        };
+        Ok(Dial {
+            tls,
+            token: args.token.clone(),
+        })
+    }
+
+    /// What a connection sends first to authenticate (hubcast's `$hello`; NATS's
+    /// token goes in its CONNECT).
+    pub fn hello(&self, kind: Kind, publisher: bool) -> Option<Vec<u8>> {
+        let token = self.token.as_ref()?;
+        match kind {
+            Kind::Hubcast => {
+                let mut payload = serde_json::json!({ "token": token, "name": "bench" });
+                if publisher {
+                    payload["echo"] = false.into();
+                }
+                Some(
+                    (serde_json::json!({ "event": "$hello", "payload": payload }).to_string()
+                        + "\n")
+                        .into_bytes(),
+                )
+            }
+            Kind::Nats => Some(
+                format!(
+                    "CONNECT {{\"verbose\":false,\"pedantic\":false,\"echo\":{},\"auth_token\":{},\"name\":\"hubcast-bench\"}}\r\n",
+                    !publisher,
+                    serde_json::Value::from(token.as_str())
+                )
+                .into_bytes(),
+            ),
+            Kind::Redis => None,
+        }
+    }
+
+    /// A subscriber's first bytes.
+    pub fn subscribe(&self, kind: Kind) -> Vec<u8> {
+        match (self.hello(kind, false), kind) {
+            (Some(mut hello), Kind::Hubcast) => {
+                hello.extend_from_slice(&kind.subscribe());
+                hello
+            }
+            // The token's CONNECT replaces the plain one.
+            (Some(mut hello), Kind::Nats) => {
+                hello.extend_from_slice(
+                    format!("SUB {} 1\r\nPING\r\n", super::wire::SUBJECT).as_bytes(),
+                );
+                hello
+            }
+            _ => kind.subscribe(),
+        }
+    }
+
+    /// A publisher's first bytes, if it must wait for an answer before publishing.
+    pub fn publisher_hello(&self, kind: Kind) -> Option<Vec<u8>> {
+        match self.hello(kind, true) {
+            Some(mut hello) if kind == Kind::Nats => {
+                hello.extend_from_slice(b"PING\r\n");
+                Some(hello)
+            }
+            Some(hello) => Some(hello),
+            None => kind.publisher_hello(),
+        }
+    }
+}
+
+/// Connects with a bounded wait and no Nagle delay (every target gets the same), and
+/// runs the TLS handshake if asked to.
+pub async fn connect(target: &Target, dial: &Dial) -> anyhow::Result<BenchStream> {
+    let stream = connect_tcp(target).await?;
+    let Some(config) = &dial.tls else {
+        return Ok(Box::new(stream));
+    };
+    let host = target
+        .addr
+        .rsplit_once(':')
+        .map_or(target.addr.as_str(), |(h, _)| h);
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| anyhow::anyhow!("{host:?} is not a TLS server name: {e}"))?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name, stream),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the TLS handshake with {target} timed out after 10 s"))?
+    .with_context(|| format!("TLS handshake with {target}"))?;
+    Ok(Box::new(tls))
+}
+
+async fn connect_tcp(target: &Target) -> anyhow::Result<TcpStream> {
     let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target.addr))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {target} timed out after 10 s"))?
@@ -244,8 +357,12 @@ async fn connect(target: &Target) -> anyhow::Result<TcpStream> {
 
 /// Connects, sends `hello`, and reads until the server confirms it; returns the stream
 /// and whatever arrived after the confirmation.
-async fn handshake(target: &Target, hello: &[u8]) -> anyhow::Result<(TcpStream, Vec<u8>)> {
-    let mut stream = connect(target).await?;
+pub async fn handshake(
+    target: &Target,
+    dial: &Dial,
+    hello: &[u8],
+) -> anyhow::Result<(BenchStream, Vec<u8>)> {
+    let mut stream = connect(target, dial).await?;
     stream.write_all(hello).await?;
     let mut buf = Vec::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -286,7 +403,7 @@ struct SubscriberOutcome {
     error: Option<String>,
 }
 
-async fn subscribe(shared: &Shared, stream: TcpStream, leftover: Vec<u8>) -> SubscriberOutcome {
+async fn subscribe(shared: &Shared, stream: BenchStream, leftover: Vec<u8>) -> SubscriberOutcome {
     let mut outcome = SubscriberOutcome {
         tally: Tally::new(shared.counts.len()),
         last_us: 0,
@@ -300,7 +417,7 @@ async fn subscribe(shared: &Shared, stream: TcpStream, leftover: Vec<u8>) -> Sub
 
 async fn receive(
     shared: &Shared,
-    mut stream: TcpStream,
+    mut stream: BenchStream,
     leftover: Vec<u8>,
     outcome: &mut SubscriberOutcome,
 ) -> anyhow::Result<()> {
@@ -370,10 +487,10 @@ fn settle(shared: &Shared, tally: &mut Tally, stamp: Stamp, now: u64, window: u6
 async fn publish(
     shared: &Shared,
     id: usize,
-    stream: TcpStream,
+    stream: BenchStream,
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (answers_tx, mut answers) = mpsc::unbounded_channel();
     let kind = shared.kind;
     let subscribers = shared.subscribers as u64;
@@ -548,6 +665,7 @@ async fn start_embedded() -> anyhow::Result<(Target, CancellationToken)> {
         Target {
             kind: Kind::Hubcast,
             addr: addr.to_string(),
+            tls: false,
         },
         token,
     ))

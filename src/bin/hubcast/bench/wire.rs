@@ -18,6 +18,9 @@ pub struct Target {
     pub kind: Kind,
     /// `host:port`.
     pub addr: String,
+    /// TLS from the first byte (`hubcasts://`, or `--tls`; nats-server needs
+    /// `handshake_first` for it).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +42,8 @@ impl Kind {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.kind.scheme(), self.addr)
+        let s = if self.tls { "s" } else { "" };
+        write!(f, "{}{s}://{}", self.kind.scheme(), self.addr)
     }
 }
 
@@ -57,17 +61,19 @@ impl Target {
 impl FromStr for Target {
     type Err = String;
 
-    /// `hubcast://HOST:PORT`, `nats://HOST:PORT`, `redis://HOST:PORT`, or a bare
+    /// `hubcast://HOST:PORT` (`hubcasts://` for TLS), `nats://HOST:PORT`,
+    /// `redis://HOST:PORT`, or a bare
     /// `HOST:PORT` (a hubcast hub).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (kind, rest) = match text.split_once("://") {
-            None => (Kind::Hubcast, text),
-            Some(("hubcast", rest)) => (Kind::Hubcast, rest),
-            Some(("nats", rest)) => (Kind::Nats, rest),
-            Some(("redis", rest)) => (Kind::Redis, rest),
+        let (kind, tls, rest) = match text.split_once("://") {
+            None => (Kind::Hubcast, false, text),
+            Some(("hubcast", rest)) => (Kind::Hubcast, false, rest),
+            Some(("hubcasts", rest)) => (Kind::Hubcast, true, rest),
+            Some(("nats", rest)) => (Kind::Nats, false, rest),
+            Some(("redis", rest)) => (Kind::Redis, false, rest),
             Some((scheme, _)) => {
                 return Err(format!(
-                    "unknown scheme {scheme:?} (use hubcast://, nats:// or redis://)"
+                    "unknown scheme {scheme:?} (use hubcast://, hubcasts://, nats:// or redis://)"
                 ))
             }
         };
@@ -76,6 +82,7 @@ impl FromStr for Target {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Target {
                 kind,
                 addr: addr.to_owned(),
+                tls,
             }),
             _ => Err(format!(
                 "{text:?} has no HOST:PORT (example: nats://127.0.0.1:4222)"
