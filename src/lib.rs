@@ -105,7 +105,7 @@ pub use event::{Event, EventName, RoomName, MAX_EVENT_ID, MAX_EVENT_NAME};
 pub use frame::DEFAULT_MAX_FRAME;
 pub use hub::{ClientId, CloseReason, Hub, HubEvent, Observer, SendError, Stats};
 pub use protocol::{ErrorCode, ProtocolError};
-pub use server::Server;
+pub use server::{serve_connection, Server};
 
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

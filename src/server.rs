@@ -289,6 +289,42 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// Serves one connection over any byte stream (an in-memory pipe, a transport of the
+/// embedding program's own) as a peer of the hub's other clients, until it ends;
+/// authentication, permissions and limits apply as on TCP. The fuzz target for the
+/// pre-authentication state drives the hub through it.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// let hub = hubcast::Hub::new(hubcast::Config::default());
+/// let (mut ours, theirs) = tokio::io::duplex(4096);
+/// let task = tokio::spawn(hubcast::serve_connection(hub, theirs, "10.0.0.1:1".parse().unwrap()));
+/// ours.write_all(b"{\"event\":\"$ping\",\"payload\":1}\n").await.unwrap();
+/// ours.shutdown().await.unwrap();
+/// let mut answer = String::new();
+/// ours.read_to_string(&mut answer).await.unwrap();
+/// assert!(answer.contains("$pong"));
+/// task.await.unwrap();
+/// # }
+/// ```
+pub async fn serve_connection<S>(hub: Hub, stream: S, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (reading, _all_stopped) = mpsc::channel::<()>(1);
+    serve(
+        hub,
+        crate::transport::Plain(stream),
+        PeerInfo::new(peer),
+        Phases::default(),
+        reading,
+    )
+    .await;
+}
+
 /// One connection's task: join the pool, serve, and leave whatever happens.
 async fn serve<T: Transport>(
     hub: Hub,

@@ -407,6 +407,9 @@ impl Hub {
     /// others get their new permissions, and subscriptions and rooms those forbid are
     /// dropped (each client is told with a `permission_denied`). Returns how many
     /// clients were closed.
+    ///
+    /// Call it before serving: connections that joined an open hub (before the first
+    /// call) keep their unrestricted access.
     pub fn set_authenticator(&self, auth: crate::auth::Authenticator) -> usize {
         let auth = Arc::new(auth);
         let previous = self
