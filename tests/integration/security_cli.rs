@@ -176,3 +176,109 @@ async fn clients_authenticate_with_token_and_sighup_reloads_the_file() {
     hub.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// TLS through the binary: `serve --tls-cert/--tls-key`, `sub`/`pub --ca`; SIGHUP with
+/// a certificate from a new CA keeps `sub` connected and serves new clients with it.
+#[tokio::test]
+async fn serve_tls_and_reload_the_certificate_on_sighup() {
+    let old = crate::tls::Pki::new("cli-old");
+    let (cert, key) = old.issue("server", None, false);
+    let mut hub = HubProcess::spawn(HubProcess::command(&[
+        "serve",
+        "--port",
+        "0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]))
+    .await;
+    let port = hub.port.to_string();
+    let ca = old.ca();
+    let mut sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubcast"))
+        .args([
+            "sub",
+            "--host",
+            "localhost",
+            "--port",
+            &port,
+            "--no-reconnect",
+            "--ca",
+        ])
+        .arg(&ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    hub.wait_log("connection", 1).await;
+    let publish = |ca: std::path::PathBuf, payload: &'static str| {
+        let port = port.clone();
+        async move {
+            run(
+                &[
+                    "pub",
+                    "--host",
+                    "localhost",
+                    "--port",
+                    &port,
+                    "--ca",
+                    ca.to_str().unwrap(),
+                    "pickup",
+                    payload,
+                ],
+                "",
+            )
+            .await
+        }
+    };
+    let out = publish(ca.clone(), "1").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Plain TCP to a TLS hub, and TLS with the wrong CA, fail.
+    let out = run(
+        &[
+            "pub",
+            "--host",
+            "localhost",
+            "--port",
+            &port,
+            "--tls",
+            "pickup",
+            "9",
+        ],
+        "",
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("TLS handshake"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Rotate the certificate: a new CA's, at the same paths.
+    let new = crate::tls::Pki::new("cli-new");
+    let (new_cert, new_key) = new.issue("server", None, false);
+    std::fs::copy(new_cert, &cert).unwrap();
+    std::fs::copy(new_key, &key).unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &hub.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    hub.wait_log("TLS certificate reloaded", 1).await;
+    let out = publish(new.ca(), "2").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = publish(ca.clone(), "3").await;
+    assert!(!out.status.success(), "the old CA no longer matches");
+    // The subscriber connected before the rotation heard both, on its old session.
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    for expected in ["1", "2"] {
+        let line = within(lines.next_line()).await.unwrap().unwrap();
+        assert_eq!(
+            line,
+            format!("{{\"event\":\"pickup\",\"payload\":{expected}}}")
+        );
+    }
+    hub.stop().await;
+}
