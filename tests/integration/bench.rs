@@ -406,3 +406,69 @@ async fn durable_workloads_run_against_jetstream_and_redis_streams() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue #13: the bench over TLS with authentication (a JWT in `$hello`), for fan-out
+/// and for connects; a wrong token is reported, not counted.
+#[tokio::test]
+async fn tls_and_authenticated_workloads_run_against_a_hub() {
+    let pki = crate::tls::Pki::new("bench");
+    let secret = pki.dir.join("jwt.secret");
+    std::fs::write(
+        &secret,
+        "a secret of at least thirty-two bytes, for the bench\n",
+    )
+    .unwrap();
+    let hub = TestHub::start_tls(Config::default(), pki.server(None)).await;
+    hub.hub.set_authenticator(
+        hubcast::auth::Authenticator::from_spec(
+            &hubcast::auth::AuthFile::default(),
+            Some(hubcast::auth::JwtKey::load(&secret).unwrap()),
+        )
+        .unwrap(),
+    );
+    let everything = hubcast::auth::PermissionSpec::everything();
+    let token = hubcast::auth::mint_token(
+        &secret,
+        "bench",
+        Some(std::time::Duration::from_secs(600)),
+        &everything,
+    )
+    .unwrap();
+    let target = format!("hubcasts://localhost:{}", hub.addr.port());
+    let ca = pki.ca();
+    let ca = ca.to_str().unwrap();
+    let (code, report) = bench_json(&[
+        "-t", &target, "--ca", ca, "--token", &token, "-n", "3", "-k", "500",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_complete(&report, 3 * 500);
+    let (code, report) = bench_json(&[
+        "-t",
+        &target,
+        "--ca",
+        ca,
+        "--token",
+        &token,
+        "--connects",
+        "40",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["connects"], 40);
+    assert_eq!(report["tls"], true);
+    let output = bench(&[
+        "-t",
+        &target,
+        "--ca",
+        ca,
+        "--token",
+        "wrong",
+        "--connects",
+        "1",
+    ])
+    .await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("auth_failed"), "{stderr}");
+}

@@ -79,6 +79,12 @@ pub struct Args {
     /// Trust this CA (PEM) for the target's certificate; implies --tls.
     #[arg(long, value_name = "PEM")]
     ca: Option<std::path::PathBuf>,
+    /// Present this client certificate (PEM) for mutual TLS; needs --key; implies --tls.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Authenticate every connection with this token (hubcast: `$hello {token}`, an
     /// auth-file token or a JWT; NATS: `auth_token` in CONNECT).
     #[arg(long, env = "HUBCAST_TOKEN", hide_env_values = true)]
