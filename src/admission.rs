@@ -33,14 +33,16 @@ pub(crate) struct Admission {
 
 /// An admitted connection's place in its address's count, given back when dropped.
 pub(crate) struct Ticket {
-    admission: Option<(Arc<Admission>, IpAddr)>,
+    /// Boxed: every connection task carries a ticket, and without limits it is empty.
+    admission: Option<Box<(Arc<Admission>, IpAddr)>>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let Some((admission, ip)) = self.admission.take() else {
+        let Some(held) = self.admission.take() else {
             return;
         };
+        let (admission, ip) = *held;
         let mut map = admission.lock();
         if let Some(entry) = map.get_mut(&ip) {
             entry.open = entry.open.saturating_sub(1);
@@ -119,7 +121,7 @@ impl Admission {
         }
         entry.open += 1;
         Ok(Ticket {
-            admission: Some((Arc::clone(self), ip)),
+            admission: Some(Box::new((Arc::clone(self), ip))),
         })
     }
 }

@@ -194,12 +194,9 @@ struct Connection<'a> {
     /// A frame was answered with an error that ends the connection (`auth_failed`,
     /// `auth_required`): close once it is sent.
     fatal: Option<ErrorCode>,
-    /// `--max-rate` / `--max-bytes-rate`, when set.
-    throttle: Option<Throttle>,
-    /// Over its rate: not read until then (the client's sends wait in TCP).
-    paused_until: Option<Instant>,
-    /// Frames decoded since the throttle last counted.
-    frames: u64,
+    /// `--max-rate` / `--max-bytes-rate`, when set (boxed: most hubs set neither, and
+    /// every connection pays for the field).
+    throttle: Option<Box<Throttle>>,
 }
 
 /// Token buckets for one connection's events and bytes per second (a second's worth
@@ -207,6 +204,10 @@ struct Connection<'a> {
 struct Throttle {
     events: Option<Bucket>,
     bytes: Option<Bucket>,
+    /// Over its rate: not read until then (the client's sends wait in TCP).
+    paused_until: Option<Instant>,
+    /// Frames decoded since the throttle last counted.
+    frames: u64,
 }
 
 struct Bucket {
@@ -238,7 +239,12 @@ impl Throttle {
     fn new(limits: &crate::Limits) -> Option<Self> {
         let events = limits.max_rate.map(|n| Bucket::new(f64::from(n)));
         let bytes = limits.max_bytes_rate.map(|n| Bucket::new(n as f64));
-        (events.is_some() || bytes.is_some()).then_some(Throttle { events, bytes })
+        (events.is_some() || bytes.is_some()).then_some(Throttle {
+            events,
+            bytes,
+            paused_until: None,
+            frames: 0,
+        })
     }
 
     fn spend(&mut self, frames: u64, bytes: u64) -> Option<Instant> {
@@ -304,9 +310,7 @@ where
         routing: None,
         session,
         fatal: None,
-        throttle: Throttle::new(&hub.config().limits),
-        paused_until: None,
-        frames: 0,
+        throttle: Throttle::new(&hub.config().limits).map(Box::new),
     };
     if conn.session.awaiting_hello {
         let at = Instant::now() + hub.config().timeouts.auth;
@@ -341,7 +345,8 @@ where
         let freed = conn.input.is_starved().then(|| Box::pin(inbound.freed()));
         let was_starved = freed.is_some();
         let room = conn.decoder.read_limit(conn.input.buf());
-        let paused = conn.paused_until.is_some();
+        let paused_until = conn.throttle.as_ref().and_then(|t| t.paused_until);
+        let paused = paused_until.is_some();
         let prepared = match reading {
             Some(_) if paused => Prepared::Parked,
             // Nothing buffered: wait for readiness, then `read_now`.
@@ -367,7 +372,14 @@ where
         };
         let starved = conn.input.is_starved();
         let writing = !conn.batch.is_empty();
-        let due_at = conn.liveness.deadline().filter(|_| reading.is_some());
+        // One timer for all: liveness, and the end of a pause over `--max-rate`.
+        let due_at = [
+            conn.liveness.deadline().filter(|_| reading.is_some()),
+            paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if let Some(at) = due_at {
             match timer.as_mut() {
                 Some(sleep) if sleep.deadline() != at => sleep.as_mut().reset(at),
@@ -406,7 +418,7 @@ where
                 Err(e) => break CloseReason::Io(e.into()),
             },
             _ = client.outbox.notified() => {}
-            _ = async { timer.as_mut().expect("armed above").await }, if due_at.is_some() => match conn.liveness.fire() {
+            _ = async { timer.as_mut().expect("armed above").await }, if due_at.is_some() => match conn.fire_timer() {
                 Due::Nothing => {}
                 Due::Ping => {
                     client.outbox.push(PING.clone());
@@ -424,9 +436,6 @@ where
                 }
             }
             _ = async { freed.expect("made when starved").await }, if starved && was_starved => {}
-            _ = tokio::time::sleep_until(conn.paused_until.unwrap_or_else(Instant::now)), if paused => {
-                conn.paused_until = None;
-            }
             res = read, if reading.is_some() && !starved && !conn.backlog && !paused => {
                 let res = match res {
                     // Readable: take a buffer only now, and only for what is there.
@@ -452,6 +461,24 @@ where
 }
 
 impl Connection<'_> {
+    /// Counts decoded frames against `--max-rate`, when it is set.
+    fn count_frames(&mut self, n: usize) {
+        if let Some(throttle) = self.throttle.as_mut() {
+            throttle.frames += n as u64;
+        }
+    }
+
+    /// The timer fired: a pause over the rate may be over, and a liveness deadline
+    /// may be due.
+    fn fire_timer(&mut self) -> Due {
+        if let Some(throttle) = self.throttle.as_mut() {
+            if throttle.paused_until.is_some_and(|at| at <= Instant::now()) {
+                throttle.paused_until = None;
+            }
+        }
+        self.liveness.fire()
+    }
+
     /// After the socket said it is readable, with nothing buffered: allocates a
     /// buffer and reads what is there without waiting, so that no buffer is held
     /// while waiting. `None`: nothing to do now (nothing was there, and the buffer went
@@ -483,9 +510,9 @@ impl Connection<'_> {
                 self.liveness.heard();
                 let consumed = self.consumed(n >= offered);
                 if let Some(throttle) = self.throttle.as_mut() {
-                    let frames = std::mem::take(&mut self.frames);
+                    let frames = std::mem::take(&mut throttle.frames);
                     if let Some(until) = throttle.spend(frames, n as u64) {
-                        self.paused_until = Some(until);
+                        throttle.paused_until = Some(until);
                         self.hub.count(|c| &c.throttled);
                     }
                 }
@@ -548,7 +575,7 @@ impl Connection<'_> {
                 continue;
             }
             if self.decoder.decode_run(self.input.buf(), &mut self.run) {
-                self.frames += self.run.len() as u64;
+                self.count_frames(self.run.len());
                 if self.run_is_allowed() {
                     self.routing = Some(RunProgress::default());
                 } else {
@@ -558,11 +585,11 @@ impl Connection<'_> {
             }
             match self.decoder.decode(self.input.buf()) {
                 Ok(Some(Frame::Event(event))) => {
-                    self.frames += 1;
+                    self.count_frames(1);
                     self.dispatch(event);
                 }
                 Ok(Some(Frame::Rejected(error))) => {
-                    self.frames += 1;
+                    self.count_frames(1);
                     self.reject(error);
                 }
                 Ok(None) => return Ok(()),
@@ -811,10 +838,7 @@ mod tests {
         let hub = hub.clone();
         let task = tokio::spawn(async move {
             let (r, w) = tokio::io::split(server_side);
-            let session = control::Session {
-                peer: SocketAddr::from(([127, 0, 0, 1], 1)),
-                awaiting_hello: false,
-            };
+            let session = control::Session::new(SocketAddr::from(([127, 0, 0, 1], 1)), false);
             run(&hub, &client, r, w, &Phases::default(), tx, session).await
         });
         (peer, task)

@@ -107,7 +107,7 @@ fn authenticate(
         }
         return Ok(None);
     };
-    let peer = request.session.peer;
+    let peer = request.session.peer();
     let identity = match auth.authenticate(user, token) {
         Ok(identity) => identity,
         Err(e) => {

@@ -19,8 +19,9 @@ pub(crate) struct Liveness {
     /// `$ping`s sent and not answered yet: a `$pong` beyond them was not asked for.
     pings_out: u32,
     /// A moment the connection closes at, whatever it sends, and why: the end of the
-    /// time to authenticate, or its credentials' expiry.
-    expiry: Option<(Instant, ErrorCode)>,
+    /// time to authenticate, or its credentials' expiry. Boxed: without
+    /// authentication no connection has one, and each carries the field.
+    expiry: Option<Box<(Instant, ErrorCode)>>,
 }
 
 /// What the timer asks the connection to do.
@@ -45,7 +46,7 @@ impl Liveness {
     /// Closes the connection at `at` with `code` (`auth_timeout`, `token_expired`)
     /// unless called again first; `None` clears it.
     pub(crate) fn set_expiry(&mut self, expiry: Option<(Instant, ErrorCode)>) {
-        self.expiry = expiry;
+        self.expiry = expiry.map(Box::new);
     }
 
     /// Records that the client sent something.
@@ -72,7 +73,7 @@ impl Liveness {
         let silent = self
             .heartbeat
             .and_then(|d| self.last_heard.checked_add(d.saturating_mul(2)));
-        let expiry = self.expiry.map(|(at, _)| at);
+        let expiry = self.expiry.as_deref().map(|&(at, _)| at);
         [idle, silent, self.next_ping, expiry]
             .into_iter()
             .flatten()
@@ -83,7 +84,7 @@ impl Liveness {
     pub(crate) fn fire(&mut self) -> Due {
         let now = Instant::now();
         let quiet = now.saturating_duration_since(self.last_heard);
-        if let Some((_, code)) = self.expiry.filter(|&(at, _)| at <= now) {
+        if let Some(&(_, code)) = self.expiry.as_deref().filter(|&&(at, _)| at <= now) {
             let why = match code {
                 ErrorCode::AuthTimeout => "no $hello with credentials arrived in time",
                 _ => "the connection's token expired and no fresh one was sent with $hello",
