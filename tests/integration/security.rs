@@ -516,3 +516,38 @@ async fn a_run_with_denied_events_reaches_guarded_clients_in_part() {
     assert_eq!(vendor_heard[0]["payload"], "delivered");
     assert_eq!(hub.hub.stats().events, 7);
 }
+
+/// Bad `$hello`s to a hub that requires a token: wrong types, a huge token, escapes,
+/// a user that does not exist: each a clear `$error` and a close, never a panic, and
+/// the hub serves the next client.
+#[tokio::test]
+async fn malformed_credentials_are_refused_clearly() {
+    let hub = secured(Config::default()).await;
+    for (payload, code) in [
+        (json!({"token": 123}), "auth_required"),
+        (
+            json!({"user": ["admin"], "token": "admin-token"}),
+            "auth_required",
+        ),
+        (json!("admin-token"), "auth_required"),
+        (json!(null), "auth_required"),
+        (json!({"token": "x".repeat(100_000)}), "auth_failed"),
+        (
+            json!({"user": "adm\u{0}in", "token": "admin-token"}),
+            "auth_failed",
+        ),
+        (
+            json!({"user": "admin", "token": "admin-token\n"}),
+            "auth_failed",
+        ),
+        (json!({"token": "eyJ.eyJ.sig"}), "auth_failed"),
+    ] {
+        let mut client = hub.connect().await;
+        client.send(event("$hello", payload.clone()) + "\n").await;
+        let frame = client.json().await;
+        assert_eq!(frame["payload"]["code"], code, "{payload:.80}: {frame}");
+        client.expect_eof().await;
+    }
+    let (_, welcome) = login(&hub, "admin").await;
+    assert_eq!(welcome["payload"]["user"], "admin");
+}
