@@ -282,3 +282,62 @@ async fn serve_tls_and_reload_the_certificate_on_sighup() {
     }
     hub.stop().await;
 }
+
+/// `hubcast token` mints a JWT the hub's key verifies, with the permissions asked for;
+/// a key that is no key is a usage error.
+#[tokio::test]
+async fn token_mints_a_jwt_the_hub_verifies() {
+    let dir = std::env::temp_dir().join(format!("hubcast-token-cli-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("jwt.secret");
+    std::fs::write(
+        &secret,
+        "a secret of at least thirty-two bytes for tokens\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "token",
+            "--key",
+            secret.to_str().unwrap(),
+            "--sub",
+            "alice",
+            "--ttl",
+            "5m",
+            "--publish",
+            "chat.{user}",
+            "--subscribe",
+            "chat.>",
+        ],
+        "",
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    let identity = hubcast::auth::JwtKey::load(&secret)
+        .unwrap()
+        .verify(&token)
+        .unwrap();
+    assert_eq!(identity.name, "alice");
+    assert!(identity.permissions.publish.allows("chat.alice"));
+    assert!(!identity.permissions.publish.allows("chat.bob"));
+    assert!(identity.permissions.subscribe.allows("chat.bob"));
+    let pem = dir.join("bad.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = run(
+        &["token", "--key", pem.to_str().unwrap(), "--sub", "alice"],
+        "",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bad.pem"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

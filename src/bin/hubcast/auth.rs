@@ -59,13 +59,13 @@ pub fn auth(args: AuthArgs) -> anyhow::Result<ExitCode> {
 pub struct TokenArgs {
     /// The signing key: an HS256 secret (the file's contents), or an RSA, EC P-256 or
     /// Ed25519 private key PEM (the hub verifies with the public key).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", visible_alias = "jwt-key")]
     key: PathBuf,
     /// The identity (the `sub` claim).
-    #[arg(long)]
+    #[arg(long, visible_alias = "user")]
     sub: String,
-    /// How long the token is valid (the `exp` claim).
-    #[arg(long, default_value = "1h", value_parser = parse_positive_duration)]
+    /// How long the token is valid (the `exp` claim), e.g. 30s, 10m, 1h.
+    #[arg(long, default_value = "1h", value_parser = parse_positive_duration, visible_aliases = ["exp", "expires-in"])]
     ttl: Duration,
     /// Event-name patterns it may publish (repeatable).
     #[arg(long, value_name = "PATTERN")]
