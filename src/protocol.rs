@@ -75,6 +75,8 @@ pub enum ErrorCode {
     /// The identity may not do that (publish this event, subscribe to this pattern,
     /// join this room, use this consumer); the connection stays.
     PermissionDenied,
+    /// Plain bytes arrived on a TLS port; the connection is closed (sent in plain).
+    TlsRequired,
     /// A code this version does not know (from a newer hub); the hub never sends it.
     #[serde(other)]
     Unknown,
@@ -116,6 +118,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::AuthRevoked => "auth_revoked",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::TlsRequired => "tls_required",
             ErrorCode::Unknown => "unknown",
         }
     }

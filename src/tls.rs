@@ -247,6 +247,30 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<S> {
     }
 }
 
+/// The first byte of a TLS ClientHello record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Answers a client that sent plain bytes to the TLS port with a plain `$error` line,
+/// then closes (reading what it sent meanwhile, so the line is not lost to a reset).
+async fn tell_plain_client(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let error = crate::ProtocolError::new(
+        crate::ErrorCode::TlsRequired,
+        "this port speaks TLS: connect with TLS (hubcast's --tls, Node's tls.connect)",
+    );
+    let _ = stream.write_all(&error.to_frame()).await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Accepts TCP connections and hands over those that complete a TLS handshake.
 pub(crate) struct TlsListener {
     addr: SocketAddr,
@@ -302,7 +326,18 @@ async fn handshakes(
         let acceptor = tls.acceptor();
         let ready = ready.clone();
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                // A plain client (JSON, where a TLS record should start) is told so in
+                // words it can read, instead of a handshake failure it cannot.
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first).await.is_ok_and(|n| n == 1) && first[0] != TLS_HANDSHAKE
+                {
+                    tell_plain_client(stream).await;
+                    return Err(io::Error::other("the client does not speak TLS"));
+                }
+                acceptor.accept(stream).await
+            })
+            .await;
             drop(slot);
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,

@@ -234,7 +234,17 @@ async fn serve_tls_and_reload_the_certificate_on_sighup() {
     };
     let out = publish(ca.clone(), "1").await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // Plain TCP to a TLS hub, and TLS with the wrong CA, fail.
+    // Plain TCP to a TLS hub is told so; TLS with the wrong CA fails.
+    let out = run(
+        &["pub", "--host", "localhost", "--port", &port, "pickup", "8"],
+        "",
+    )
+    .await;
+    assert!(
+        text(&out.stderr).contains("tls_required"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run(
         &[
             "pub",

@@ -122,7 +122,8 @@ async fn library_clients_talk_over_tls_and_plain_tcp_gets_nothing() {
         }
         other => panic!("{other:?}"),
     }
-    // A plain TCP client's JSON is not TLS: the handshake fails, nothing is routed.
+    // A plain TCP client's JSON is not TLS: it is told so, in plain, and nothing is
+    // routed.
     let mut plain = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     plain
         .write_all(b"{\"event\":\"pickup\",\"payload\":2}\n")
@@ -130,7 +131,9 @@ async fn library_clients_talk_over_tls_and_plain_tcp_gets_nothing() {
         .unwrap();
     let mut rest = Vec::new();
     let _ = within(tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut rest)).await;
-    assert!(!String::from_utf8_lossy(&rest).contains("pickup"));
+    let answer = String::from_utf8_lossy(&rest);
+    assert!(answer.contains("\"code\":\"tls_required\""), "{answer}");
+    assert!(!answer.contains("pickup"));
     assert_eq!(hub.hub.stats().events, 1);
 }
 
