@@ -622,16 +622,11 @@ impl Connection<'_> {
         if rule.allows_everything() {
             return true;
         }
-        // A run is mostly one name again and again: check each name once in a row.
-        let mut last = None;
-        (0..self.run.len()).all(|i| {
-            let name = self.run.name(i);
-            if last == Some(name) {
-                return true;
-            }
-            last = Some(name);
-            rule.allows(name)
-        })
+        let run = &self.run;
+        let all = rule
+            .allows_each((0..run.len()).map(|i| run.name(i)))
+            .all(|allowed| allowed);
+        all
     }
 
     /// A run holds an event this identity may not publish: each event on its own, the

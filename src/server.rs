@@ -258,24 +258,34 @@ fn refuse_with<T: Transport>(
         return;
     };
     tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = stream;
-        let (mut reader, mut writer) = stream.split();
-        let mut sink = [0u8; 512];
-        // The whole refusal is bounded: a client that neither reads nor closes
-        // costs one task and 512 bytes for a second.
-        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-            let _ = writer.write_all(&error.to_frame()).await;
-            let _ = writer.shutdown().await;
-            while let Ok(n) = reader.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
+        let (reader, writer) = stream.split();
+        say_and_close(reader, writer, &error.to_frame()).await;
         drop(permit);
     });
+}
+
+/// Writes `line`, shuts this side down (FIN after the line), and reads and discards
+/// until the peer closes, so that what it sent meanwhile does not turn the close into
+/// a reset that loses the line. Bounded: a peer that neither reads nor closes costs a
+/// task and 512 bytes for [`REFUSAL_LINGER`].
+pub(crate) async fn say_and_close<R, W>(mut reader: R, mut writer: W, line: &[u8])
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let _ = writer.write_all(line).await;
+        let _ = writer.shutdown().await;
+        while let Ok(n) = reader.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Errors that concern one incoming connection only, not the listener.

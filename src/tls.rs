@@ -251,24 +251,14 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<S> {
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Answers a client that sent plain bytes to the TLS port with a plain `$error` line,
-/// then closes (reading what it sent meanwhile, so the line is not lost to a reset).
+/// then closes.
 async fn tell_plain_client(mut stream: TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let error = crate::ProtocolError::new(
         crate::ErrorCode::TlsRequired,
         "this port speaks TLS: connect with TLS (hubcast's --tls, Node's tls.connect)",
     );
-    let _ = stream.write_all(&error.to_frame()).await;
-    let _ = stream.shutdown().await;
-    let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
+    let (reader, writer) = stream.split();
+    crate::server::say_and_close(reader, writer, &error.to_frame()).await;
 }
 
 /// Accepts TCP connections and hands over those that complete a TLS handshake.

@@ -137,6 +137,23 @@ impl Rule {
             || (self.allow_index.matches_any(name) && !self.deny_index.matches_any(name))
     }
 
+    /// Whether each name is allowed, in order: for a run of events, where one name
+    /// usually repeats, each name is checked once in a row.
+    pub fn allows_each<'a>(
+        &'a self,
+        names: impl Iterator<Item = &'a str> + 'a,
+    ) -> impl Iterator<Item = bool> + 'a {
+        let mut last: Option<(&str, bool)> = None;
+        names.map(move |name| match last {
+            Some((previous, verdict)) if previous == name => verdict,
+            _ => {
+                let verdict = self.allows(name);
+                last = Some((name, verdict));
+                verdict
+            }
+        })
+    }
+
     /// Whether a pattern is allowed: everything it could match is allowed (some
     /// allowed pattern covers it, and no denied one overlaps it).
     pub fn allows_pattern(&self, pattern: &Pattern) -> bool {

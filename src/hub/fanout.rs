@@ -107,18 +107,10 @@ fn offer_guarded(
             .iter()
             .position(|(r, _)| std::sync::Arc::ptr_eq(r, &rules));
         let index = known.unwrap_or_else(|| {
-            let hear = &rules.subscribe;
-            let mut allowed = Vec::with_capacity(run.len());
-            let mut last: Option<(&str, bool)> = None;
-            for i in 0..run.len() {
-                let name = run.name(i);
-                let verdict = match last {
-                    Some((previous, verdict)) if previous == name => verdict,
-                    _ => hear.allows(name),
-                };
-                last = Some((name, verdict));
-                allowed.push(verdict);
-            }
+            let allowed: Vec<bool> = rules
+                .subscribe
+                .allows_each((0..run.len()).map(|i| run.name(i)))
+                .collect();
             let all = allowed.iter().all(|&a| a);
             verdicts.push((rules, (!all).then_some(allowed)));
             verdicts.len() - 1

@@ -462,12 +462,7 @@ impl Hub {
 
     /// The authenticator, when authentication is on (to reload it: see
     /// [`Authenticator::reload`](crate::auth::Authenticator::reload)).
-    pub fn authenticator_handle(&self) -> Option<Arc<crate::auth::Authenticator>> {
-        self.authenticator()
-    }
-
-    /// The authenticator, when authentication is on.
-    pub(crate) fn authenticator(&self) -> Option<Arc<crate::auth::Authenticator>> {
+    pub fn authenticator(&self) -> Option<Arc<crate::auth::Authenticator>> {
         self.state
             .auth
             .read()

@@ -344,7 +344,7 @@ async fn reload_on_hangup(mut hangup: Signal, hub: Hub, tls: Option<hubcast::tls
                 Err(e) => error!("SIGHUP: TLS certificate not reloaded, the old one stays: {e}"),
             }
         }
-        let Some(current) = hub.authenticator_handle() else {
+        let Some(current) = hub.authenticator() else {
             if tls.is_none() {
                 info!("SIGHUP: nothing to reload (no --auth, --jwt-key or --tls-cert)");
             }
