@@ -74,6 +74,9 @@ pub struct Config {
 /// How long a new connection has to authenticate, by default.
 pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often WebSocket clients are pinged, by default (Socket.IO's `pingInterval`).
+pub const DEFAULT_WS_PING: Duration = Duration::from_secs(25);
+
 /// The default window in which a resent `"id"` is recognised as a duplicate.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
@@ -213,6 +216,9 @@ pub struct Timeouts {
     pub drain: Duration,
     /// With authentication on, how long a new connection has to send its `$hello`.
     pub auth: Duration,
+    /// How often the hub pings a WebSocket client (a WebSocket ping frame); a client
+    /// silent for two intervals is closed `heartbeat_timeout`. `None`: never.
+    pub ws_ping: Option<Duration>,
 }
 
 /// What the hub does with a client that reads too slowly (its queue is full).
@@ -263,6 +269,7 @@ impl Default for Timeouts {
             idle: None,
             drain: DEFAULT_DRAIN_TIMEOUT,
             auth: DEFAULT_AUTH_TIMEOUT,
+            ws_ping: Some(DEFAULT_WS_PING),
         }
     }
 }
@@ -316,6 +323,8 @@ pub enum Setting {
     MaxConnsPerIp,
     /// [`Limits::accept_rate`]
     AcceptRate,
+    /// [`Timeouts::ws_ping`]
+    WsPing,
 }
 
 impl Setting {
@@ -344,6 +353,7 @@ impl Setting {
             Setting::MaxBytesRate => "limits.max_bytes_rate",
             Setting::MaxConnsPerIp => "limits.max_conns_per_ip",
             Setting::AcceptRate => "limits.accept_rate",
+            Setting::WsPing => "timeouts.ws_ping",
         }
     }
 
@@ -372,6 +382,7 @@ impl Setting {
             Setting::MaxBytesRate => "--max-bytes-rate",
             Setting::MaxConnsPerIp => "--max-conns-per-ip",
             Setting::AcceptRate => "--accept-rate",
+            Setting::WsPing => "--ws-ping",
         }
     }
 }
@@ -529,6 +540,11 @@ impl Config {
                 Some(self.timeouts.auth),
                 "every client would be closed before it could authenticate",
             ),
+            (
+                Setting::WsPing,
+                self.timeouts.ws_ping,
+                "WebSocket clients would be pinged without pause (leave it unset to never ping)",
+            ),
         ];
         for (setting, value, why) in durations {
             match value {
@@ -671,6 +687,8 @@ setters! {
     drain_timeout: Duration => timeouts.drain;
     /// Sets [`Timeouts::auth`].
     auth_timeout: Duration => timeouts.auth;
+    /// Sets [`Timeouts::ws_ping`].
+    ws_ping: Option<Duration> => timeouts.ws_ping;
     /// Sets [`Limits::max_rate`].
     max_rate: Option<u32> => limits.max_rate;
     /// Sets [`Limits::max_bytes_rate`].

@@ -40,6 +40,10 @@ pub(crate) trait Source: AsyncRead + Unpin {
     /// nothing buffered waits for readiness holding no buffer at all.
     const WAITS_UNBUFFERED: bool = false;
 
+    /// Whether the hub pings this transport's clients unasked (WebSocket, every
+    /// `timeouts.ws_ping`), as browsers expect of a server.
+    const WANTS_PINGS: bool = false;
+
     /// Ready when a read would not block. The default is always ready: such sources
     /// keep their buffer while they wait.
     fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -312,6 +316,11 @@ where
         fatal: None,
         throttle: Throttle::new(&hub.config().limits).map(Box::new),
     };
+    if R::WANTS_PINGS {
+        if let Some(every) = hub.config().timeouts.ws_ping {
+            conn.liveness.set_heartbeat(every);
+        }
+    }
     if conn.session.awaiting_hello {
         let at = Instant::now() + hub.config().timeouts.auth;
         conn.liveness.set_expiry(Some((at, ErrorCode::AuthTimeout)));
@@ -414,7 +423,10 @@ where
             }
             res = WriteBatch { writer: &mut writer, batch: &conn.batch }, if writing => match res {
                 Ok(0) => break CloseReason::Io(io::ErrorKind::WriteZero.into()),
-                Ok(n) => conn.batch.advance(n, &client.outbox),
+                Ok(n) => {
+                    hub.metrics().bytes_out.add(client.id.0, n as u64);
+                    conn.batch.advance(n, &client.outbox);
+                }
                 Err(e) => break CloseReason::Io(e.into()),
             },
             _ = client.outbox.notified() => {}
@@ -507,6 +519,7 @@ impl Connection<'_> {
             }
             Ok((n, offered)) => {
                 self.input.read(n, offered);
+                self.hub.metrics().bytes_in.add(self.client.id.0, n as u64);
                 self.liveness.heard();
                 let consumed = self.consumed(n >= offered);
                 if let Some(throttle) = self.throttle.as_mut() {
@@ -518,7 +531,17 @@ impl Connection<'_> {
                 }
                 consumed
             }
-            Err(e) => Err(CloseReason::Io(e.into())),
+            Err(e) => {
+                let violation = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<crate::transport::Violation>());
+                if let Some(violation) = violation {
+                    let code = violation.code;
+                    self.reject(ProtocolError::new(code, violation.message.clone()));
+                    return Err(CloseReason::Protocol(code));
+                }
+                Err(CloseReason::Io(e.into()))
+            }
         }
     }
 
@@ -828,7 +851,11 @@ mod tests {
         tokio::task::JoinHandle<CloseReason>,
     ) {
         let (peer, server_side) = tokio::io::duplex(1024);
-        let client = hub.join(SocketAddr::from(([127, 0, 0, 1], 1)), true);
+        let client = hub.join(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            true,
+            Default::default(),
+        );
         let (tx, _rx) = mpsc::channel(1);
         let hub = hub.clone();
         let task = tokio::spawn(async move {

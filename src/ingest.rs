@@ -40,7 +40,15 @@ pub(crate) fn event(hub: &Hub, sender: &Arc<Member>, event: Event) {
         return;
     };
     // backplane: a single hub; no other nodes to tell.
-    hub.publish(from, event);
+    let metrics = hub.metrics();
+    if metrics.enabled() {
+        metrics.named(event.name().as_str(), 1);
+        let began = Instant::now();
+        hub.publish(from, event);
+        metrics.fanout_took(began.elapsed());
+    } else {
+        hub.publish(from, event);
+    }
     // Live only: confirmed once fanned out (after the sender's own echo).
     if let Some(frame) = confirmation {
         hub.reply(from, frame);
@@ -67,5 +75,22 @@ pub(crate) fn run(
             durable.store_plain(hub, run.name(index), || run.line(index));
         }
     }
-    hub.publish_run(from, run, progress, deadline)
+    let metrics = hub.metrics();
+    if !metrics.enabled() {
+        return hub.publish_run(from, run, progress, deadline);
+    }
+    if progress.is_new() {
+        // One count per stretch of equal names: runs are mostly one name.
+        let mut start = 0;
+        for index in 1..=run.len() {
+            if index == run.len() || run.name(index) != run.name(start) {
+                metrics.named(run.name(start), (index - start) as u64);
+                start = index;
+            }
+        }
+    }
+    let began = Instant::now();
+    let done = hub.publish_run(from, run, progress, deadline);
+    metrics.fanout_took(began.elapsed());
+    done
 }

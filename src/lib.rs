@@ -79,9 +79,11 @@ mod durable;
 mod error;
 mod event;
 pub mod frame;
+pub mod http;
 mod hub;
 mod inbound;
 mod ingest;
+pub mod metrics;
 mod outbox;
 pub mod protocol;
 pub mod routing;
@@ -89,6 +91,7 @@ mod server;
 pub mod store;
 pub mod tls;
 mod transport;
+mod ws;
 
 pub use client::{Client, ClientEvent};
 pub use config::{
@@ -96,8 +99,8 @@ pub use config::{
     Streams, Timeouts, DEAD_SUFFIX, DEFAULT_AUTH_TIMEOUT, DEFAULT_DEDUP_WINDOW,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_ERROR_WINDOW, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_ERRORS,
     DEFAULT_MAX_INBOUND_MEMORY, DEFAULT_MAX_PATTERN_BYTES, DEFAULT_MAX_PATTERN_SEGMENTS,
-    DEFAULT_MAX_PENDING, DEFAULT_MAX_ROOMS, DEFAULT_MAX_SUBSCRIPTIONS, MAX_DEDUP_IDS, MAX_DURATION,
-    QUEUE_ENTRY_OVERHEAD,
+    DEFAULT_MAX_PENDING, DEFAULT_MAX_ROOMS, DEFAULT_MAX_SUBSCRIPTIONS, DEFAULT_WS_PING,
+    MAX_DEDUP_IDS, MAX_DURATION, QUEUE_ENTRY_OVERHEAD,
 };
 pub use control::PROTOCOL_VERSION;
 pub use error::IoError;

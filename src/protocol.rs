@@ -83,6 +83,38 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [ErrorCode; 28] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::NotAnEvent,
+        ErrorCode::ReservedEvent,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::InvalidUtf8,
+        ErrorCode::SlowConsumer,
+        ErrorCode::InvalidPayload,
+        ErrorCode::InvalidPattern,
+        ErrorCode::InvalidRoom,
+        ErrorCode::LimitExceeded,
+        ErrorCode::IdleTimeout,
+        ErrorCode::HeartbeatTimeout,
+        ErrorCode::TooManyConnections,
+        ErrorCode::TooManyErrors,
+        ErrorCode::EventsDropped,
+        ErrorCode::Storage,
+        ErrorCode::UnknownStream,
+        ErrorCode::UnknownConsumer,
+        ErrorCode::ConsumerMismatch,
+        ErrorCode::NotConsuming,
+        ErrorCode::AuthRequired,
+        ErrorCode::AuthFailed,
+        ErrorCode::AuthTimeout,
+        ErrorCode::TokenExpired,
+        ErrorCode::AuthRevoked,
+        ErrorCode::PermissionDenied,
+        ErrorCode::TlsRequired,
+        ErrorCode::Unknown,
+    ];
+
     /// The code as it appears on the wire.
     ///
     /// # Examples

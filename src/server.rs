@@ -50,6 +50,8 @@ pub struct Server {
     hub: Hub,
     /// Serve TLS instead of plain TCP.
     tls: Option<crate::tls::ServerTls>,
+    /// Also serve HTTP: the WebSocket gateway, metrics, health and the dashboard.
+    http: Option<crate::http::Gateway>,
 }
 
 impl Server {
@@ -80,7 +82,16 @@ impl Server {
             listener,
             hub,
             tls: None,
+            http: None,
         }
+    }
+
+    /// Also serves `gateway`'s HTTP listener (`--http`): WebSocket clients join the
+    /// same pool, under the same limits, and shut down with the rest.
+    pub fn with_http(mut self, gateway: crate::http::Gateway) -> Self {
+        self.hub.metrics().enable();
+        self.http = Some(gateway);
+        self
     }
 
     /// Serves TLS (every connection handshakes first) with `tls`'s certificate, which
@@ -108,40 +119,119 @@ impl Server {
     /// lets every connection flush what is queued for it (bounded by the hub's drain
     /// deadline), and returns once all connections have closed.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Server { listener, hub, tls } = self;
-        match tls {
-            Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
-                Ok(listener) => accept_loop(listener, hub, shutdown).await,
-                Err(e) => hub.report(|| HubEvent::Error {
-                    message: format!("cannot serve TLS: {e}"),
-                }),
-            },
-            None => accept_loop(listener, hub, shutdown).await,
+        let Server {
+            listener,
+            hub,
+            tls,
+            http,
+        } = self;
+        let gate = Gate::new(&hub);
+        let http = async {
+            if let Some(gateway) = http {
+                let listener = gateway.listen(hub.clone());
+                accept_into(listener, &hub, &gate, &shutdown).await;
+            }
+        };
+        let tcp = async {
+            match tls {
+                Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
+                    Ok(listener) => accept_into(listener, &hub, &gate, &shutdown).await,
+                    Err(e) => hub.report(|| HubEvent::Error {
+                        message: format!("cannot serve TLS: {e}"),
+                    }),
+                },
+                None => accept_into(listener, &hub, &gate, &shutdown).await,
+            }
+        };
+        tokio::join!(tcp, http);
+        gate.close(&hub).await;
+    }
+}
+
+/// What every listener of one server shares: the connection limit, the per-address
+/// admission, and the two-step shutdown (so a WebSocket client and a TCP client are
+/// drained as one pool).
+pub(crate) struct Gate {
+    tracker: TaskTracker,
+    phases: Phases,
+    /// Each connection holds a clone while it reads; `all_stopped` yields `None` once
+    /// all of them (and this one) are gone.
+    reading: mpsc::Sender<()>,
+    all_stopped: mpsc::Receiver<()>,
+    /// One permit per connection: taken at accept, given back when it closes.
+    slots: Arc<Semaphore>,
+    lingering: Arc<Semaphore>,
+    admission: Arc<Admission>,
+}
+
+impl Gate {
+    pub(crate) fn new(hub: &Hub) -> Self {
+        let (reading, all_stopped) = mpsc::channel::<()>(1);
+        let limits = &hub.config().limits;
+        Gate {
+            tracker: TaskTracker::new(),
+            phases: Phases::default(),
+            reading,
+            all_stopped,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS)),
+            admission: Admission::new(limits.max_conns_per_ip, limits.accept_rate),
         }
+    }
+
+    /// Once every listener stopped accepting: the two-step shutdown the module
+    /// describes.
+    pub(crate) async fn close(self, hub: &Hub) {
+        let Gate {
+            tracker,
+            phases,
+            reading,
+            mut all_stopped,
+            ..
+        } = self;
+        tracker.close();
+        phases.stop_reading.cancel();
+        drop(reading);
+        let deadline = hub.config().timeouts.drain;
+        // Reading stops at once; the timeout only guards against a bug.
+        let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
+        phases.drain.cancel();
+        tracker.wait().await;
+        hub.report(|| HubEvent::Shutdown);
     }
 }
 
 /// Accepts from any [`Listener`] and serves each stream in a task of its own, until
 /// `shutdown`; then the two-step shutdown the module describes.
-pub(crate) async fn accept_loop<L: Listener>(
+#[cfg(test)]
+pub(crate) async fn accept_loop<L: Listener>(listener: L, hub: Hub, shutdown: CancellationToken) {
+    let gate = Gate::new(&hub);
+    accept_into(listener, &hub, &gate, &shutdown).await;
+    gate.close(&hub).await;
+}
+
+/// Accepts from `listener` into `gate` until `shutdown`.
+async fn accept_into<L: Listener>(
     mut listener: L,
-    hub: Hub,
-    shutdown: CancellationToken,
+    hub: &Hub,
+    gate: &Gate,
+    shutdown: &CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
         hub.report(|| HubEvent::Listening { addr });
     }
-    let tracker = TaskTracker::new();
-    let phases = Phases::default();
-    // Each connection holds a sender while it reads; `recv` returns `None` once
-    // all of them (and ours) are gone.
-    let (reading, mut all_stopped) = mpsc::channel::<()>(1);
+    let Gate {
+        tracker,
+        phases,
+        reading,
+        slots,
+        lingering,
+        admission,
+        ..
+    } = gate;
+    let hub = hub.clone();
     let mut backoff = Duration::ZERO;
-    // One permit per connection: taken at accept, given back when it closes.
-    let slots = Arc::new(Semaphore::new(hub.config().limits.max_connections));
-    let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
-    let limits = &hub.config().limits;
-    let admission = Admission::new(limits.max_conns_per_ip, limits.accept_rate);
+    let counts = &hub.metrics().transport(L::KIND).accepted;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -163,14 +253,15 @@ pub(crate) async fn accept_loop<L: Listener>(
                                 e
                             }
                         };
-                        refuse_with(&hub, stream, peer.addr, &lingering, error, true);
+                        refuse_with(&hub, stream, peer.addr, lingering, error, true);
                         continue;
                     }
                 };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    refuse(&hub, stream, peer.addr, &lingering);
+                let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
+                    refuse(&hub, stream, peer.addr, lingering);
                     continue;
                 };
+                counts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let task = serve(hub.clone(), stream, peer, phases.clone(), reading.clone());
                 tracker.spawn(async move {
                     task.await;
@@ -192,22 +283,13 @@ pub(crate) async fn accept_loop<L: Listener>(
         }
     }
     drop(listener);
-    tracker.close();
-    phases.stop_reading.cancel();
-    drop(reading);
-    let deadline = hub.config().timeouts.drain;
-    // Reading stops at once; the timeout only guards against a bug.
-    let _ = tokio::time::timeout(deadline, all_stopped.recv()).await;
-    phases.drain.cancel();
-    tracker.wait().await;
-    hub.report(|| HubEvent::Shutdown);
 }
 
 /// Binds and listens with a backlog for bursts of connections. (`TcpListener::bind`
 /// uses 128, like std: 1,000 clients connecting at once overflow it, and with SYN
 /// cookies the ones that overflow believe they are connected while the hub never
 /// sees them.)
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -347,6 +429,7 @@ async fn serve<T: Transport>(
     // in the task's state for the connection's whole life.
     let (client, session) = {
         let addr = peer.addr;
+        let kind = peer.kind;
         let (open, by_certificate) = match certificate_identity(&hub, peer) {
             Ok(found) => found,
             Err(error) => {
@@ -372,7 +455,7 @@ async fn serve<T: Transport>(
                 }
             }
         }
-        let client = hub.join(addr, open);
+        let client = hub.join(addr, open, kind);
         if let Some(identity) = by_certificate {
             let user = identity.name.clone();
             hub.admit(&client, *identity);
@@ -394,6 +477,7 @@ async fn serve<T: Transport>(
     let (reader, writer) = stream.split();
     let reason = connection::run(&hub, &client, reader, writer, &phases, reading, session).await;
     membership.reason = Some(reason);
+    stream.finish().await;
 }
 
 /// Whether the hub is open (no authentication), and the identity a verified client

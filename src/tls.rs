@@ -348,6 +348,7 @@ async fn handshakes(
                 .and_then(|cert| certificate_name(cert));
             let peer = PeerInfo {
                 certificate,
+                kind: crate::metrics::TransportKind::Tls,
                 ..peer
             };
             let _ = ready.send((Plain(Coalesce(stream)), peer)).await;
@@ -357,6 +358,7 @@ async fn handshakes(
 
 impl Listener for TlsListener {
     type Stream = ServerStream;
+    const KIND: crate::metrics::TransportKind = crate::metrics::TransportKind::Tls;
 
     async fn accept(&mut self) -> io::Result<(ServerStream, PeerInfo)> {
         match self.done.recv().await {

@@ -29,6 +29,24 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(10))
     .with_retries(5);
 
+/// A transport-level violation (a WebSocket frame over the limit, invalid UTF-8, a
+/// protocol error), carried in the `io::Error` its read returns: the connection tells
+/// the client with a `$error` and closes, as for a frame over the limit on TCP, and the
+/// transport closes in its own way (a WebSocket close code).
+#[derive(Debug)]
+pub(crate) struct Violation {
+    pub(crate) code: crate::ErrorCode,
+    pub(crate) message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Violation {}
+
 /// Who is on the other end of a connection, as its listener established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PeerInfo {
@@ -37,6 +55,8 @@ pub(crate) struct PeerInfo {
     /// The name a verified TLS client certificate gives (its subject CN, else its
     /// first DNS or email SAN).
     pub(crate) certificate: Option<String>,
+    /// How it reached the hub.
+    pub(crate) kind: crate::metrics::TransportKind,
 }
 
 impl PeerInfo {
@@ -44,6 +64,7 @@ impl PeerInfo {
         PeerInfo {
             addr,
             certificate: None,
+            kind: crate::metrics::TransportKind::Tcp,
         }
     }
 }
@@ -61,6 +82,12 @@ pub(crate) trait Transport: Send + 'static {
 
     /// Splits the stream for one task to read and write at once.
     fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+
+    /// After the session loop ended (and shut the write side down): what the
+    /// transport does before the socket is dropped. The default does nothing.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 
     /// Writes `line` if the stream can take it at once, never waiting, then drops the
     /// stream: for a refusal when the hub cannot spare a task to wait. The default
@@ -111,6 +138,9 @@ where
 pub(crate) trait Listener: Send + 'static {
     /// The streams it hands over.
     type Stream: Transport;
+
+    /// How its connections reach the hub (for metrics).
+    const KIND: crate::metrics::TransportKind = crate::metrics::TransportKind::Tcp;
 
     /// The next connection. Errors that concern only that connection are retried by
     /// the server; others back off.

@@ -61,7 +61,7 @@ impl Liveness {
         asked
     }
 
-    pub(super) fn set_heartbeat(&mut self, every: Duration) {
+    pub(crate) fn set_heartbeat(&mut self, every: Duration) {
         self.heartbeat = Some(every);
         self.next_ping = Instant::now().checked_add(every);
     }

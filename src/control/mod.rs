@@ -2,7 +2,7 @@
 //!
 //! Each is answered on the same connection, in order: `$hello` → `$welcome`,
 //! `$subscribe` → `$subscribed`, `$unsubscribe` → `$unsubscribed`, `$join` → `$joined`,
-//! `$leave` → `$left`, `$ping` → `$pong`; a malformed one → `$error` naming the problem.
+//! `$leave` → `$left`, `$ping` → `$pong`, `$stats` → `$stats`; a malformed one → `$error` naming the problem.
 //! Control events are never broadcast. A client that never sends one behaves exactly
 //! as in protocol v1. One module per request (`hello`, `subscribe`, `room`, `ping`),
 //! as mini-redis has one per command; `liveness` keeps the timers behind `$hello
@@ -22,6 +22,7 @@ mod hello;
 mod liveness;
 mod ping;
 mod room;
+mod stats;
 mod subscribe;
 
 pub use hello::PROTOCOL_VERSION;
@@ -103,6 +104,7 @@ pub(crate) fn handle(
         "$join" => room::join(&request),
         "$leave" => room::leave(&request),
         "$ping" => ping::apply(&request),
+        "$stats" => stats::apply(&request),
         "$consume" => return consume::consume(&request),
         "$ack" => return consume::ack(&request),
         "$nack" => return consume::nack(&request),

@@ -141,6 +141,17 @@ impl Consumers {
         ))
     }
 
+    /// What every consumer holds now; `last_seq` gives a stream's last seq by index.
+    pub(crate) fn infos(&self, last_seq: impl Fn(usize) -> u64) -> Vec<crate::store::ConsumerInfo> {
+        let consumers: Vec<Arc<Consumer>> = lock(&self.by_name).values().cloned().collect();
+        let mut infos: Vec<_> = consumers
+            .iter()
+            .map(|c| c.lock().ledger.info(&c.name, last_seq(c.stream)))
+            .collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
     /// The consumers of stream `stream`.
     pub(crate) fn of_stream(&self, stream: usize) -> Vec<Arc<Consumer>> {
         lock(&self.by_name)
@@ -1137,7 +1148,7 @@ mod tests {
         for _ in 0..600 {
             assert!(stored.recv().await.unwrap());
         }
-        let member = hub.join("127.0.0.1:9".parse().unwrap(), true);
+        let member = hub.join("127.0.0.1:9".parse().unwrap(), true, Default::default());
         let consumers = hub.durable().consumers.as_ref().unwrap();
         let spec = Spec {
             stream: "s".into(),

@@ -509,6 +509,20 @@ impl Durable {
     }
 
     /// Whether any stream is declared (runs then pass through the store stage).
+    /// Each stream (dead-letter streams included) with its last seq, and every
+    /// consumer's state: what `/metrics` and the dashboard show.
+    pub(crate) fn live_info(&self) -> (Vec<(String, u64)>, Vec<crate::store::ConsumerInfo>) {
+        let streams = (0..self.names.len())
+            .map(|i| (self.names[i].to_string(), self.last_seq(i)))
+            .collect();
+        let consumers = self
+            .consumers
+            .as_ref()
+            .map(|c| c.infos(|i| self.last_seq(i)))
+            .unwrap_or_default();
+        (streams, consumers)
+    }
+
     pub(crate) fn has_streams(&self) -> bool {
         self.declared > 0
     }

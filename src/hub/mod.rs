@@ -276,6 +276,8 @@ struct HubState {
     auth: RwLock<Option<Arc<crate::auth::Authenticator>>>,
     /// Addresses that failed to authenticate recently.
     penalties: crate::auth::Penalties,
+    /// What `/metrics` shows beyond the counters.
+    metrics: crate::metrics::Metrics,
 }
 
 /// The hub: the pool of clients and everything that can be done with it.
@@ -392,6 +394,7 @@ impl Hub {
                 config,
                 auth: RwLock::new(None),
                 penalties: Default::default(),
+                metrics: Default::default(),
             }),
         };
         for message in recovery.repairs {
@@ -475,6 +478,22 @@ impl Hub {
         &self.state.penalties
     }
 
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.state.metrics
+    }
+
+    /// Connected clients by transport (in [`TransportKind::ALL`](crate::metrics::TransportKind::ALL) order),
+    /// subscription patterns held, and rooms with members.
+    pub(crate) fn gauges(&self) -> ([u64; 3], usize, usize) {
+        let pool = self.read_pool();
+        let mut open = [0u64; 3];
+        for member in pool.clients.values() {
+            open[member.transport as usize] += 1;
+        }
+        let (patterns, rooms) = pool.routing_counts();
+        (open, patterns, rooms)
+    }
+
     /// The configuration the hub runs with.
     pub fn config(&self) -> &Config {
         &self.state.config
@@ -550,6 +569,7 @@ impl Hub {
 
     pub(crate) fn rejected(&self, client: ClientId, error: ProtocolError) {
         self.state.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.state.metrics.rejected(error.code);
         match error.code {
             ErrorCode::PermissionDenied => self.count(|c| &c.permission_denied),
             ErrorCode::AuthFailed => self.count(|c| &c.auth_failed),

@@ -26,6 +26,8 @@ pub(crate) struct Member {
     pub(crate) echo: AtomicBool,
     /// Who it is and what it may do (with authentication on).
     pub(crate) access: super::access::Access,
+    /// How it reached the hub.
+    pub(crate) transport: crate::metrics::TransportKind,
 }
 
 /// Who is connected and who wants what. One lock guards it all, so a broadcast sees
@@ -57,6 +59,12 @@ struct Routes {
 }
 
 impl Pool {
+    /// Subscription patterns held, and rooms with members.
+    pub(super) fn routing_counts(&self) -> (usize, usize) {
+        let patterns = self.routes.values().map(|r| r.patterns.len()).sum();
+        (patterns, self.rooms.len())
+    }
+
     /// Whether `id` wants an event named `name` (rooms aside).
     pub(super) fn wants(&self, id: ClientId, name: &str) -> bool {
         match self.routes.get(&id) {
@@ -176,7 +184,12 @@ impl Hub {
 
     /// Adds a new client to the pool. One that must authenticate first (`open` false)
     /// hears nothing until [`Hub::admit`].
-    pub(crate) fn join(&self, peer: SocketAddr, open: bool) -> Arc<Member> {
+    pub(crate) fn join(
+        &self,
+        peer: SocketAddr,
+        open: bool,
+        transport: crate::metrics::TransportKind,
+    ) -> Arc<Member> {
         let id = ClientId(self.state.next_id.fetch_add(1, Ordering::Relaxed));
         let client = Arc::new(Member {
             id,
@@ -186,6 +199,7 @@ impl Hub {
             ),
             echo: AtomicBool::new(self.state.config.delivery.echo),
             access: Default::default(),
+            transport,
         });
         {
             let mut pool = self.write_pool();

@@ -92,6 +92,8 @@ struct Op {
 /// The embedded store: see the module docs.
 pub struct SegmentLog {
     streams: Streams,
+    /// How long commits take and how many events each carries.
+    commits: Arc<CommitStats>,
     /// Bytes of appends sent to the writer and not yet committed.
     queued: Arc<AtomicUsize>,
     max_queued: usize,
@@ -115,7 +117,9 @@ impl SegmentLog {
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let max_queued = config.max_queued;
+        let commits = Arc::new(CommitStats::default());
         let writer = Writer {
+            commits: Arc::clone(&commits),
             config,
             root,
             streams: Arc::clone(&streams),
@@ -129,6 +133,7 @@ impl SegmentLog {
         Ok((
             SegmentLog {
                 streams,
+                commits,
                 queued,
                 max_queued,
                 ops: Mutex::new(Some(tx)),
@@ -150,11 +155,17 @@ impl SegmentLog {
         let streams = scan(&root, None)?;
         Ok(SegmentLog {
             streams: Arc::new(Mutex::new(streams)),
+            commits: Arc::default(),
             queued: Arc::default(),
             max_queued: 0,
             ops: Mutex::new(None),
             writer: Mutex::new(None),
         })
+    }
+
+    /// How its group commits went so far.
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.commits
     }
 
     /// The streams the store holds, by name.
@@ -604,8 +615,27 @@ fn open_stream(
     })
 }
 
+/// How the writer's group commits went: for `/metrics`.
+#[derive(Debug)]
+pub struct CommitStats {
+    /// Seconds per commit (the write, and the fsync when `--fsync always`).
+    pub latency: crate::metrics::Histogram,
+    /// Events per commit.
+    pub batch: crate::metrics::Histogram,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            latency: crate::metrics::Histogram::new(crate::metrics::COMMIT_BUCKETS),
+            batch: crate::metrics::Histogram::new(crate::metrics::BATCH_BUCKETS),
+        }
+    }
+}
+
 /// The writer thread's state: the active segment of each stream it has written to.
 struct Writer {
+    commits: Arc<CommitStats>,
     config: StoreConfig,
     root: PathBuf,
     streams: Streams,
@@ -684,8 +714,15 @@ impl Writer {
             }
         }
         let mut results = Vec::with_capacity(pending.len());
+        let began = std::time::Instant::now();
+        let mut events = 0;
         for (stream, batch) in &pending {
+            events += batch.records.len() as u64;
             results.push(self.write(stream, batch));
+        }
+        if events > 0 {
+            self.commits.latency.record(began.elapsed());
+            self.commits.batch.record_count(events);
         }
         // Only now (written, and synced if asked) does anyone hear of it: readers see
         // the new records, then the callbacks run, without the lock (a callback may

@@ -23,3 +23,4 @@ mod security_cli;
 mod streams;
 mod support;
 mod tls;
+mod ws;

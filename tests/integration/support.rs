@@ -19,6 +19,8 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// A hub serving on a free loopback port.
 pub struct TestHub {
     pub addr: SocketAddr,
+    /// The `--http` listener's address, when started with one.
+    pub http: Option<SocketAddr>,
     pub hub: Hub,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -46,6 +48,20 @@ impl TestHub {
         let (hub, log) = Self::observed(config, record);
         let server = Server::bind("127.0.0.1:0", hub.clone()).await.unwrap();
         Self::serve(server, hub, log, None)
+    }
+
+    /// A hub that also serves HTTP (the WebSocket gateway, metrics, health).
+    pub async fn start_http(config: Config) -> TestHub {
+        let (hub, log) = Self::observed(config, true);
+        let gateway = hubcast::http::Gateway::bind("127.0.0.1:0").await.unwrap();
+        let http = gateway.local_addr().unwrap();
+        let server = Server::bind("127.0.0.1:0", hub.clone())
+            .await
+            .unwrap()
+            .with_http(gateway);
+        let mut hub = Self::serve(server, hub, log, None);
+        hub.http = Some(http);
+        hub
     }
 
     /// A hub serving TLS with `tls`.
@@ -117,6 +133,7 @@ impl TestHub {
         let task = tokio::spawn(server.run(shutdown.clone()));
         TestHub {
             addr,
+            http: None,
             hub,
             shutdown,
             task: Some(task),

@@ -130,9 +130,29 @@ pub struct Args {
     /// Most connection attempts per second from one IP address.
     #[arg(long, value_name = "N/s", value_parser = parse_rate)]
     accept_rate: Option<u32>,
+    /// Also serve HTTP on this address (e.g. 127.0.0.1:8080): the WebSocket gateway
+    /// at /ws, the dashboard at /, Prometheus metrics at /metrics, and /healthz and
+    /// /readyz. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// How often WebSocket clients are pinged (two unanswered intervals close them);
+    /// `off` never pings.
+    #[arg(long, default_value = "25s", value_parser = parse_ws_ping)]
+    ws_ping: WsPing,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
+}
+
+/// `--ws-ping`: an interval, or `off`.
+#[derive(Clone, Copy)]
+struct WsPing(Option<Duration>);
+
+fn parse_ws_ping(text: &str) -> Result<WsPing, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(WsPing(None));
+    }
+    parse_positive_duration(text).map(|d| WsPing(Some(d)))
 }
 
 /// `100`, `100/s`: a positive rate per second.
@@ -210,6 +230,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .dedup_window(args.dedup_window)
         .auth_timeout(args.auth_timeout)
+        .ws_ping(args.ws_ping.0)
         .max_rate(args.max_rate)
         .max_bytes_rate(args.max_bytes_rate)
         .max_conns_per_ip(args.max_conns_per_ip)
@@ -266,10 +287,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Protected mode, as Redis's: beyond this machine only with authentication,
     // checked before anything listens.
     if auth.is_none() && !args.insecure {
-        let beyond = tokio::net::lookup_host((host, args.port))
+        let mut beyond = tokio::net::lookup_host((host, args.port))
             .await
             .with_context(|| format!("cannot resolve --host {}", args.host))?
             .find(|a| !a.ip().is_loopback());
+        if let (None, Some(http)) = (beyond, &args.http) {
+            beyond = tokio::net::lookup_host(http.as_str())
+                .await
+                .map_err(|e| crate::UsageError(format!("--http {http}: {e}")))?
+                .find(|a| !a.ip().is_loopback());
+        }
         if let Some(addr) = beyond {
             return Err(crate::UsageError(format!(
                 "refusing to listen on {addr} without authentication (protected mode): add --auth FILE or --jwt-key FILE, or --insecure to let anyone who reaches the port read and send every event"
@@ -288,6 +315,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let addr = server.local_addr()?;
+    let mut http_addr = None;
+    if let Some(http) = &args.http {
+        let gateway = hubcast::http::Gateway::bind(http.as_str())
+            .await
+            .with_context(|| format!("cannot listen on --http {http}"))?;
+        http_addr = Some(gateway.local_addr()?);
+        server = server.with_http(gateway);
+    }
     if !addr.ip().is_loopback() && auth.is_none() {
         warn!("listening on {addr} with --insecure: anyone who can reach this port can read and send every event");
     }
@@ -297,6 +332,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     // Not `println!`: a closed stdout must not take the hub down.
     let _ = writeln!(std::io::stdout(), "Server up on {addr}");
+    if let Some(http) = http_addr {
+        let _ = writeln!(
+            std::io::stdout(),
+            "HTTP up on http://{http} (dashboard /, WebSocket /ws, metrics /metrics)"
+        );
+    }
     let shutdown = CancellationToken::new();
     if let Some(hangup) = signals.hangup.take() {
         tokio::spawn(reload_on_hangup(hangup, hub.clone(), tls));
