@@ -12,7 +12,7 @@
 //! HTTP is served by hyper, one task per connection (at most [`MAX_HTTP_CONNECTIONS`]
 //! at once, each request head within [`HEADER_TIMEOUT`]). A WebSocket upgrade hands the
 //! TCP socket itself back (hyper's `Upgraded::downcast`), which the server's accept
-//! loop then serves like any connection ([`crate::ws`]): the same limits, admission and
+//! loop then serves like any connection (`ws.rs`): the same limits, admission and
 //! shutdown as TCP clients, in the same pool.
 
 use std::convert::Infallible;

@@ -3,7 +3,7 @@
 //! and how long fan-out takes.
 //!
 //! Counting is atomics on the hot path, nothing else; the per-name counts and the
-//! fan-out histogram run only once metrics are turned on ([`Metrics::enable`], which
+//! fan-out histogram run only once metrics are turned on (`Metrics::enable`, which
 //! `--http` does), so a hub nobody scrapes pays nothing for them. Rendering happens at
 //! scrape time (`http.rs`), from these and from the hub's own state.
 
