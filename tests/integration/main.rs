@@ -4,6 +4,7 @@
 //! shared helper that starts a hub and watches what it reports.
 
 mod bench;
+mod browser;
 mod cli;
 mod client;
 mod consumers;

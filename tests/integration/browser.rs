@@ -1,0 +1,140 @@
+//! Issue #14: the dashboard in a real browser (Debian's Chromium driven by
+//! playwright-core, tests/browser/dashboard.mjs), with this test as the TCP side.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use hubcast::Config;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+use crate::support::{event, require, within, TestHub};
+
+const BROWSER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+
+/// Chromium and playwright-core are there (in CI they must be: `.ci/run` installs them).
+fn browser_available() -> bool {
+    if !require("node") {
+        return false;
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let driver = Path::new(BROWSER_DIR).join("node_modules/playwright-core");
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    if Path::new(&chromium).exists() && driver.exists() {
+        return true;
+    }
+    assert!(
+        !ci,
+        "{chromium} or {} is missing, and CI is set (.ci/run installs them)",
+        driver.display()
+    );
+    eprintln!("SKIPPED: the browser test needs {chromium} and `npm ci` in tests/browser");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_hub_live_in_a_real_browser() {
+    if !browser_available() {
+        return;
+    }
+    // A stream and a consumer, so that the dashboard shows them too.
+    let data = std::env::temp_dir().join(format!("hubcast-browser-{}", std::process::id()));
+    let config = Config::builder()
+        .streams(vec![hubcast::StreamSpec::new("ticks", &["tick"])])
+        .data_dir(data.clone())
+        .fsync(hubcast::store::Fsync::Never)
+        .build()
+        .unwrap();
+    let hub = TestHub::start_http(config).await;
+    let http = hub.http.unwrap();
+    let mut audit = hub.connect().await;
+    audit
+        .send(event("$consume", json!({"stream": "ticks", "consumer": "audit"})) + "\n")
+        .await;
+    assert_eq!(audit.json().await["event"], "$consuming");
+    // HUBCAST_SCREENSHOTS=docs/screenshots keeps them (the README shows those).
+    let keep = std::env::var_os("HUBCAST_SCREENSHOTS");
+    let shots = match &keep {
+        Some(dir) => Path::new(env!("CARGO_MANIFEST_DIR")).join(dir),
+        None => std::env::temp_dir().join(format!("hubcast-shots-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut browser = Command::new("node")
+        .arg(Path::new(BROWSER_DIR).join("dashboard.mjs"))
+        .arg(http.to_string())
+        .arg(&shots)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut to_browser = browser.stdin.take().unwrap();
+    let mut from_browser = BufReader::new(browser.stdout.take().unwrap()).lines();
+    let mut step = async |word: &str| {
+        let line = within(from_browser.next_line()).await.unwrap();
+        assert_eq!(
+            line.as_deref(),
+            Some(word),
+            "the browser script stopped short"
+        );
+    };
+
+    // A TCP client that hears only what the browser publishes.
+    let mut listener = hub.connect().await;
+    listener
+        .send(event("$subscribe", json!({"events": ["from-browser"]})) + "\n")
+        .await;
+    assert_eq!(listener.json().await["event"], "$subscribed");
+    step("loaded").await;
+    // Events flow while the browser watches the charts.
+    let mut ticker = hub.connect().await;
+    let flowing = tokio::spawn(async move {
+        for i in 0.. {
+            ticker.send(event("tick", json!({"i": i})) + "\n").await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    step("charts-moving").await;
+    flowing.abort();
+
+    step("published").await;
+    let heard = listener.json().await;
+    assert_eq!(
+        heard,
+        json!({"event": "from-browser", "payload": {"n": 42}})
+    );
+
+    // From TCP to the browser's tail; then more, while the tail is paused.
+    let mut sender = hub.connect().await;
+    sender
+        .send(event("from-tcp", json!({"hello": "browser"})) + "\n")
+        .await;
+    to_browser.write_all(b"tail\n").await.unwrap();
+    let keep_sending = tokio::spawn(async move {
+        for i in 0.. {
+            sender.send(event("later", json!(i)) + "\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    step("tail-ok").await;
+    keep_sending.abort();
+    step("screenshots").await;
+    let status = within(browser.wait()).await.unwrap();
+    assert!(status.success(), "the browser script failed: {status}");
+    for name in ["dashboard-1280x800.png", "dashboard-390x844.png"] {
+        let png = std::fs::read(shots.join(name)).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{name} is a PNG");
+        assert!(
+            png.len() > 10_000,
+            "{name} has content ({} bytes)",
+            png.len()
+        );
+    }
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(shots);
+    }
+    drop(audit);
+    let _ = std::fs::remove_dir_all(data);
+}
