@@ -472,3 +472,53 @@ async fn tls_and_authenticated_workloads_run_against_a_hub() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("auth_failed"), "{stderr}");
 }
+
+/// Issue #14: the bench speaks hubcast over WebSocket (small frames, 16-bit and 64-bit
+/// lengths) and checks every delivery, as for TCP.
+#[tokio::test]
+async fn the_websocket_gateway_speaks_the_same_workload() {
+    let hub = TestHub::start_http(Config::default()).await;
+    let target = format!("ws://{}/ws", hub.http.unwrap());
+    same_workload(&target).await;
+    for size in ["4KiB", "70KiB"] {
+        let (code, report) =
+            bench_json(&["-t", &target, "-n", "2", "-k", "50", "--size", size]).await;
+        assert_eq!(code, Some(0), "{size}: {report:#}");
+        assert_complete(&report, 2 * 50);
+    }
+}
+
+/// Issue #14: the bench speaks Engine.IO 4 / Socket.IO 4 to a real Socket.IO server
+/// (scripts/socketio; `.ci/run` installs it with `npm ci`).
+#[tokio::test]
+async fn a_socketio_server_speaks_the_same_workload() {
+    if !crate::support::require("node") {
+        return;
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/socketio");
+    if !std::path::Path::new(dir)
+        .join("node_modules/socket.io")
+        .exists()
+    {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(
+            !ci,
+            "socket.io is not installed in scripts/socketio (.ci/run runs npm ci)"
+        );
+        eprintln!("SKIPPED: socket.io is not installed (npm ci in scripts/socketio)");
+        return;
+    }
+    let port = free_port();
+    let mut server = Command::new("node")
+        .arg(format!("{dir}/server.js"))
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let ready = within(lines.next_line()).await.unwrap().unwrap_or_default();
+    assert!(ready.contains("listening"), "{ready}");
+    same_workload(&format!("socketio://127.0.0.1:{port}")).await;
+}

@@ -138,3 +138,38 @@ async fn the_dashboard_shows_the_hub_live_in_a_real_browser() {
     drop(audit);
     let _ = std::fs::remove_dir_all(data);
 }
+
+/// The delivery demo in the browser: orders posted from examples/web/vendor.html are
+/// taken through pickup → in-transit → delivered by `hubcast driver` over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_vendor_is_served_by_a_tcp_driver() {
+    if !browser_available() {
+        return;
+    }
+    let hub = TestHub::start_http(Config::default()).await;
+    let mut driver = Command::new(env!("CARGO_BIN_EXE_hubcast"))
+        .args(["driver", "--port", &hub.addr.port().to_string()])
+        .args(["--pickup-delay", "50ms", "--deliver-delay", "50ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The driver is in the pool before the first order.
+    let mut clients = hub.hub.watch_clients();
+    within(clients.wait_for(|&n| n == 1)).await.unwrap();
+    let output = Command::new("node")
+        .arg(Path::new(BROWSER_DIR).join("vendor.mjs"))
+        .arg(hub.http.unwrap().to_string())
+        .arg("3")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = within(output).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("delivered 3/3"), "{stdout}");
+    driver.start_kill().unwrap();
+}

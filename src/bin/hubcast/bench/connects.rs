@@ -22,7 +22,7 @@ use super::Args;
 const CONCURRENCY: usize = 32;
 
 pub async fn main(args: &Args, target: &Target, count: usize) -> anyhow::Result<ExitCode> {
-    if target.kind == Kind::Redis {
+    if !matches!(target.kind, Kind::Hubcast | Kind::Nats) {
         return super::usage("--connects measures hubcast:// and nats:// targets");
     }
     let dial = Arc::new(Dial::new(args, target)?);

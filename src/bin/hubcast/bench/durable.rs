@@ -121,6 +121,9 @@ pub async fn main(
     target: &Target,
     mode: Mode,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if target.kind.websocket() {
+        return super::usage("--durable measures hubcast://, nats:// and redis:// targets");
+    }
     let report = run(args, target, mode).await?;
     let text = if args.json {
         serde_json::to_string_pretty(&report)? + "\n"
@@ -260,6 +263,7 @@ fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
 
 fn parse(kind: Kind, buf: &[u8]) -> anyhow::Result<Option<(Frame, usize)>> {
     match kind {
+        Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
         Kind::Hubcast => Ok(memchr::memchr(b'\n', buf).map(|end| {
             let line = buf[..end].to_vec();
             if line.starts_with(b"{\"event\":\"$error\"") {
@@ -381,6 +385,7 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn setup_stream(target: &Target) -> anyhow::Result<()> {
     let mut conn = Conn::open(target).await?;
     match target.kind {
+        Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
         // Declared by the hub (`--stream bench=bench`); a consumer name per run keeps
         // runs apart.
         Kind::Hubcast => Ok(()),
@@ -410,6 +415,7 @@ async fn setup_stream(target: &Target) -> anyhow::Result<()> {
 /// A message body of `size` bytes, as each protocol carries it.
 fn publish_frame(kind: Kind, size: usize, id: &str, out: &mut Vec<u8>) {
     match kind {
+        Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
         Kind::Hubcast => {
             // {"event":"bench","payload":"xxx","id":"..."}\n
             let fixed = 40 + id.len();
@@ -626,6 +632,7 @@ async fn consume(
     let mut setup = Conn::open(target).await?;
     let started = Instant::now();
     match target.kind {
+        Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
         Kind::Hubcast => {}
         Kind::Nats => {
             setup.write.write_all(b"SUB _INBOX.setup 1\r\n").await?;
@@ -674,6 +681,7 @@ async fn consume(
                 now >= goal
             };
             match kind {
+                Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
                 Kind::Hubcast => {
                     let mut request = serde_json::json!({"stream": STREAM, "consumer": consumer, "max_in_flight": window, "ack_wait": "60s"});
                     if let Some(seq) = first_seq {

@@ -1,4 +1,5 @@
-//! `hubcast bench`: fan-out throughput and latency against a hub, nats-server or Redis.
+//! `hubcast bench`: fan-out throughput and latency against a hub (over TCP, TLS or
+//! WebSocket), nats-server, Redis or Socket.IO.
 //!
 //! N subscribers and P publishers connect; the publishers send K messages of S bytes
 //! (as fast as the window allows, or at `--rate`); every subscriber checks it got every
@@ -24,8 +25,10 @@ pub use run::run;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// The server: hubcast://HOST:PORT, nats://HOST:PORT, redis://HOST:PORT, or a bare
-    /// HOST:PORT (a hub).
+    /// The server: hubcast://HOST:PORT, nats://HOST:PORT, redis://HOST:PORT,
+    /// ws://HOST:PORT/ws (a hub's WebSocket gateway), socketio://HOST:PORT (a Socket.IO
+    /// 4 server relaying "bench" events with socket.broadcast.emit), or a bare HOST:PORT
+    /// (a hub).
     #[arg(
         long,
         short,

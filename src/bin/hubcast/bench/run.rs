@@ -283,14 +283,22 @@ impl Dial {
                 )
                 .into_bytes(),
             ),
-            Kind::Redis => None,
+            Kind::Ws => {
+                let mut payload = serde_json::json!({ "token": token, "name": "bench" });
+                if publisher {
+                    payload["echo"] = false.into();
+                }
+                let hello = serde_json::json!({ "event": "$hello", "payload": payload });
+                Some(super::wire::ws_frame(hello.to_string().as_bytes()))
+            }
+            Kind::Redis | Kind::SocketIo => None,
         }
     }
 
     /// A subscriber's first bytes.
     pub fn subscribe(&self, kind: Kind) -> Vec<u8> {
         match (self.hello(kind, false), kind) {
-            (Some(mut hello), Kind::Hubcast) => {
+            (Some(mut hello), Kind::Hubcast | Kind::Ws) => {
                 hello.extend_from_slice(&kind.subscribe());
                 hello
             }
@@ -321,6 +329,51 @@ impl Dial {
 /// Connects with a bounded wait and no Nagle delay (every target gets the same), and
 /// runs the TLS handshake if asked to.
 pub async fn connect(target: &Target, dial: &Dial) -> anyhow::Result<BenchStream> {
+    let stream = connect_tls(target, dial).await?;
+    if !target.kind.websocket() {
+        return Ok(stream);
+    }
+    upgrade(target, stream).await
+}
+
+/// The WebSocket handshake: the upgrade request, then the `101` answer, read a byte at
+/// a time so that nothing the server sends right after it is taken from the stream.
+async fn upgrade(target: &Target, mut stream: BenchStream) -> anyhow::Result<BenchStream> {
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        target.path, target.addr
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(256);
+    let answer = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() > 16 * 1024 {
+                bail!("{target}: the HTTP answer's head is over 16 KiB");
+            }
+            let mut byte = [0u8; 1];
+            if stream.read(&mut byte).await? == 0 {
+                bail!("{target} closed the connection during the WebSocket handshake");
+            }
+            head.push(byte[0]);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("{target} did not answer the WebSocket upgrade within 10 s")
+        })??;
+    if !head.starts_with(b"HTTP/1.1 101") {
+        let status = String::from_utf8_lossy(&head);
+        bail!(
+            "{target} refused the WebSocket upgrade: {}",
+            status.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(stream)
+}
+
+async fn connect_tls(target: &Target, dial: &Dial) -> anyhow::Result<BenchStream> {
     let stream = connect_tcp(target).await?;
     let Some(config) = &dial.tls else {
         return Ok(Box::new(stream));
@@ -666,6 +719,7 @@ async fn start_embedded() -> anyhow::Result<(Target, CancellationToken)> {
             kind: Kind::Hubcast,
             addr: addr.to_string(),
             tls: false,
+            path: String::new(),
         },
         token,
     ))

@@ -1,5 +1,9 @@
-//! The three wire protocols the bench speaks: hubcast's JSON lines, NATS's text protocol
-//! and Redis's RESP. Each target gets the same body bytes; only the framing differs.
+//! The wire protocols the bench speaks: hubcast's JSON lines, NATS's text protocol,
+//! Redis's RESP, hubcast over WebSocket (one event per text message), and Socket.IO 4
+//! (Engine.IO 4 over WebSocket: `40` to connect, `42["bench",BODY]` per message, ping
+//! `2` answered `3`). Each target gets the same body bytes; only the framing differs.
+//! WebSocket frames from the bench are masked with a zero key (RFC 6455 lets a client
+//! pick any key; a zero one leaves the body bytes as they are).
 //!
 //! These are small adapters for one workload (one subject, fixed-size messages), not
 //! general clients: they frame a publish, recognise a delivery, answer keep-alives and
@@ -21,6 +25,8 @@ pub struct Target {
     /// TLS from the first byte (`hubcasts://`, or `--tls`; nats-server needs
     /// `handshake_first` for it).
     pub tls: bool,
+    /// The HTTP path to upgrade (WebSocket targets).
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +34,10 @@ pub enum Kind {
     Hubcast,
     Nats,
     Redis,
+    /// hubcast's `/ws`.
+    Ws,
+    /// A Socket.IO 4 server.
+    SocketIo,
 }
 
 impl Kind {
@@ -36,14 +46,25 @@ impl Kind {
             Kind::Hubcast => "hubcast",
             Kind::Nats => "nats",
             Kind::Redis => "redis",
+            Kind::Ws => "ws",
+            Kind::SocketIo => "socketio",
         }
+    }
+
+    /// Whether the connection starts with an HTTP upgrade to WebSocket.
+    pub fn websocket(self) -> bool {
+        matches!(self, Kind::Ws | Kind::SocketIo)
     }
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = if self.tls { "s" } else { "" };
-        write!(f, "{}{s}://{}", self.kind.scheme(), self.addr)
+        write!(f, "{}{s}://{}", self.kind.scheme(), self.addr)?;
+        if self.kind == Kind::Ws {
+            f.write_str(&self.path)?;
+        }
+        Ok(())
     }
 }
 
@@ -71,18 +92,31 @@ impl FromStr for Target {
             Some(("hubcasts", rest)) => (Kind::Hubcast, true, rest),
             Some(("nats", rest)) => (Kind::Nats, false, rest),
             Some(("redis", rest)) => (Kind::Redis, false, rest),
+            Some(("ws", rest)) => (Kind::Ws, false, rest),
+            Some(("wss", rest)) => (Kind::Ws, true, rest),
+            Some(("socketio", rest)) => (Kind::SocketIo, false, rest),
             Some((scheme, _)) => {
                 return Err(format!(
-                    "unknown scheme {scheme:?} (use hubcast://, hubcasts://, nats:// or redis://)"
+                    "unknown scheme {scheme:?} (use hubcast://, hubcasts://, nats://, redis://, ws://HOST:PORT/ws or socketio://)"
                 ))
             }
         };
-        let addr = rest.trim_end_matches('/');
+        let (addr, path) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], &rest[slash..]),
+            None => (rest, ""),
+        };
+        let path = match kind {
+            Kind::Ws if path.is_empty() || path == "/" => "/ws".to_owned(),
+            Kind::Ws => path.to_owned(),
+            Kind::SocketIo => "/socket.io/?EIO=4&transport=websocket".to_owned(),
+            _ => String::new(),
+        };
         match addr.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Target {
                 kind,
                 addr: addr.to_owned(),
                 tls,
+                path,
             }),
             _ => Err(format!(
                 "{text:?} has no HOST:PORT (example: nats://127.0.0.1:4222)"
@@ -126,6 +160,8 @@ impl Kind {
     /// What a subscriber sends first; the server answers with a `ready` control.
     pub fn subscribe(self) -> Vec<u8> {
         match self {
+            Kind::Ws => ws_frame(b"{\"event\":\"$ping\",\"payload\":null}"),
+            Kind::SocketIo => ws_frame(b"40"),
             // In the pool once connected; the `$pong` proves the hub has accepted us.
             Kind::Hubcast => b"{\"event\":\"$ping\",\"payload\":null}\n".to_vec(),
             Kind::Nats => format!(
@@ -140,6 +176,11 @@ impl Kind {
     /// The reply that confirms it is a `ready` [`Inbound::Control`].
     pub fn publisher_hello(self) -> Option<Vec<u8>> {
         match self {
+            Kind::Ws => Some(ws_frame(
+                b"{\"event\":\"$hello\",\"payload\":{\"echo\":false,\"name\":\"bench\"}}",
+            )),
+            // The server broadcasts to everyone but the sender.
+            Kind::SocketIo => Some(ws_frame(b"40")),
             // No echo: the publisher does not want its own messages back.
             Kind::Hubcast => {
                 Some(b"{\"event\":\"$hello\",\"payload\":{\"echo\":false,\"name\":\"bench\"}}\n".to_vec())
@@ -155,6 +196,12 @@ impl Kind {
     /// The bytes before and after a `size`-byte body in a publish.
     pub fn publish_framing(self, size: usize) -> (Vec<u8>, &'static [u8]) {
         match self {
+            Kind::Ws => (ws_header(size), b""),
+            Kind::SocketIo => {
+                let mut head = ws_header(SOCKETIO_EVENT.len() + size + 1);
+                head.extend_from_slice(SOCKETIO_EVENT);
+                (head, b"]")
+            }
             Kind::Hubcast => (Vec::new(), b"\n"),
             Kind::Nats => (format!("PUB {SUBJECT} {size}\r\n").into_bytes(), b"\r\n"),
             Kind::Redis => (
@@ -174,6 +221,7 @@ impl Kind {
             Kind::Hubcast => hubcast_inbound(buf),
             Kind::Nats => nats_inbound(buf),
             Kind::Redis => redis_inbound(buf),
+            Kind::Ws | Kind::SocketIo => websocket_inbound(self, buf),
         }
     }
 
@@ -201,17 +249,133 @@ impl Kind {
     }
 }
 
+/// `42["bench",`: a Socket.IO event packet up to its payload.
+const SOCKETIO_EVENT: &[u8] = b"42[\"bench\",";
+
+/// The header of a final, masked (zero key) text frame of `len` bytes.
+pub fn ws_header(len: usize) -> Vec<u8> {
+    let mut head = vec![0x81];
+    match len {
+        0..=125 => head.push(0x80 | len as u8),
+        126..=65535 => {
+            head.push(0x80 | 126);
+            head.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            head.push(0x80 | 127);
+            head.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    head.extend_from_slice(&[0; 4]);
+    head
+}
+
+/// A final, masked (zero key) text frame.
+pub fn ws_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = ws_header(payload.len());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// One frame from a WebSocket server (unmasked), read as hubcast events or Socket.IO
+/// packets.
+fn websocket_inbound(kind: Kind, buf: &[u8]) -> Inbound {
+    if buf.len() < 2 {
+        return Inbound::Incomplete;
+    }
+    let opcode = buf[0] & 0x0F;
+    let (len, start) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(n) as usize, 10)
+        }
+        126 | 127 => return Inbound::Incomplete,
+        n => (usize::from(n), 2),
+    };
+    if buf[1] & 0x80 != 0 {
+        return Inbound::Garbage("the server sent a masked frame".into());
+    }
+    if buf.len() < start + len {
+        return Inbound::Incomplete;
+    }
+    let used = start + len;
+    let payload = &buf[start..used];
+    let control = |reply, ready| Inbound::Control { used, reply, ready };
+    match opcode {
+        // A ping: a pong with the same (empty, from hubcast) body.
+        0x9 if len == 0 => return control(Some(&[0x8A, 0x80, 0, 0, 0, 0][..]), false),
+        0x9 => return Inbound::Garbage("a ping with a body (not expected here)".into()),
+        0xA => return control(None, false),
+        0x8 => {
+            return Inbound::Error {
+                text: format!("the server closed the WebSocket: {}", lossy(payload)),
+                used,
+            }
+        }
+        0x1 => {}
+        other => return Inbound::Garbage(format!("unexpected WebSocket opcode {other}")),
+    }
+    if kind == Kind::Ws {
+        return match hubcast_inbound_line(payload) {
+            Inbound::Message { body, .. } => Inbound::Message {
+                body: start + body.start..start + body.end,
+                used,
+            },
+            Inbound::Control { reply, ready, .. } => Inbound::Control { used, reply, ready },
+            Inbound::Error { text, .. } => Inbound::Error { text, used },
+            other => other,
+        };
+    }
+    // Engine.IO packets: 0 open, 2 ping, 4 message (Socket.IO: 40 connect, 42 event,
+    // 44 connect error).
+    if let Some(rest) = payload.strip_prefix(SOCKETIO_EVENT) {
+        return match rest.strip_suffix(b"]") {
+            Some(_) => Inbound::Message {
+                body: start + SOCKETIO_EVENT.len()..used - 1,
+                used,
+            },
+            None => Inbound::Garbage(format!("bad Socket.IO event {:?}", lossy(payload))),
+        };
+    }
+    match payload {
+        b"2" => control(Some(&[0x81, 0x81, 0, 0, 0, 0, b'3'][..]), false),
+        _ if payload.starts_with(b"40") => control(None, true),
+        _ if payload.starts_with(b"44") || payload.starts_with(b"1") => Inbound::Error {
+            text: format!("Socket.IO: {}", lossy(payload)),
+            used,
+        },
+        _ => control(None, false),
+    }
+}
+
 fn hubcast_inbound(buf: &[u8]) -> Inbound {
     let Some(end) = memchr::memchr(b'\n', buf) else {
         return Inbound::Incomplete;
     };
-    let used = end + 1;
-    let line_end = if end > 0 && buf[end - 1] == b'\r' {
-        end - 1
-    } else {
-        end
-    };
-    let line = &buf[..line_end];
+    match hubcast_inbound_line(&buf[..end]) {
+        Inbound::Message { body, .. } => Inbound::Message {
+            body,
+            used: end + 1,
+        },
+        Inbound::Control { reply, ready, .. } => Inbound::Control {
+            used: end + 1,
+            reply,
+            ready,
+        },
+        Inbound::Error { text, .. } => Inbound::Error {
+            text,
+            used: end + 1,
+        },
+        other => other,
+    }
+}
+
+/// One hubcast line (without its newline); `used` is left 0 for the caller to set.
+fn hubcast_inbound_line(line: &[u8]) -> Inbound {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let used = 0;
     if line.starts_with(b"{\"event\":\"$error\"") {
         return Inbound::Error {
             text: String::from_utf8_lossy(line).into_owned(),
@@ -228,7 +392,7 @@ fn hubcast_inbound(buf: &[u8]) -> Inbound {
         };
     }
     Inbound::Message {
-        body: 0..line_end,
+        body: 0..line.len(),
         used,
     }
 }
@@ -383,7 +547,13 @@ mod tests {
     fn each_protocol_frames_a_delivery_and_waits_when_cut() {
         let body = b"{\"event\":\"bench\",\"payload\":12}";
         assert_eq!(body.len(), 30);
-        let deliveries: [(Kind, Vec<u8>); 3] = [
+        let ws = |payload: &[u8]| [&[0x81, payload.len() as u8][..], payload].concat();
+        let deliveries: [(Kind, Vec<u8>); 5] = [
+            (Kind::Ws, ws(body)),
+            (
+                Kind::SocketIo,
+                ws(&[&b"42[\"bench\","[..], body, b"]"].concat()),
+            ),
             (Kind::Hubcast, [&body[..], b"\n"].concat()),
             (
                 Kind::Nats,
@@ -444,6 +614,32 @@ mod tests {
         assert!(matches!(
             Kind::Nats.inbound(b"HELLO\r\n"),
             Inbound::Garbage(_)
+        ));
+    }
+
+    #[test]
+    fn websocket_publishes_are_masked_frames_with_the_body_as_is() {
+        let body = [b'x'; 300];
+        let (head, tail) = Kind::Ws.publish_framing(body.len());
+        assert_eq!(head, [0x81, 0x80 | 126, 1, 44, 0, 0, 0, 0]);
+        assert!(tail.is_empty());
+        let (head, tail) = Kind::SocketIo.publish_framing(3);
+        assert_eq!(&head[..2], &[0x81, 0x80 | 15]);
+        assert_eq!(&head[6..], b"42[\"bench\",");
+        assert_eq!(tail, b"]");
+        // Engine.IO's ping is answered with a pong packet; hubcast's ping frame with a
+        // pong frame.
+        assert!(matches!(
+            Kind::SocketIo.inbound(&[0x81, 1, b'2']),
+            Inbound::Control { reply: Some(r), .. } if r == [0x81, 0x81, 0, 0, 0, 0, b'3']
+        ));
+        assert!(matches!(
+            Kind::Ws.inbound(&[0x89, 0]),
+            Inbound::Control { reply: Some(r), .. } if r == [0x8A, 0x80, 0, 0, 0, 0]
+        ));
+        assert!(matches!(
+            Kind::SocketIo.inbound(&[0x81, 4, b'4', b'0', b'{', b'}']),
+            Inbound::Control { ready: true, .. }
         ));
     }
 
