@@ -173,3 +173,35 @@ async fn the_web_vendor_is_served_by_a_tcp_driver() {
     assert!(stdout.contains("delivered 3/3"), "{stdout}");
     driver.start_kill().unwrap();
 }
+
+/// With `--auth`, the dashboard asks for a token, says why a wrong one failed, and shows
+/// the counters only to an admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_signs_in_and_shows_the_counters_only_to_an_admin() {
+    if !browser_available() {
+        return;
+    }
+    let (viewer, admin) = (hubcast::auth::random_token(), hubcast::auth::random_token());
+    let text = format!(
+        "[[users]]\nname = \"viewer\"\ntoken_hash = \"{}\"\nsubscribe = {{ allow = [\">\"] }}\npublish = {{ allow = [\">\"] }}\n\n[[users]]\nname = \"ops\"\ntoken_hash = \"{}\"\nsubscribe = {{ allow = [\">\"] }}\nadmin = true\n",
+        hubcast::auth::TokenHash::new(viewer.as_bytes()),
+        hubcast::auth::TokenHash::new(admin.as_bytes())
+    );
+    let file: hubcast::auth::AuthFile = toml::from_str(&text).unwrap();
+    let hub = TestHub::start_http(Config::default()).await;
+    hub.hub
+        .set_authenticator(hubcast::auth::Authenticator::from_spec(&file, None).unwrap());
+    let output = Command::new("node")
+        .arg(Path::new(BROWSER_DIR).join("dashboard-auth.mjs"))
+        .arg(hub.http.unwrap().to_string())
+        .arg(&viewer)
+        .arg(&admin)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = within(output).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("auth-ok"), "{stdout}");
+}

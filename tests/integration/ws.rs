@@ -673,3 +673,75 @@ async fn open_at(http: SocketAddr) -> Ws {
         .unwrap()
         .0
 }
+
+/// Durable consumers over WebSocket: `$consume`, deliveries with their four fields,
+/// `$ack` with a confirm, `$nack` (delivered again, attempt 2), `$unconsume`.
+#[tokio::test]
+async fn durable_consumers_work_over_websocket() {
+    let dir = tempdir();
+    let config = Config::builder()
+        .streams(vec![hubcast::StreamSpec::new("orders", &["pickup"])])
+        .data_dir(dir.clone())
+        .fsync(hubcast::store::Fsync::Never)
+        .build()
+        .unwrap();
+    let hub = TestHub::start_http(config).await;
+    let mut ws = join(&hub, 1).await;
+    send(
+        &mut ws,
+        json!({"event": "$hello", "payload": {"echo": false}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["event"], "$welcome");
+    send(
+        &mut ws,
+        json!({"event": "$consume", "payload": {"stream": "orders", "consumer": "web", "start": "all"}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["event"], "$consuming");
+    // A publisher over WebSocket too: confirmed once stored.
+    send(
+        &mut ws,
+        json!({"event": "pickup", "payload": {"order": 1}, "id": "o1"}),
+    )
+    .await;
+    let mut stored = None;
+    let mut delivery = None;
+    while stored.is_none() || delivery.is_none() {
+        let frame = next(&mut ws).await;
+        match frame["event"].as_str() {
+            Some("$stored") => stored = Some(frame),
+            Some("pickup") => delivery = Some(frame),
+            other => panic!("unexpected {other:?}: {frame}"),
+        }
+    }
+    assert_eq!(stored.unwrap()["payload"]["seq"], 1);
+    let delivery = delivery.unwrap();
+    assert_eq!(delivery["stream"], "orders");
+    assert_eq!(delivery["consumer"], "web");
+    assert_eq!(delivery["seq"], 1);
+    assert_eq!(delivery["attempt"], 1);
+    // Given back: delivered again, second attempt.
+    send(
+        &mut ws,
+        json!({"event": "$nack", "payload": {"consumer": "web", "seq": 1}}),
+    )
+    .await;
+    let again = next(&mut ws).await;
+    assert_eq!(again["event"], "pickup", "{again}");
+    assert_eq!(again["attempt"], 2);
+    send(
+        &mut ws,
+        json!({"event": "$ack", "payload": {"consumer": "web", "seq": 1, "confirm": true}}),
+    )
+    .await;
+    let acked = next(&mut ws).await;
+    assert_eq!(acked["event"], "$acked", "{acked}");
+    send(
+        &mut ws,
+        json!({"event": "$unconsume", "payload": {"consumer": "web"}}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["event"], "$unconsumed");
+    let _ = std::fs::remove_dir_all(dir);
+}
