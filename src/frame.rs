@@ -99,9 +99,59 @@ impl Run {
     ///
     /// If `index` is out of bounds, or on the broken invariant above.
     pub fn name(&self, index: usize) -> &str {
+        std::str::from_utf8(self.name_bytes(index)).expect("a run holds valid events only")
+    }
+
+    /// Event `index`'s name as bytes, unchecked.
+    fn name_bytes(&self, index: usize) -> &[u8] {
         let event = &self.events[index];
         let at = event.start + event.parts.name.start..event.start + event.parts.name.end;
-        std::str::from_utf8(&self.bytes[at]).expect("a run holds valid events only")
+        &self.bytes[at]
+    }
+
+    /// Calls `each(name, count)` for every stretch of consecutive events with the same
+    /// name (a run is mostly one). Names are compared as bytes in one pass over the
+    /// events; only each stretch's name is read as text.
+    pub(crate) fn name_stretches(&self, mut each: impl FnMut(&str, u64)) {
+        let bytes: &[u8] = &self.bytes;
+        let Some(first) = self.events.first() else {
+            return;
+        };
+        // Names of up to 8 bytes (most) are compared as one masked 8-byte load: a line
+        // always goes on at least 8 bytes past its name (`","payload":`...), and a call
+        // to memcmp per event cost more than all the rest of the counting (callgrind).
+        let n = bytes.len();
+        let load = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        // (position, length, mask and masked word when the name is short enough)
+        let key = |event: &RunEvent| {
+            let at = event.start + event.parts.name.start;
+            let len = event.parts.name.len();
+            let mask = match len {
+                1..=8 if at + 8 <= n => u64::MAX >> (64 - 8 * len),
+                _ => 0,
+            };
+            let word = if mask == 0 { 0 } else { load(at) & mask };
+            (at, len, mask, word)
+        };
+        let (mut start, mut count) = (0, 0u64);
+        let (mut at, mut len, mut mask, mut word) = key(first);
+        for event in &self.events {
+            let next_at = event.start + event.parts.name.start;
+            let same = event.parts.name.len() == len
+                && if mask != 0 && next_at + 8 <= n {
+                    load(next_at) & mask == word
+                } else {
+                    bytes[next_at..next_at + len] == bytes[at..at + len]
+                };
+            if !same {
+                each(self.name(start), count);
+                start += count as usize;
+                (at, len, mask, word) = key(event);
+                count = 0;
+            }
+            count += 1;
+        }
+        each(self.name(start), count);
     }
 
     /// Event `index`'s line, in an allocation of its own: a slice would keep the whole
@@ -1005,6 +1055,54 @@ mod tests {
 
     /// Issue #10: a frame handed out never shares the read buffer's allocation (a
     /// queued slice would keep all of it alive), and the buffer stays reusable.
+    /// Stretches of equal names are counted exactly: short names (one masked load),
+    /// long ones, names that share a prefix, a name that is a prefix of the next, and
+    /// names whose bytes differ only past their end.
+    #[test]
+    fn name_stretches_count_each_stretch_of_equal_names() {
+        let names = [
+            "a",
+            "a",
+            "ab",
+            "ab",
+            "ab",
+            "a",
+            "abcdefgh",
+            "abcdefgh",
+            "abcdefgi",
+            "a-long-name-1",
+            "a-long-name-1",
+            "a-long-name-2",
+            "é",
+            "é",
+        ];
+        let mut input = String::new();
+        for name in names {
+            input.push_str(&format!("{{\"event\":\"{name}\",\"payload\":1}}\n"));
+        }
+        let mut decoder = FrameDecoder::new(1024);
+        let mut buf = BytesMut::from(input.as_bytes());
+        let mut run = Run::default();
+        assert!(decoder.decode_run(&mut buf, &mut run));
+        assert_eq!(run.len(), names.len());
+        let mut seen = Vec::new();
+        run.name_stretches(|name, count| seen.push((name.to_string(), count)));
+        let expected = [
+            ("a", 2),
+            ("ab", 3),
+            ("a", 1),
+            ("abcdefgh", 2),
+            ("abcdefgi", 1),
+            ("a-long-name-1", 2),
+            ("a-long-name-2", 1),
+            ("é", 2),
+        ];
+        assert_eq!(
+            seen,
+            expected.map(|(n, c)| (n.to_string(), c as u64)).to_vec()
+        );
+    }
+
     #[test]
     fn frames_never_pin_the_read_buffer() {
         let mut decoder = FrameDecoder::new(1024);

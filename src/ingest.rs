@@ -80,14 +80,8 @@ pub(crate) fn run(
         return hub.publish_run(from, run, progress, deadline);
     }
     if progress.is_new() {
-        // One count per stretch of equal names: runs are mostly one name.
-        let mut start = 0;
-        for index in 1..=run.len() {
-            if index == run.len() || run.name(index) != run.name(start) {
-                metrics.named(run.name(start), (index - start) as u64);
-                start = index;
-            }
-        }
+        // One count per stretch of equal names, not one per event.
+        run.name_stretches(|name, count| metrics.named(name, count));
     }
     let began = Instant::now();
     let done = hub.publish_run(from, run, progress, deadline);
