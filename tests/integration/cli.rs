@@ -86,6 +86,13 @@ async fn bad_flags_exit_2_naming_the_problem() {
             &["serve", "--slow-consumer", "sometimes"],
             "--slow-consumer",
         ),
+        (&["serve", "--ws-ping", "often"], "--ws-ping"),
+        (&["serve", "--ws-ping", "0s"], "--ws-ping"),
+        // Protected mode covers the HTTP listener too.
+        (
+            &["serve", "--port", "0", "--http", "0.0.0.0:0"],
+            "protected mode",
+        ),
         (&["pub"], "EVENT"),
         (&["vendor"], "--store"),
         (&["launch"], "launch"),
