@@ -454,3 +454,138 @@ async fn sub_says_when_it_has_reconnected() {
     }
     sub.kill().await.unwrap();
 }
+
+/// Issue #15: `serve --config FILE` as an operator runs it: from an empty directory
+/// holding only the file (relative paths are the file's), with flags and `HUBCAST_*`
+/// variables overriding it.
+#[tokio::test]
+async fn serve_reads_a_config_file_and_flags_and_environment_override_it() {
+    let dir = std::env::temp_dir().join(format!("hubcast-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("hubcast.toml");
+    std::fs::write(
+        &file,
+        "[listen]\nport = 0\n\n[limits]\nmax_frame = 200\nmax_pending = 4096\nmax_connections = 100\n\n[streams]\ndeclared = [\"orders=pickup\"]\ndata_dir = \"data\"\nfsync = \"never\"\n\n[logging]\nquiet = true\n",
+    )
+    .unwrap();
+    let start = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut command = hubcast();
+        command
+            .current_dir(&dir)
+            .args(["serve", "--config", "hubcast.toml"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.spawn().unwrap()
+    };
+    let port_of = async |child: &mut Child| -> u16 {
+        let stdout = child.stdout.take().unwrap();
+        let first = within(BufReader::new(stdout).lines().next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        let addr = first.strip_prefix("Server up on ").expect(&first);
+        addr.rsplit(':').next().unwrap().parse().unwrap()
+    };
+    let big = format!("{}\n", event("big", json!("x".repeat(300))));
+
+    // The file's limit: a 300 B frame is too large.
+    let mut hub = start(&[], &[]);
+    let port = port_of(&mut hub).await;
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(big.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(client).lines();
+    let line = within(lines.next_line()).await.unwrap().unwrap();
+    assert!(line.contains("frame_too_large"), "{line}");
+    // A stored event lands in the file's data_dir, relative to the file.
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client
+        .write_all(b"{\"event\":\"pickup\",\"payload\":1,\"id\":\"a\"}\n")
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(client).lines();
+    loop {
+        let line = within(lines.next_line()).await.unwrap().unwrap();
+        if line.contains("$stored") {
+            assert!(line.contains("\"seq\":1"), "{line}");
+            break;
+        }
+    }
+    assert!(dir.join("data").join("streams").join("orders").is_dir());
+    hub.kill().await.unwrap();
+
+    // A flag overrides the file: the same frame is fine.
+    let mut hub = start(&["--max-frame", "1000", "--max-pending", "1MiB"], &[]);
+    let port = port_of(&mut hub).await;
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(big.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(client).lines();
+    let line = within(lines.next_line()).await.unwrap().unwrap();
+    assert!(line.starts_with("{\"event\":\"big\""), "{line}");
+    hub.kill().await.unwrap();
+
+    // An environment variable overrides the file: one connection at most.
+    let mut hub = start(&[], &[("HUBCAST_MAX_CONNS", "1")]);
+    let port = port_of(&mut hub).await;
+    let _first = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let second = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut lines = BufReader::new(second).lines();
+    let line = within(lines.next_line()).await.unwrap().unwrap();
+    assert!(line.contains("too_many_connections"), "{line}");
+    hub.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue #15: `hubcast config check` says OK for the annotated example, and names the
+/// line and key of what is wrong, with exit code 2.
+#[tokio::test]
+async fn config_check_names_the_line_and_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/hubcast.toml");
+    let output = within(hubcast().args(["config", "check", example]).output())
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    assert!(out.contains("OK"), "{out}");
+    let dir = std::env::temp_dir().join(format!("hubcast-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, needles) in [
+        (
+            "[limits]\nmax_frame = \"lots\"\n",
+            &[":2:", "limits.max_frame", "lots"][..],
+        ),
+        (
+            "[limits]\n\nmax_frames = 1\n",
+            &[":3:", "unknown key `limits.max_frames`"],
+        ),
+        ("[limitz]\n", &[":1:", "unknown section [limitz]"]),
+        (
+            "[delivery]\necho = \"yes\"\n",
+            &[":2:", "delivery.echo", "true or false"],
+        ),
+        (
+            "[delivery]\nslow_consumer = \"sometimes\"\n",
+            &[":2:", "sometimes"],
+        ),
+        // Each value is fine; together they cannot work.
+        (
+            "[limits]\nmax_frame = \"1MiB\"\nmax_pending = \"1KiB\"\n",
+            &["--max-pending"],
+        ),
+        ("[auth]\nfile = \"missing.toml\"\n", &["missing.toml"]),
+        ("[listen\n", &[":1:"]),
+    ] {
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let (code, out) = run_to_end(&["config", "check", file.to_str().unwrap()]).await;
+        assert_eq!(code, Some(2), "{text}: {out}");
+        for needle in needles {
+            assert!(out.contains(needle), "{text}: {needle:?} not in {out}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -21,6 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod args;
 mod auth;
 mod bench;
+mod config_file;
 mod driver;
 mod hub_client;
 mod logging;
@@ -43,7 +44,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub.
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
     /// Print the events the hub broadcasts, one JSON line each.
     Sub(sub::Args),
     /// Send an event (or one per line of standard input) to the hub.
@@ -62,11 +63,19 @@ enum Command {
     Auth(auth::AuthArgs),
     /// Mint a JWT for testing, signed with a key (`--jwt-key` verifies it).
     Token(auth::TokenArgs),
+    /// Config file helpers: `hubcast config check FILE` checks one without starting.
+    Config(config_file::ConfigArgs),
 }
 
 fn main() -> ExitCode {
     // Bad flags: clap prints the problem and exits with code 2.
-    let cli = Cli::parse();
+    let cli = match with_config_file(Cli::parse()) {
+        Ok(cli) => cli,
+        Err(message) => {
+            report!("hubcast: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let outcome = run(cli);
     // The last log lines (a hub's totals) are written before the process ends.
     logging::flush(std::time::Duration::from_secs(2));
@@ -107,7 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Sub(args) => sub::run(args).await,
             Command::Pub(args) => publish::run(args).await,
             Command::Vendor(args) => vendor::run(args).await,
@@ -117,8 +126,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Replay(args) => streams::replay(args),
             Command::Auth(args) => auth::auth(args),
             Command::Token(args) => auth::token(args),
+            Command::Config(args) => {
+                use clap::CommandFactory;
+                config_file::config(args, &Cli::command())
+            }
         }
     })
+}
+
+/// `serve --config FILE`: parses again with the file's settings in front of the
+/// command line's, which win (config_file.rs). A bad file is one line naming the file,
+/// line and key, exit 2.
+fn with_config_file(cli: Cli) -> Result<Cli, String> {
+    let Command::Serve(serve) = &cli.command else {
+        return Ok(cli);
+    };
+    let Some(path) = serve.config.clone() else {
+        return Ok(cli);
+    };
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let serve = command
+        .find_subcommand("serve")
+        .ok_or("no serve subcommand")?;
+    let entries = config_file::read(&path, serve)?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let at = argv
+        .iter()
+        .position(|a| a == "serve")
+        .ok_or("cannot find `serve` among the arguments")?;
+    let mut merged = argv[..=at].to_vec();
+    merged.extend(config_file::merge(&entries, serve, &argv[at + 1..]));
+    match Cli::try_parse_from(merged) {
+        Ok(cli) => Ok(cli),
+        Err(e) => Err(format!(
+            "{} (with the settings of {})",
+            e.to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: "),
+            path.display()
+        )),
+    }
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

@@ -15,13 +15,18 @@ use tracing::{error, info, warn};
 use crate::args::{parse_duration, parse_positive, parse_positive_duration, parse_size};
 
 #[derive(clap::Args)]
+#[command(args_override_self = true)]
 pub struct Args {
+    /// Read settings from this TOML file (deploy/hubcast.toml shows every key); flags
+    /// and HUBCAST_* variables override it. `hubcast config check FILE` checks one.
+    #[arg(long, env = "HUBCAST_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Port to listen on.
     #[arg(short, long, env = "PORT", default_value_t = 3000)]
     port: u16,
     /// Address to listen on: 127.0.0.1 serves this machine only; 0.0.0.0 (or ::)
     /// serves other machines too.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, env = "HUBCAST_HOST", default_value = "127.0.0.1")]
     host: String,
     /// Largest frame a client may send (e.g. 65536, 64KiB, 1MiB).
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
@@ -51,7 +56,7 @@ pub struct Args {
     #[arg(long, value_parser = parse_positive_duration)]
     idle_timeout: Option<Duration>,
     /// Most clients connected at once; more are told `too_many_connections` and closed.
-    #[arg(long, default_value_t = hubcast::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
+    #[arg(long, env = "HUBCAST_MAX_CONNS", default_value_t = hubcast::DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
     max_conns: usize,
     /// What to do with a client that reads too slowly: disconnect it, or drop what
     /// does not fit in its queue (and tell it how many were dropped).
@@ -73,11 +78,11 @@ pub struct Args {
     #[arg(long = "stream", value_name = "NAME=PATTERNS", value_parser = parse_stream)]
     streams: Vec<hubcast::StreamSpec>,
     /// Where streams are kept.
-    #[arg(long, default_value = "hubcast-data")]
+    #[arg(long, env = "HUBCAST_DATA_DIR", default_value = "hubcast-data")]
     data_dir: std::path::PathBuf,
     /// When a stored event is confirmed: `always` once on disk (fsync), `never` once
     /// written to the OS (survives a crash of the hub, not of the machine).
-    #[arg(long, value_enum, default_value = "always")]
+    #[arg(long, env = "HUBCAST_FSYNC", value_enum, default_value = "always")]
     fsync: FsyncPolicy,
     /// A resent "id" within this window is neither stored nor broadcast again.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -94,20 +99,30 @@ pub struct Args {
     max_stream_age: Option<Duration>,
     /// Require authentication: users, token hashes and permissions in this TOML file
     /// (see docs/security.md). Reread on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "HUBCAST_AUTH", value_name = "FILE")]
     auth: Option<std::path::PathBuf>,
     /// Accept JWTs verified with this key: an HS256 secret (the file's contents) or an
     /// RS256/ES256/EdDSA public key PEM. Reread on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "HUBCAST_JWT_KEY", value_name = "FILE")]
     jwt_key: Option<std::path::PathBuf>,
     /// How long a new connection has to authenticate (with --auth or --jwt-key).
     #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
     auth_timeout: Duration,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key. Reread on SIGHUP.
-    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "HUBCAST_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
     tls_cert: Option<std::path::PathBuf>,
     /// The TLS private key (PEM).
-    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "HUBCAST_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
     tls_key: Option<std::path::PathBuf>,
     /// Mutual TLS: require client certificates signed by this CA (PEM); a
     /// certificate's subject CN (or first SAN) names the client's identity.
@@ -133,7 +148,7 @@ pub struct Args {
     /// Also serve HTTP on this address (e.g. 127.0.0.1:8080): the WebSocket gateway
     /// at /ws, the dashboard at /, Prometheus metrics at /metrics, and /healthz and
     /// /readyz. Off by default.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "HUBCAST_HTTP", value_name = "ADDR")]
     http: Option<String>,
     /// How often WebSocket clients are pinged (two unanswered intervals close them);
     /// `off` never pings.
@@ -203,7 +218,17 @@ pub fn raise_open_files_limit(connections: usize, what: &str) {
     }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+/// What `serve` needs before it listens, checked: the hub's settings, and the auth and
+/// TLS settings the flags name (loaded, so a bad file is found now).
+pub struct Prepared {
+    config: Config,
+    auth: Option<hubcast::auth::Authenticator>,
+    tls: Option<hubcast::tls::ServerTls>,
+}
+
+/// Builds and checks everything the flags (or a config file) ask for, without
+/// listening: `serve` and `hubcast config check` alike.
+pub fn prepare(args: &Args) -> anyhow::Result<Prepared> {
     let config = Config::builder()
         .max_frame(args.max_frame)
         .max_pending(args.max_pending)
@@ -262,6 +287,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         _ => None,
     };
+    Ok(Prepared { config, auth, tls })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let Prepared { config, auth, tls } = prepare(&args)?;
     raise_open_files_limit(config.limits.max_connections, "clients");
     let quiet = args.quiet;
     let mut signals = Signals::install()?;
