@@ -589,3 +589,118 @@ async fn config_check_names_the_line_and_key() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue #15: the systemd unit passes `systemd-analyze verify` (with ExecStart pointed
+/// at the binary under test, since /usr/local/bin/hubcast is not installed here).
+#[tokio::test]
+async fn the_systemd_unit_verifies() {
+    if !crate::support::require("systemd-analyze") {
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/hubcast.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("DynamicUser=yes"));
+    let dir = std::env::temp_dir().join(format!("hubcast-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("hubcast.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/hubcast", env!("CARGO_BIN_EXE_hubcast")),
+    )
+    .unwrap();
+    let output = within(
+        tokio::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("hubcast.service"), "warnings: {stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue #15: under systemd (`Type=notify`), `serve` says READY=1 once it listens, and
+/// STOPPING=1 when asked to stop.
+#[tokio::test]
+async fn serve_notifies_systemd_when_ready_and_stopping() {
+    let dir = std::env::temp_dir().join(format!("hubcast-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = hubcast()
+        .args(["serve", "--port", "0", "--quiet"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = within(socket.recv(&mut buf)).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("READY=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Ready means listening: the port is announced and takes connections.
+    let stdout = child.stdout.take().unwrap();
+    let first = within(BufReader::new(stdout).lines().next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    let addr = first.strip_prefix("Server up on ").expect(&first);
+    TcpStream::connect(addr).await.unwrap();
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let n = within(socket.recv(&mut buf)).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(within(child.wait()).await.unwrap().success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue #15: completions and the man page come from the CLI definition, and
+/// `--version` names the git revision.
+#[tokio::test]
+async fn completions_man_page_and_version() {
+    let stdout = async |args: &[&str]| {
+        let output = within(hubcast().args(args).output()).await.unwrap();
+        assert!(output.status.success(), "{args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = stdout(&["completions", shell]).await;
+        // Every subcommand and serve's newest flags are in it.
+        for word in ["serve", "bench", "config", "http", "ws-ping", "completions"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let man = stdout(&["man"]).await;
+    assert!(
+        man.contains(".TH hubcast 1"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    assert!(man.contains("serve"));
+    let version = stdout(&["--version"]).await;
+    let rev = version
+        .trim()
+        .strip_prefix(concat!("hubcast ", env!("CARGO_PKG_VERSION"), " ("))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{version}"));
+    assert!(
+        rev == "unknown" || rev.chars().all(|c| c.is_ascii_hexdigit()),
+        "{version}"
+    );
+    let (code, err) = run_to_end(&["completions", "tcsh"]).await;
+    assert_eq!(code, Some(2), "{err}");
+}

@@ -33,9 +33,17 @@ mod streams;
 mod sub;
 mod vendor;
 
+/// `hubcast --version`: the package version and the git revision it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("HUBCAST_GIT_REV"),
+    ")"
+);
+
 /// A small, fast TCP event hub: clients send JSON events, the hub broadcasts them.
 #[derive(Parser)]
-#[command(name = "hubcast", version, about, propagate_version = true)]
+#[command(name = "hubcast", version = VERSION, about, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,6 +73,14 @@ enum Command {
     Token(auth::TokenArgs),
     /// Config file helpers: `hubcast config check FILE` checks one without starting.
     Config(config_file::ConfigArgs),
+    /// Print a shell completion script: `hubcast completions bash > /etc/bash_completion.d/hubcast`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `hubcast man > hubcast.1; man ./hubcast.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -129,6 +145,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Config(args) => {
                 use clap::CommandFactory;
                 config_file::config(args, &Cli::command())
+            }
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "hubcast", &mut out);
+                std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Man => {
+                use clap::CommandFactory;
+                let mut out = Vec::new();
+                clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+                std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+                Ok(ExitCode::SUCCESS)
             }
         }
     })

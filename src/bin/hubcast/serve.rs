@@ -368,12 +368,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "HTTP up on http://{http} (dashboard /, WebSocket /ws, metrics /metrics)"
         );
     }
+    // Under systemd (Type=notify): ready now that every listener is bound. Without
+    // NOTIFY_SOCKET this does nothing.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let shutdown = CancellationToken::new();
     if let Some(hangup) = signals.hangup.take() {
         tokio::spawn(reload_on_hangup(hangup, hub.clone(), tls));
     }
     tokio::spawn(signals.watch(shutdown.clone()));
     tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    });
     server.run(shutdown).await;
     // Every connection is closed: what was appended is committed before exit.
     hub.close_store();
