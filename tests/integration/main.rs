@@ -14,6 +14,7 @@ mod demo;
 mod faults;
 mod flood;
 mod hostile;
+mod js_client;
 mod logging;
 mod node;
 mod pool;

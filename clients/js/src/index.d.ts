@@ -1,0 +1,80 @@
+import { EventEmitter } from "node:events";
+
+/** What `connect` and `new Client` take. */
+export interface Options {
+  /** Reconnect when the connection is lost (default true), with backoff and jitter. */
+  reconnect?: boolean;
+  /** The first reconnect waits up to this many ms (default 100), doubling. */
+  minDelay?: number;
+  /** Reconnects wait at most this many ms (default 5000). */
+  maxDelay?: number;
+  /** Events kept while disconnected (default 1000); past it `emit` throws BufferFullError. */
+  maxBuffered?: number;
+  /** A token or JWT, sent in `$hello` (hubs started with --auth or --jwt-key). */
+  token?: string;
+  /** The user the token belongs to (optional: a JWT names it). */
+  user?: string;
+  /** A name for this connection, shown in the hub's logs. */
+  name?: string;
+  /** Whether this connection hears its own events (default: the hub's setting). */
+  echo?: boolean;
+  /** Node's `tls.connect` options for tls:// and hubcasts:// (e.g. `{ ca }`). */
+  tls?: object;
+}
+
+/** An event as the hub sends it. */
+export interface HubEvent {
+  event: string;
+  payload: unknown;
+  room?: string;
+  id?: string;
+  [field: string]: unknown;
+}
+
+/** The hub's answer to a confirmed event. */
+export interface Stored {
+  id: string;
+  stream: string | null;
+  seq?: number;
+  duplicate?: boolean;
+}
+
+/** An error the hub sent (`$error`). */
+export class HubError extends Error {
+  /** The hub's error code, e.g. `permission_denied`. */
+  readonly code: string;
+  constructor(code: string, message: string);
+}
+
+/** `emit` while disconnected with the send buffer full. */
+export class BufferFullError extends Error {
+  constructor(limit: number);
+}
+
+/** Connects (tcp://, tls://, hubcasts://, ws://, wss://); resolves once welcomed. */
+export function connect(url: string, options?: Options): Promise<Client>;
+
+export class Client extends EventEmitter {
+  constructor(url: string, options?: Options);
+  /** Resolves once the first connection is welcomed. */
+  ready(): Promise<Client>;
+  /** Handles events named `name`; also the lifecycle events. */
+  on(name: "connect", handler: (welcome: Record<string, unknown>) => void): this;
+  on(name: "reconnect", handler: (welcome: Record<string, unknown>) => void): this;
+  on(name: "close", handler: (info: { hadError: boolean; error?: Error }) => void): this;
+  on(name: "error", handler: (error: Error) => void): this;
+  on(name: "event", handler: (event: HubEvent) => void): this;
+  on(name: string, handler: (payload: any, event: HubEvent) => void): this;
+  /** Handles every event. */
+  onAny(handler: (event: HubEvent) => void): this;
+  /** Sends an event (to a room, with an id, when given). */
+  emit(event: string, payload?: unknown, extra?: { room?: string; id?: string }): boolean;
+  /** Sends an event with an id; resolves once the hub has stored it (`$stored`). */
+  emitConfirmed(event: string, payload?: unknown, extra?: { room?: string; id?: string }): Promise<Stored>;
+  subscribe(patterns: string | string[]): Promise<unknown>;
+  unsubscribe(patterns: string | string[]): Promise<unknown>;
+  join(room: string): Promise<unknown>;
+  leave(room: string): Promise<unknown>;
+  /** Closes the connection for good (no reconnect). */
+  close(): void;
+}

@@ -1,0 +1,403 @@
+// hubcast-client: talk to a hubcast hub from Node (TCP, TLS) or a browser (WebSocket).
+//
+//   import { connect } from "hubcast-client";
+//   const hub = await connect("tcp://127.0.0.1:3000");
+//   hub.on("delivered", (payload) => console.log("delivered", payload.orderID));
+//   hub.emit("pickup", { store: "1-206-flowers", orderID: 1 });
+//
+// The hub speaks one JSON event per line ({"event": NAME, "payload": ...}); this client
+// cuts the stream into lines (two events in one chunk, or one event split over two,
+// are handled), sends one line per event, answers control events, and reconnects with
+// backoff and jitter, restoring its subscriptions and rooms.
+
+import { EventEmitter } from "node:events";
+
+/** An error the hub sent (`$error`), with its code (`permission_denied`, ...). */
+export class HubError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.name = "HubError";
+    /** The hub's error code. */
+    this.code = code;
+  }
+}
+
+/** The send buffer kept while disconnected is full: the event was not queued. */
+export class BufferFullError extends Error {
+  constructor(limit) {
+    super(`the client is disconnected and ${limit} events are already waiting to be sent`);
+    this.name = "BufferFullError";
+  }
+}
+
+const DEFAULTS = {
+  reconnect: true,
+  minDelay: 100,
+  maxDelay: 5000,
+  maxBuffered: 1000,
+  token: undefined,
+  user: undefined,
+  name: undefined,
+  echo: undefined,
+  tls: undefined,
+};
+
+/**
+ * Connects to a hub: `tcp://HOST:PORT`, `tls://HOST:PORT` or `hubcasts://HOST:PORT`
+ * (Node), `ws://HOST:PORT/ws` or `wss://...` (browsers, and Node where WebSocket
+ * exists). Resolves once connected (and authenticated, with `token`).
+ *
+ * @param {string} url
+ * @param {import("./index.js").Options} [options]
+ * @returns {Promise<Client>}
+ */
+export async function connect(url, options = {}) {
+  const client = new Client(url, options);
+  await client.ready();
+  return client;
+}
+
+/** A connection to a hub. Events: `connect`, `close`, `error`, `reconnect`, `event`. */
+export class Client extends EventEmitter {
+  /**
+   * @param {string} url
+   * @param {import("./index.js").Options} [options]
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = new URL(url);
+    this.options = { ...DEFAULTS, ...options };
+    this.subscriptions = new Set();
+    this.rooms = new Set();
+    this.handlers = new Map();
+    this.anyHandlers = new Set();
+    this.outbox = [];
+    this.requests = []; // control requests sent and not answered, oldest first
+    this.confirms = new Map(); // id → {resolve, reject}
+    this.closed = false;
+    this.attempt = 0;
+    this.transport = null;
+    this.connected = false;
+    this.firstConnect = new Promise((resolve, reject) => {
+      this.resolveFirst = resolve;
+      this.rejectFirst = reject;
+    });
+    this.open();
+  }
+
+  /** Resolves once the first connection is up. */
+  ready() {
+    return this.firstConnect;
+  }
+
+  /**
+   * Calls `handler(payload, event)` for each event named `name`.
+   * @param {string} name
+   * @param {(payload: any, event: object) => void} handler
+   */
+  on(name, handler) {
+    if (["connect", "close", "error", "reconnect", "event", "newListener", "removeListener"].includes(name)) {
+      return super.on(name, handler);
+    }
+    if (!this.handlers.has(name)) this.handlers.set(name, new Set());
+    this.handlers.get(name).add(handler);
+    return this;
+  }
+
+  /** Calls `handler(event)` for every event (control events excepted). */
+  onAny(handler) {
+    this.anyHandlers.add(handler);
+    return this;
+  }
+
+  /**
+   * Sends an event. Throws BufferFullError when disconnected with the buffer full.
+   * @param {string} event
+   * @param {any} payload
+   * @param {{room?: string, id?: string}} [extra]
+   */
+  emit(event, payload, extra) {
+    if (event === "connect" || event === "close" || event === "error" || event === "reconnect" || event === "event") {
+      return super.emit(event, payload);
+    }
+    const frame = { event, payload };
+    if (extra && extra.room !== undefined) frame.room = extra.room;
+    if (extra && extra.id !== undefined) frame.id = extra.id;
+    this.send(frame);
+    return true;
+  }
+
+  /**
+   * Sends an event with an `id` and resolves with the hub's `$stored` answer
+   * (`{id, stream, seq, duplicate?}`) once it is durable.
+   */
+  emitConfirmed(event, payload, extra = {}) {
+    const id = extra.id ?? `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+    return new Promise((resolve, reject) => {
+      this.confirms.set(id, { resolve, reject });
+      try {
+        this.emit(event, payload, { ...extra, id });
+      } catch (e) {
+        this.confirms.delete(id);
+        reject(e);
+      }
+    });
+  }
+
+  /** Subscribes to event-name patterns; resolves with the hub's `$subscribed`. */
+  subscribe(patterns) {
+    const list = Array.isArray(patterns) ? patterns : [patterns];
+    list.forEach((p) => this.subscriptions.add(p));
+    return this.request("$subscribe", { events: list }, "$subscribed");
+  }
+
+  unsubscribe(patterns) {
+    const list = Array.isArray(patterns) ? patterns : [patterns];
+    list.forEach((p) => this.subscriptions.delete(p));
+    return this.request("$unsubscribe", { events: list }, "$unsubscribed");
+  }
+
+  join(room) {
+    this.rooms.add(room);
+    return this.request("$join", { room }, "$joined");
+  }
+
+  leave(room) {
+    this.rooms.delete(room);
+    return this.request("$leave", { room }, "$left");
+  }
+
+  /** Closes the connection for good. */
+  close() {
+    this.closed = true;
+    clearTimeout(this.retry);
+    if (this.transport) this.transport.close();
+  }
+
+  // --- internals ---
+
+  // Control requests are answered in order: each reply (or `$error`) settles the
+  // oldest request still waiting.
+  request(name, payload, reply) {
+    return new Promise((resolve, reject) => {
+      const waiting = { reply, resolve, reject };
+      this.requests.push(waiting);
+      try {
+        this.send({ event: name, payload });
+      } catch (e) {
+        this.requests.splice(this.requests.indexOf(waiting), 1);
+        reject(e);
+      }
+    });
+  }
+
+  send(frame) {
+    const line = JSON.stringify(frame);
+    if (this.connected && this.transport) {
+      this.transport.write(line);
+      return;
+    }
+    if (this.outbox.length >= this.options.maxBuffered) {
+      throw new BufferFullError(this.options.maxBuffered);
+    }
+    this.outbox.push(line);
+  }
+
+  open() {
+    const transport = makeTransport(this.url, this.options);
+    this.transport = transport;
+    transport.onopen = () => {
+      const hello = {};
+      if (this.options.token !== undefined) hello.token = this.options.token;
+      if (this.options.user !== undefined) hello.user = this.options.user;
+      if (this.options.name !== undefined) hello.name = this.options.name;
+      if (this.options.echo !== undefined) hello.echo = this.options.echo;
+      // $hello first (the hub requires it first when it authenticates); resume the
+      // subscriptions and rooms, then whatever waited.
+      transport.write(JSON.stringify({ event: "$hello", payload: hello }));
+    };
+    transport.onmessage = (line) => this.receive(line);
+    transport.onclose = (error) => this.lost(error);
+  }
+
+  welcomed(welcome) {
+    const transport = this.transport;
+    // What this client had asked for, asked again (answers are awaited like any).
+    const restore = (name, payload, reply) => {
+      const report = (e) => {
+        // A restore the connection did not live to see answered is retried next time.
+        if (e instanceof HubError && this.listenerCount("error") > 0) super.emit("error", e);
+      };
+      this.requests.unshift({ reply, resolve() {}, reject: report });
+      transport.write(JSON.stringify({ event: name, payload }));
+    };
+    for (const room of [...this.rooms].reverse()) restore("$join", { room }, "$joined");
+    if (this.subscriptions.size > 0) restore("$subscribe", { events: [...this.subscriptions] }, "$subscribed");
+    this.connected = true;
+    for (const line of this.outbox.splice(0)) transport.write(line);
+    const again = this.attempt > 0;
+    this.attempt = 0;
+    if (again) super.emit("reconnect", welcome);
+    super.emit("connect", welcome);
+    this.resolveFirst(this);
+  }
+
+  receive(line) {
+    let frame;
+    try {
+      frame = JSON.parse(line);
+    } catch {
+      super.emit("error", new Error(`the hub sent something that is not JSON: ${line.slice(0, 80)}`));
+      return;
+    }
+    const name = frame.event;
+    if (name === "$welcome") return this.welcomed(frame.payload);
+    if (name === "$ping") {
+      this.transport.write(JSON.stringify({ event: "$pong", payload: frame.payload ?? null }));
+      return;
+    }
+    if (name === "$stored") {
+      const waiting = this.confirms.get(frame.payload?.id);
+      if (waiting) {
+        this.confirms.delete(frame.payload.id);
+        waiting.resolve(frame.payload);
+      }
+      return;
+    }
+    if (name === "$error") {
+      const error = new HubError(frame.payload?.code ?? "unknown", frame.payload?.message ?? "");
+      const id = frame.payload?.id;
+      if (id !== undefined && this.confirms.has(id)) {
+        this.confirms.get(id).reject(error);
+        this.confirms.delete(id);
+        return;
+      }
+      if (!this.connected) {
+        // Refused before the welcome: wrong credentials do not get better by retrying.
+        this.rejectFirst(error);
+        if (error.code.startsWith("auth_")) this.closed = true;
+      }
+      const answers = ["invalid_pattern", "invalid_room", "limit_exceeded", "permission_denied", "invalid_payload"];
+      if (answers.includes(error.code) && this.requests.length > 0) {
+        this.requests.shift().reject(error);
+        return;
+      }
+      if (this.listenerCount("error") > 0) super.emit("error", error);
+      return;
+    }
+    if (this.requests.length > 0 && this.requests[0].reply === name) {
+      this.requests.shift().resolve(frame.payload);
+      return;
+    }
+    if (name.startsWith("$")) return;
+    for (const handler of this.handlers.get(name) ?? []) handler(frame.payload, frame);
+    for (const handler of this.anyHandlers) handler(frame);
+    super.emit("event", frame);
+  }
+
+  lost(error) {
+    const was = this.connected;
+    this.connected = false;
+    this.transport = null;
+    // Requests in flight are not answered now (what they asked for is restored on the
+    // next connection).
+    for (const waiting of this.requests.splice(0)) {
+      waiting.reject(error ?? new Error("the connection closed before the hub answered"));
+    }
+    super.emit("close", { hadError: Boolean(error), error });
+    if (!was && this.attempt === 0 && !this.options.reconnect) {
+      this.rejectFirst(error ?? new Error("the connection closed before the hub welcomed it"));
+    }
+    if (this.closed || !this.options.reconnect) {
+      for (const { reject } of this.confirms.values()) reject(new Error("the connection closed"));
+      this.confirms.clear();
+      return;
+    }
+    // Backoff with full jitter, from minDelay doubling to maxDelay.
+    const cap = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this.attempt);
+    this.attempt += 1;
+    this.retry = setTimeout(() => this.open(), Math.random() * cap);
+  }
+}
+
+/** The line transport for a URL: TCP/TLS in Node, WebSocket elsewhere. */
+function makeTransport(url, options) {
+  switch (url.protocol) {
+    case "tcp:":
+    case "tls:":
+    case "hubcasts:":
+      return new StreamTransport(url, options);
+    case "ws:":
+    case "wss:":
+      return new WebSocketTransport(url);
+    default:
+      throw new Error(`unsupported URL ${url.href}: use tcp://, tls://, hubcasts://, ws:// or wss://`);
+  }
+}
+
+class StreamTransport {
+  constructor(url, options) {
+    this.buffer = "";
+    const port = Number(url.port || 3000);
+    const host = url.hostname || "127.0.0.1";
+    const start = async () => {
+      const secure = url.protocol !== "tcp:";
+      const lib = secure ? await import("node:tls") : await import("node:net");
+      const socket = secure
+        ? lib.connect({ host, port, servername: host, ...(options.tls || {}) })
+        : lib.connect({ host, port });
+      this.socket = socket;
+      socket.setEncoding("utf8");
+      socket.setNoDelay(true);
+      socket.on(secure ? "secureConnect" : "connect", () => this.onopen?.());
+      socket.on("data", (chunk) => this.data(chunk));
+      let failure;
+      socket.on("error", (e) => { failure = e; });
+      socket.on("close", () => this.onclose?.(failure));
+    };
+    start().catch((e) => queueMicrotask(() => this.onclose?.(e)));
+  }
+
+  data(chunk) {
+    this.buffer += chunk;
+    let newline;
+    while ((newline = this.buffer.indexOf("\n")) >= 0) {
+      const line = this.buffer.slice(0, newline);
+      this.buffer = this.buffer.slice(newline + 1);
+      if (line.trim()) this.onmessage?.(line);
+    }
+  }
+
+  write(line) {
+    this.socket?.write(line + "\n");
+  }
+
+  close() {
+    this.socket?.end();
+  }
+}
+
+class WebSocketTransport {
+  constructor(url) {
+    if (typeof WebSocket === "undefined") {
+      throw new Error("this runtime has no WebSocket: use tcp:// in Node before 22, or run Node with --experimental-websocket");
+    }
+    const ws = new WebSocket(url.href, "hubcast.v1");
+    this.ws = ws;
+    ws.onopen = () => this.onopen?.();
+    ws.onmessage = (m) => this.onmessage?.(String(m.data));
+    ws.onclose = (e) => this.onclose?.(e.code === 1000 ? undefined : new Error(`closed ${e.code} ${e.reason}`));
+  }
+
+  write(line) {
+    this.ws.send(line);
+  }
+
+  close() {
+    this.ws.close(1000);
+  }
+}

@@ -1,0 +1,157 @@
+// node --test, against real hubs: the Rust binary named by HUBCAST_BIN (the cargo test
+// that runs this suite sets it), else target/debug/hubcast.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import net from "node:net";
+import { once } from "node:events";
+import { fileURLToPath } from "node:url";
+import { join, dirname } from "node:path";
+
+import { connect, Client, HubError, BufferFullError } from "../src/index.js";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "../../..");
+const bin = process.env.HUBCAST_BIN || join(root, "target/debug/hubcast");
+
+/** Starts `hubcast serve` on a free port (or `port`); resolves with {port, stop}. */
+async function hub(args = [], port = 0) {
+  const child = spawn(bin, ["serve", "--port", String(port), "--quiet", ...args], {
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  const lines = createInterface({ input: child.stdout });
+  const [first] = await once(lines, "line");
+  const match = /Server up on .*:(\d+)$/.exec(first);
+  assert.ok(match, first);
+  return {
+    port: Number(match[1]),
+    stop: async () => {
+      child.kill("SIGTERM");
+      await once(child, "exit");
+    },
+  };
+}
+
+/** Resolves with the next `name` event's payload. */
+const next = (client, name) => new Promise((resolve) => {
+  const handler = (payload) => {
+    client.handlers.get(name).delete(handler);
+    resolve(payload);
+  };
+  client.on(name, handler);
+});
+
+test("events go both ways, however the stream is cut", async () => {
+  const h = await hub();
+  const client = await connect(`tcp://127.0.0.1:${h.port}`, { reconnect: false });
+  // A class-style raw socket: two events in one write, then one split in two.
+  const raw = net.connect(h.port, "127.0.0.1");
+  await once(raw, "connect");
+  const heard = [];
+  client.on("pickup", (payload) => heard.push(payload.n));
+  const all = new Promise((resolve) => client.on("delivered", resolve));
+  raw.write('{"event":"pickup","payload":{"n":1}}{"event":"pickup","payload":{"n":2}}\n');
+  raw.write('{"event":"pickup","pay');
+  await new Promise((r) => setTimeout(r, 20));
+  raw.write('load":{"n":3}}\n{"event":"delivered","payload":null}\n');
+  await all;
+  assert.deepEqual(heard, [1, 2, 3]);
+  // And from the client: the raw socket hears one line per event.
+  const rawLines = createInterface({ input: raw });
+  const got = new Promise((resolve) => rawLines.on("line", (l) => l.includes("in-transit") && resolve(l)));
+  client.emit("in-transit", { n: 1 });
+  assert.deepEqual(JSON.parse(await got), { event: "in-transit", payload: { n: 1 } });
+  raw.destroy();
+  client.close();
+  await h.stop();
+});
+
+test("control events: subscribe, rooms, typed errors", async () => {
+  const h = await hub();
+  const a = await connect(`tcp://127.0.0.1:${h.port}`, { reconnect: false });
+  const b = await connect(`tcp://127.0.0.1:${h.port}`, { reconnect: false, echo: false });
+  const subscribed = await a.subscribe(["order.*"]);
+  assert.deepEqual(subscribed, { events: ["order.*"] });
+  await a.join("acme");
+  const got = next(a, "order.new");
+  b.emit("chat", 1); // not subscribed: not heard
+  b.emit("order.new", { id: 7 });
+  assert.deepEqual(await got, { id: 7 });
+  const inRoom = next(a, "order.room");
+  b.emit("order.room", "hi", { room: "acme" });
+  assert.equal(await inRoom, "hi");
+  await assert.rejects(a.subscribe(["a.>.b"]), (e) => e instanceof HubError && e.code === "invalid_pattern");
+  await a.leave("acme");
+  await a.unsubscribe("order.*");
+  a.close();
+  b.close();
+  await h.stop();
+});
+
+test("reconnects after the hub restarts, restoring subscriptions and rooms", async () => {
+  const first = await hub();
+  const client = new Client(`tcp://127.0.0.1:${first.port}`, { minDelay: 20, maxDelay: 200 });
+  await client.ready();
+  await client.subscribe("news");
+  await client.join("room-1");
+  const closed = once(client, "close");
+  await first.stop();
+  await closed;
+  // Sent while away: buffered, delivered after the reconnect.
+  client.emit("news", "while away");
+  const second = await hub([], first.port);
+  await once(client, "reconnect");
+  const peer = await connect(`tcp://127.0.0.1:${second.port}`, { reconnect: false });
+  const heard = [];
+  client.on("news", (p) => heard.push(p));
+  client.on("other", (p) => heard.push(p));
+  const roomEvent = next(client, "news");
+  peer.emit("other", "not subscribed");
+  peer.emit("news", "in the room", { room: "room-1" });
+  assert.equal(await roomEvent, "in the room");
+  assert.deepEqual(heard, ["in the room"], "the subscription came back; `other` is not heard");
+  client.close();
+  peer.close();
+  await second.stop();
+});
+
+test("a bounded buffer while away fails loudly when full", async () => {
+  const h = await hub();
+  const client = new Client(`tcp://127.0.0.1:${h.port}`, { maxBuffered: 3, minDelay: 5000, maxDelay: 5000 });
+  await client.ready();
+  const closed = once(client, "close");
+  await h.stop();
+  await closed;
+  client.emit("a", 1);
+  client.emit("a", 2);
+  client.emit("a", 3);
+  assert.throws(() => client.emit("a", 4), BufferFullError);
+  client.close();
+});
+
+test("emitConfirmed resolves on $stored", async () => {
+  const dir = join(root, "target", `js-client-${process.pid}`);
+  const h = await hub(["--stream", "orders=pickup", "--data-dir", dir, "--fsync", "never"]);
+  const client = await connect(`tcp://127.0.0.1:${h.port}`, { reconnect: false });
+  const stored = await client.emitConfirmed("pickup", { n: 1 });
+  assert.equal(stored.stream, "orders");
+  assert.equal(stored.seq, 1);
+  const live = await client.emitConfirmed("chat", "not stored");
+  assert.equal(live.stream, null);
+  client.close();
+  await h.stop();
+});
+
+test("wrong credentials reject connect with a HubError", async () => {
+  const { writeFileSync, mkdirSync } = await import("node:fs");
+  const { randomBytes } = await import("node:crypto");
+  mkdirSync(join(root, "target"), { recursive: true });
+  const key = join(root, "target", `js-jwt-${process.pid}.key`);
+  writeFileSync(key, randomBytes(32).toString("hex"));
+  const h = await hub(["--jwt-key", key]);
+  await assert.rejects(
+    connect(`tcp://127.0.0.1:${h.port}`, { token: "wrong", reconnect: false }),
+    (e) => e instanceof HubError && e.code === "auth_failed",
+  );
+  await h.stop();
+});
