@@ -45,6 +45,10 @@ const PING_LINE: &[u8] = b"{\"event\":\"$ping\",\"payload\":null}";
 const MAX_WRITE: usize = 64 * 1024;
 /// How long a connection the hub closed waits for the client to close its side.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most bytes of control frames (pongs) waiting for a client that does not read: past
+/// it, pings go unanswered (RFC 6455 5.5.3 lets an endpoint answer only the latest),
+/// so a client that pings without reading cannot grow the hub's memory.
+const MAX_QUEUED_CONTROL: usize = 1024;
 /// The longest control frame payload (RFC 6455 5.5).
 const MAX_CONTROL: usize = 125;
 
@@ -449,7 +453,7 @@ impl Inbound {
         match op {
             Control::Ping => {
                 let mut shared = lock(shared);
-                if !shared.close_sent {
+                if !shared.close_sent && shared.control.len() < MAX_QUEUED_CONTROL {
                     encode_frame(OpCode::Control(Control::Pong), payload, &mut shared.control);
                 }
                 Ok(true)
@@ -893,6 +897,22 @@ mod tests {
             // The ping was answered with a pong carrying its payload.
             assert_eq!(shared.control, [0x8A, 2, b'h', b'i'], "reads of {size}");
         }
+    }
+
+    /// A client that pings without reading: the pongs waiting for it stay bounded.
+    #[test]
+    fn a_ping_flood_queues_a_bounded_number_of_pongs() {
+        let mut wire = Vec::new();
+        for _ in 0..10_000 {
+            wire.extend(client_frame(0x89, &[b'p'; 100], [1, 2, 3, 4]));
+        }
+        let (_, state, shared) = feed(&wire, std::iter::repeat(4096));
+        assert!(state.failed.is_none());
+        assert!(
+            shared.control.len() < MAX_QUEUED_CONTROL + 128,
+            "{} bytes of pongs queued",
+            shared.control.len()
+        );
     }
 
     #[test]

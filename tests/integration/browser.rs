@@ -10,28 +10,34 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
-use crate::support::{event, require, within, TestHub};
+use crate::support::{event, require, require_file, within, TestHub};
 
 const BROWSER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
 
 /// Chromium and playwright-core are there (in CI they must be: `.ci/run` installs them).
 fn browser_available() -> bool {
-    if !require("node") {
-        return false;
-    }
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let driver = Path::new(BROWSER_DIR).join("node_modules/playwright-core");
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    if Path::new(&chromium).exists() && driver.exists() {
-        return true;
-    }
-    assert!(
-        !ci,
-        "{chromium} or {} is missing, and CI is set (.ci/run installs them)",
-        driver.display()
-    );
-    eprintln!("SKIPPED: the browser test needs {chromium} and `npm ci` in tests/browser");
-    false
+    require("node")
+        && require_file(Path::new(&chromium), "Chromium")
+        && require_file(
+            &Path::new(BROWSER_DIR).join("node_modules/playwright-core"),
+            "playwright-core (npm ci in tests/browser)",
+        )
+}
+
+/// Runs a browser script to the end; returns its stdout once it succeeded.
+async fn run_script(script: &str, args: &[&str]) -> String {
+    let output = Command::new("node")
+        .arg(Path::new(BROWSER_DIR).join(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = within(output).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{script}: {stdout}\n{stderr}");
+    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,17 +165,8 @@ async fn the_web_vendor_is_served_by_a_tcp_driver() {
     // The driver is in the pool before the first order.
     let mut clients = hub.hub.watch_clients();
     within(clients.wait_for(|&n| n == 1)).await.unwrap();
-    let output = Command::new("node")
-        .arg(Path::new(BROWSER_DIR).join("vendor.mjs"))
-        .arg(hub.http.unwrap().to_string())
-        .arg("3")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = within(output).await.unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let http = hub.http.unwrap().to_string();
+    let stdout = run_script("vendor.mjs", &[&http, "3"]).await;
     assert!(stdout.contains("delivered 3/3"), "{stdout}");
     driver.start_kill().unwrap();
 }
@@ -191,17 +188,7 @@ async fn the_dashboard_signs_in_and_shows_the_counters_only_to_an_admin() {
     let hub = TestHub::start_http(Config::default()).await;
     hub.hub
         .set_authenticator(hubcast::auth::Authenticator::from_spec(&file, None).unwrap());
-    let output = Command::new("node")
-        .arg(Path::new(BROWSER_DIR).join("dashboard-auth.mjs"))
-        .arg(hub.http.unwrap().to_string())
-        .arg(&viewer)
-        .arg(&admin)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = within(output).await.unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let http = hub.http.unwrap().to_string();
+    let stdout = run_script("dashboard-auth.mjs", &[&http, &viewer, &admin]).await;
     assert!(stdout.contains("auth-ok"), "{stdout}");
 }

@@ -338,18 +338,25 @@ pub fn require(program: &str) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok();
-    if installed {
-        return true;
-    }
+    installed || missing(program)
+}
+
+/// Like [`require`], for something installed as files: `path` exists, or the test is
+/// skipped (failed under `CI=true`), naming `what`.
+pub fn require_file(path: &std::path::Path, what: &str) -> bool {
+    path.exists() || missing(&format!("{what} ({})", path.display()))
+}
+
+fn missing(what: &str) -> bool {
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     assert!(
         !ci,
-        "{program} is not installed, and CI is set: the full suite needs it (.ci/run installs it)"
+        "{what} is not installed, and CI is set: the full suite needs it (.ci/run installs it)"
     );
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr().lock(),
-        "SKIPPED: {program} is not installed (the README lists what the full suite needs)"
+        "SKIPPED: {what} is not installed (the README lists what the full suite needs)"
     );
     false
 }
