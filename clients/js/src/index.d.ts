@@ -75,6 +75,43 @@ export class Client extends EventEmitter {
   unsubscribe(patterns: string | string[]): Promise<unknown>;
   join(room: string): Promise<unknown>;
   leave(room: string): Promise<unknown>;
+  /** Consumes a durable stream; resolves once the hub answers `$consuming`. */
+  consume(spec: ConsumeSpec): Promise<Consumer>;
+  /** Stops consumer `name`'s deliveries to this connection. */
+  unconsume(name: string): Promise<unknown>;
   /** Closes the connection for good (no reconnect). */
   close(): void;
+}
+
+/** What `$consume` takes (fixed by the consumer's first `$consume`). */
+export interface ConsumeSpec {
+  stream: string;
+  consumer: string;
+  filter?: string;
+  room?: string;
+  start?: "all" | "new" | number;
+  ack_wait?: string;
+  max_deliver?: number;
+  max_in_flight?: number;
+}
+
+/** A stored event delivered to a consumer. */
+export interface Delivery extends HubEvent {
+  stream: string;
+  seq: number;
+  consumer: string;
+  attempt: number;
+  /** Done with it. */
+  ack(): void;
+  /** Give it back, to be delivered again (after `delay`, e.g. "5s"). */
+  nack(delay?: string): void;
+}
+
+/** A durable consumer's deliveries. */
+export class Consumer implements AsyncIterableIterator<Delivery> {
+  readonly name: string;
+  /** Events not acknowledged yet when it started, as the hub counted them. */
+  pending?: number;
+  next(): Promise<IteratorResult<Delivery>>;
+  [Symbol.asyncIterator](): AsyncIterableIterator<Delivery>;
 }

@@ -77,6 +77,7 @@ export class Client extends EventEmitter {
     this.anyHandlers = new Set();
     this.outbox = [];
     this.requests = []; // control requests sent and not answered, oldest first
+    this.consumers = new Map(); // consumer name → Consumer
     this.confirms = new Map(); // id → {resolve, reject}
     this.closed = false;
     this.attempt = 0;
@@ -171,6 +172,38 @@ export class Client extends EventEmitter {
     return this.request("$leave", { room }, "$left");
   }
 
+  /**
+   * Consumes a durable stream (`$consume`); resolves, once the hub answers
+   * `$consuming`, with a Consumer: an async iterable of deliveries, each with `ack()`
+   * and `nack(delay)`. Consumed again after every reconnect.
+   * @param {{stream: string, consumer: string, filter?: string, room?: string,
+   *   start?: "all"|"new"|number, ack_wait?: string, max_deliver?: number,
+   *   max_in_flight?: number}} spec
+   */
+  async consume(spec) {
+    if (!spec || typeof spec.stream !== "string" || typeof spec.consumer !== "string") {
+      throw new TypeError("consume needs {stream, consumer} (strings)");
+    }
+    const consumer = new Consumer(this, { ...spec });
+    this.consumers.set(spec.consumer, consumer);
+    try {
+      const answer = await this.request("$consume", consumer.spec, "$consuming");
+      consumer.pending = answer?.pending;
+      return consumer;
+    } catch (e) {
+      this.consumers.delete(spec.consumer);
+      throw e;
+    }
+  }
+
+  /** Stops deliveries of consumer `name` to this connection (`$unconsume`). */
+  async unconsume(name) {
+    const consumer = this.consumers.get(name);
+    this.consumers.delete(name);
+    consumer?.end();
+    return this.request("$unconsume", { consumer: name }, "$unconsumed");
+  }
+
   /** Closes the connection for good. */
   close() {
     this.closed = true;
@@ -184,10 +217,10 @@ export class Client extends EventEmitter {
   // oldest request still waiting.
   request(name, payload, reply) {
     return new Promise((resolve, reject) => {
-      const waiting = { reply, resolve, reject };
+      const waiting = { reply, resolve, reject, sent: false };
       this.requests.push(waiting);
       try {
-        this.send({ event: name, payload });
+        waiting.sent = this.send({ event: name, payload });
       } catch (e) {
         this.requests.splice(this.requests.indexOf(waiting), 1);
         reject(e);
@@ -195,16 +228,18 @@ export class Client extends EventEmitter {
     });
   }
 
+  /** Writes `frame` now (true), or keeps it for the next connection (false). */
   send(frame) {
     const line = JSON.stringify(frame);
     if (this.connected && this.transport) {
       this.transport.write(line);
-      return;
+      return true;
     }
     if (this.outbox.length >= this.options.maxBuffered) {
       throw new BufferFullError(this.options.maxBuffered);
     }
     this.outbox.push(line);
+    return false;
   }
 
   open() {
@@ -226,18 +261,23 @@ export class Client extends EventEmitter {
 
   welcomed(welcome) {
     const transport = this.transport;
-    // What this client had asked for, asked again (answers are awaited like any).
+    // What this client had asked for, asked again, in the order written: answers come
+    // back in that order, ahead of those to requests made while away (sent next).
+    const restores = [];
+    const report = (e) => {
+      // A restore the connection did not live to see answered is retried next time.
+      if (e instanceof HubError && this.listenerCount("error") > 0) super.emit("error", e);
+    };
     const restore = (name, payload, reply) => {
-      const report = (e) => {
-        // A restore the connection did not live to see answered is retried next time.
-        if (e instanceof HubError && this.listenerCount("error") > 0) super.emit("error", e);
-      };
-      this.requests.unshift({ reply, resolve() {}, reject: report });
+      restores.push({ reply, resolve() {}, reject: report, sent: true });
       transport.write(JSON.stringify({ event: name, payload }));
     };
-    for (const room of [...this.rooms].reverse()) restore("$join", { room }, "$joined");
     if (this.subscriptions.size > 0) restore("$subscribe", { events: [...this.subscriptions] }, "$subscribed");
+    for (const room of this.rooms) restore("$join", { room }, "$joined");
+    for (const consumer of this.consumers.values()) restore("$consume", consumer.spec, "$consuming");
+    this.requests.unshift(...restores);
     this.connected = true;
+    for (const waiting of this.requests) waiting.sent = true;
     for (const line of this.outbox.splice(0)) transport.write(line);
     const again = this.attempt > 0;
     this.attempt = 0;
@@ -294,6 +334,11 @@ export class Client extends EventEmitter {
       return;
     }
     if (name.startsWith("$")) return;
+    // A durable delivery goes to its consumer only.
+    if (typeof frame.consumer === "string" && typeof frame.seq === "number" && this.consumers.has(frame.consumer)) {
+      this.consumers.get(frame.consumer).push(frame);
+      return;
+    }
     for (const handler of this.handlers.get(name) ?? []) handler(frame.payload, frame);
     for (const handler of this.anyHandlers) handler(frame);
     super.emit("event", frame);
@@ -304,8 +349,10 @@ export class Client extends EventEmitter {
     this.connected = false;
     this.transport = null;
     // Requests in flight are not answered now (what they asked for is restored on the
-    // next connection).
-    for (const waiting of this.requests.splice(0)) {
+    // next connection); those still waiting to be sent go with it.
+    const inFlight = this.requests.filter((w) => w.sent);
+    this.requests = this.requests.filter((w) => !w.sent);
+    for (const waiting of inFlight) {
       waiting.reject(error ?? new Error("the connection closed before the hub answered"));
     }
     super.emit("close", { hadError: Boolean(error), error });
@@ -315,12 +362,63 @@ export class Client extends EventEmitter {
     if (this.closed || !this.options.reconnect) {
       for (const { reject } of this.confirms.values()) reject(new Error("the connection closed"));
       this.confirms.clear();
+      for (const consumer of this.consumers.values()) consumer.end();
       return;
     }
     // Backoff with full jitter, from minDelay doubling to maxDelay.
     const cap = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this.attempt);
     this.attempt += 1;
     this.retry = setTimeout(() => this.open(), Math.random() * cap);
+  }
+}
+
+/**
+ * A durable consumer's deliveries, as an async iterable:
+ *
+ *   for await (const order of consumer) { ...; order.ack(); }
+ *
+ * Each delivery is the stored event with `stream`, `seq`, `consumer` and `attempt`,
+ * plus `ack()` and `nack(delay)`. What is not acked within the consumer's `ack_wait`
+ * (or when the connection drops) is delivered again.
+ */
+export class Consumer {
+  constructor(client, spec) {
+    this.client = client;
+    this.spec = spec;
+    this.name = spec.consumer;
+    this.queue = [];
+    this.waiting = [];
+    this.done = false;
+  }
+
+  push(frame) {
+    const client = this.client;
+    const name = this.name;
+    const delivery = {
+      ...frame,
+      ack: () => client.send({ event: "$ack", payload: { consumer: name, seq: frame.seq } }),
+      nack: (delay) =>
+        client.send({ event: "$nack", payload: { consumer: name, seq: frame.seq, ...(delay ? { delay } : {}) } }),
+    };
+    const next = this.waiting.shift();
+    if (next) next({ value: delivery, done: false });
+    else this.queue.push(delivery);
+  }
+
+  end() {
+    this.done = true;
+    for (const next of this.waiting.splice(0)) next({ value: undefined, done: true });
+  }
+
+  /** The next delivery (undefined once the consumer ended). */
+  async next() {
+    if (this.queue.length > 0) return { value: this.queue.shift(), done: false };
+    if (this.done) return { value: undefined, done: true };
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
   }
 }
 

@@ -155,3 +155,45 @@ test("wrong credentials reject connect with a HubError", async () => {
   );
   await h.stop();
 });
+
+test("durable consume and ack, across a hub restart", async () => {
+  const dir = join(root, "target", `js-consume-${process.pid}`);
+  const args = ["--stream", "orders=pickup", "--data-dir", dir, "--fsync", "always"];
+  const first = await hub(args);
+  const client = new Client(`tcp://127.0.0.1:${first.port}`, { minDelay: 20, maxDelay: 200, echo: false });
+  await client.ready();
+  const drivers = await client.consume({ stream: "orders", consumer: "drivers", start: "all", ack_wait: "30s" });
+  for (let n = 1; n <= 3; n++) {
+    const stored = await client.emitConfirmed("pickup", { n });
+    assert.equal(stored.seq, n);
+  }
+  // Three deliveries; two acked, one given back (delivered again, attempt 2).
+  const seen = [];
+  for (let i = 0; i < 3; i++) {
+    const d = (await drivers.next()).value;
+    assert.equal(d.stream, "orders");
+    assert.equal(d.consumer, "drivers");
+    assert.equal(d.attempt, 1);
+    seen.push(d.payload.n);
+    if (d.payload.n === 2) d.nack();
+    else d.ack();
+  }
+  assert.deepEqual(seen, [1, 2, 3]);
+  const again = (await drivers.next()).value;
+  assert.deepEqual([again.payload.n, again.attempt], [2, 2]);
+  // Not acked when the hub goes down: delivered again after it restarts.
+  const closed = once(client, "close");
+  await first.stop();
+  await closed;
+  const second = await hub(args, first.port);
+  await once(client, "reconnect");
+  const after = (await drivers.next()).value;
+  assert.equal(after.payload.n, 2, "only the unacknowledged order comes back");
+  assert.ok(after.attempt >= 3, `attempt ${after.attempt}`);
+  after.ack();
+  // A request after the restores is answered (replies are matched in order).
+  await client.subscribe("other");
+  await client.unconsume("drivers");
+  client.close();
+  await second.stop();
+});
