@@ -192,3 +192,38 @@ async fn the_dashboard_signs_in_and_shows_the_counters_only_to_an_admin() {
     let stdout = run_script("dashboard-auth.mjs", &[&http, &viewer, &admin]).await;
     assert!(stdout.contains("auth-ok"), "{stdout}");
 }
+
+/// Issue #15: hubcast-client runs in a real browser over the WebSocket gateway, as it
+/// does in Node over TCP: it subscribes, hears a TCP client's event, and sends one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_runs_in_a_browser_over_websocket() {
+    if !browser_available() {
+        return;
+    }
+    let hub = TestHub::start_http(Config::default()).await;
+    let mut tcp = hub.connect().await;
+    tcp.send(event("$subscribe", json!({"events": ["from-browser"]})) + "\n")
+        .await;
+    assert_eq!(tcp.json().await["event"], "$subscribed");
+    let mut browser = Command::new("node")
+        .arg(Path::new(BROWSER_DIR).join("js-client.mjs"))
+        .arg(hub.http.unwrap().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut to_browser = browser.stdin.take().unwrap();
+    let mut from_browser = BufReader::new(browser.stdout.take().unwrap()).lines();
+    let line = within(from_browser.next_line()).await.unwrap();
+    assert_eq!(line.as_deref(), Some("subscribed"));
+    tcp.send(event("from-tcp", json!({"n": 1})) + "\n").await;
+    to_browser.write_all(b"send\n").await.unwrap();
+    let line = within(from_browser.next_line()).await.unwrap();
+    assert_eq!(line.as_deref(), Some("heard-and-sent"));
+    assert_eq!(
+        tcp.json().await,
+        json!({"event": "from-browser", "payload": {"n": 2}})
+    );
+    assert!(within(browser.wait()).await.unwrap().success());
+}

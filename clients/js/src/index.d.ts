@@ -1,5 +1,3 @@
-import { EventEmitter } from "node:events";
-
 /** What `connect` and `new Client` take. */
 export interface Options {
   /** Reconnect when the connection is lost (default true), with backoff and jitter. */
@@ -54,7 +52,7 @@ export class BufferFullError extends Error {
 /** Connects (tcp://, tls://, hubcasts://, ws://, wss://); resolves once welcomed. */
 export function connect(url: string, options?: Options): Promise<Client>;
 
-export class Client extends EventEmitter {
+export class Client {
   constructor(url: string, options?: Options);
   /** Resolves once the first connection is welcomed. */
   ready(): Promise<Client>;
@@ -67,6 +65,11 @@ export class Client extends EventEmitter {
   on(name: string, handler: (payload: any, event: HubEvent) => void): this;
   /** Handles every event. */
   onAny(handler: (event: HubEvent) => void): this;
+  /** Like `on`, once. */
+  once(name: string, handler: (...args: any[]) => void): this;
+  removeListener(name: string, handler: (...args: any[]) => void): this;
+  off(name: string, handler: (...args: any[]) => void): this;
+  listenerCount(name: string): number;
   /** Sends an event (to a room, with an id, when given). */
   emit(event: string, payload?: unknown, extra?: { room?: string; id?: string }): boolean;
   /** Sends an event with an id; resolves once the hub has stored it (`$stored`). */

@@ -10,7 +10,56 @@
 // are handled), sends one line per event, answers control events, and reconnects with
 // backoff and jitter, restoring its subscriptions and rooms.
 
-import { EventEmitter } from "node:events";
+/**
+ * The few EventEmitter methods the client needs, without `node:events`, so that the
+ * same module runs in browsers (Node's `events.once` works with it too).
+ */
+class Emitter {
+  constructor() {
+    this.listeners = new Map();
+  }
+
+  on(name, listener) {
+    if (!this.listeners.has(name)) this.listeners.set(name, []);
+    this.listeners.get(name).push(listener);
+    return this;
+  }
+
+  addListener(name, listener) {
+    return this.on(name, listener);
+  }
+
+  once(name, listener) {
+    const wrapper = (...args) => {
+      this.removeListener(name, wrapper);
+      listener(...args);
+    };
+    wrapper.listener = listener;
+    return this.on(name, wrapper);
+  }
+
+  removeListener(name, listener) {
+    const list = this.listeners.get(name) || [];
+    const at = list.findIndex((l) => l === listener || l.listener === listener);
+    if (at >= 0) list.splice(at, 1);
+    return this;
+  }
+
+  off(name, listener) {
+    return this.removeListener(name, listener);
+  }
+
+  listenerCount(name) {
+    return (this.listeners.get(name) || []).length;
+  }
+
+  emit(name, ...args) {
+    const list = [...(this.listeners.get(name) || [])];
+    if (name === "error" && list.length === 0) throw args[0];
+    for (const listener of list) listener(...args);
+    return list.length > 0;
+  }
+}
 
 /** An error the hub sent (`$error`), with its code (`permission_denied`, ...). */
 export class HubError extends Error {
@@ -33,6 +82,9 @@ export class BufferFullError extends Error {
     this.name = "BufferFullError";
   }
 }
+
+/** The client's own events; any other name is a hub event. */
+const LIFECYCLE = ["connect", "close", "error", "reconnect", "event"];
 
 const DEFAULTS = {
   reconnect: true,
@@ -62,7 +114,7 @@ export async function connect(url, options = {}) {
 }
 
 /** A connection to a hub. Events: `connect`, `close`, `error`, `reconnect`, `event`. */
-export class Client extends EventEmitter {
+export class Client extends Emitter {
   /**
    * @param {string} url
    * @param {import("./index.js").Options} [options]
@@ -101,11 +153,23 @@ export class Client extends EventEmitter {
    * @param {(payload: any, event: object) => void} handler
    */
   on(name, handler) {
-    if (["connect", "close", "error", "reconnect", "event", "newListener", "removeListener"].includes(name)) {
+    if (LIFECYCLE.includes(name)) {
       return super.on(name, handler);
     }
     if (!this.handlers.has(name)) this.handlers.set(name, new Set());
     this.handlers.get(name).add(handler);
+    return this;
+  }
+
+  removeListener(name, handler) {
+    if (LIFECYCLE.includes(name)) return super.removeListener(name, handler);
+    const set = this.handlers.get(name);
+    for (const h of set ?? []) {
+      if (h === handler || h.listener === handler) {
+        set.delete(h);
+        break;
+      }
+    }
     return this;
   }
 
@@ -122,7 +186,7 @@ export class Client extends EventEmitter {
    * @param {{room?: string, id?: string}} [extra]
    */
   emit(event, payload, extra) {
-    if (event === "connect" || event === "close" || event === "error" || event === "reconnect" || event === "event") {
+    if (LIFECYCLE.includes(event)) {
       return super.emit(event, payload);
     }
     const frame = { event, payload };
