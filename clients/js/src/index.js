@@ -545,21 +545,31 @@ class StreamTransport {
 
 class WebSocketTransport {
   constructor(url) {
-    if (typeof WebSocket === "undefined") {
-      throw new Error("this runtime has no WebSocket: use tcp:// in Node before 22, or run Node with --experimental-websocket");
-    }
-    const ws = new WebSocket(url.href, "hubcast.v1");
-    this.ws = ws;
-    ws.onopen = () => this.onopen?.();
-    ws.onmessage = (m) => this.onmessage?.(String(m.data));
-    ws.onclose = (e) => this.onclose?.(e.code === 1000 ? undefined : new Error(`closed ${e.code} ${e.reason}`));
+    const start = async () => {
+      // The runtime's own WebSocket (browsers, Node 22+), else the `ws` package if
+      // it is installed (an optional peer dependency, for Node before 22).
+      let Socket = globalThis.WebSocket;
+      if (Socket === undefined) {
+        try {
+          Socket = (await import("ws")).WebSocket;
+        } catch {
+          throw new Error("this runtime has no WebSocket: install the `ws` package (npm install ws), or use tcp://");
+        }
+      }
+      const ws = new Socket(url.href, "hubcast.v1");
+      this.ws = ws;
+      ws.onopen = () => this.onopen?.();
+      ws.onmessage = (m) => this.onmessage?.(String(m.data));
+      ws.onclose = (e) => this.onclose?.(e.code === 1000 ? undefined : new Error(`closed ${e.code} ${e.reason}`));
+    };
+    start().catch((e) => queueMicrotask(() => this.onclose?.(e)));
   }
 
   write(line) {
-    this.ws.send(line);
+    this.ws?.send(line);
   }
 
   close() {
-    this.ws.close(1000);
+    this.ws?.close(1000);
   }
 }

@@ -197,3 +197,26 @@ test("durable consume and ack, across a hub restart", async () => {
   client.close();
   await second.stop();
 });
+
+test("over WebSocket (the runtime's own, or the ws package before Node 22)", async () => {
+  const child = spawn(bin, ["serve", "--port", "0", "--http", "127.0.0.1:0", "--quiet"], {
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+  const tcpPort = /:(\d+)$/.exec((await lines.next()).value)[1];
+  const http = /http:\/\/(\S+)/.exec((await lines.next()).value)[1];
+  const ws = await connect(`ws://${http}/ws`, { reconnect: false, echo: false });
+  const tcp = await connect(`tcp://127.0.0.1:${tcpPort}`, { reconnect: false, echo: false });
+  await ws.subscribe("to-ws");
+  await tcp.subscribe("to-tcp");
+  const atWs = next(ws, "to-ws");
+  tcp.emit("to-ws", { n: 1 });
+  assert.deepEqual(await atWs, { n: 1 });
+  const atTcp = next(tcp, "to-tcp");
+  ws.emit("to-tcp", { n: 2 });
+  assert.deepEqual(await atTcp, { n: 2 });
+  ws.close();
+  tcp.close();
+  child.kill("SIGTERM");
+  await once(child, "exit");
+});
