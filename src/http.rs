@@ -78,19 +78,9 @@ impl Gateway {
     ///
     /// The bind error, such as the address being in use.
     pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Self> {
-        let mut last_error = None;
-        for addr in tokio::net::lookup_host(addr).await? {
-            match crate::server::listen(addr) {
-                Ok(listener) => return Ok(Gateway { listener }),
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the address resolved to nothing",
-            )
-        }))
+        Ok(Gateway {
+            listener: crate::server::bind_listener(addr).await?,
+        })
     }
 
     /// The address it listens on.

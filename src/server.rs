@@ -61,19 +61,7 @@ impl Server {
     ///
     /// The bind error, such as the address being in use.
     pub async fn bind(addr: impl ToSocketAddrs, hub: Hub) -> io::Result<Self> {
-        let mut last_error = None;
-        for addr in tokio::net::lookup_host(addr).await? {
-            match listen(addr) {
-                Ok(listener) => return Ok(Self::from_listener(listener, hub)),
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the address resolved to nothing",
-            )
-        }))
+        Ok(Self::from_listener(bind_listener(addr).await?, hub))
     }
 
     /// Serves on a listener the caller already bound.
@@ -285,11 +273,29 @@ async fn accept_into<L: Listener>(
     drop(listener);
 }
 
+/// Binds the first address `addr` resolves to that can be bound (with [`listen`]'s
+/// backlog): the TCP port and the `--http` port alike.
+pub(crate) async fn bind_listener(addr: impl ToSocketAddrs) -> io::Result<TcpListener> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        match listen(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address resolved to nothing",
+        )
+    }))
+}
+
 /// Binds and listens with a backlog for bursts of connections. (`TcpListener::bind`
 /// uses 128, like std: 1,000 clients connecting at once overflow it, and with SYN
 /// cookies the ones that overflow believe they are connected while the hub never
 /// sees them.)
-pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -3,16 +3,10 @@
 // tests/integration/browser.rs:
 //
 //   node dashboard-auth.mjs HTTP_ADDR VIEWER_TOKEN ADMIN_TOKEN   → prints "auth-ok"
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const [http, viewer, admin] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 const text = (page, id) => page.evaluate((i) => document.getElementById(i).textContent, id);
 async function signIn(page, user, token) {
   await page.goto(`http://${http}/`);

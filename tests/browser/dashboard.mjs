@@ -10,7 +10,7 @@
 //   ← tail            (the test sent "from-tcp" from a TCP client)
 //   → tail-ok         the tail shows it; a paused tail holds new events back
 //   → screenshots     dashboard-1280x800.png and dashboard-390x844.png written
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 import { createInterface } from "node:readline";
 import { join } from "node:path";
 
@@ -22,13 +22,7 @@ const expectLine = async (word) => {
   if (value !== word) throw new Error(`expected "${word}" from the test, got ${JSON.stringify(value)}`);
 };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   const problems = [];

@@ -3,7 +3,7 @@
 // (Chromium blocks connections to loopback from pages that are not on it). Run by tests/integration/browser.rs, which plays the TCP side:
 //
 //   node js-client.mjs HTTP_ADDR   → "subscribed"; ← "send"; → "heard-and-sent"
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { once } from "node:events";
@@ -14,13 +14,7 @@ import { fileURLToPath } from "node:url";
 const http = process.argv[2];
 const source = join(dirname(fileURLToPath(import.meta.url)), "../../clients/js/src/index.js");
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   const problems = [];

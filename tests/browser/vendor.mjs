@@ -4,19 +4,13 @@
 // the hub (with --http) and `hubcast driver` over TCP.
 //
 //   node vendor.mjs HTTP_ADDR ORDERS   → prints "delivered N/N"
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { join, dirname } from "node:path";
 
 const [http, count] = [process.argv[2], Number(process.argv[3] || 3)];
 const page_ = join(dirname(fileURLToPath(import.meta.url)), "../../examples/web/vendor.html");
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   const problems = [];
