@@ -377,12 +377,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     tokio::spawn(signals.watch(shutdown.clone()));
     tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
-    let stopping = shutdown.clone();
-    tokio::spawn(async move {
-        stopping.cancelled().await;
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    });
-    server.run(shutdown).await;
+    // STOPPING=1 as soon as the shutdown begins, from this task: a spawned notifier
+    // could be dropped with the runtime before it ran when the hub stops quickly.
+    let run = server.run(shutdown.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            run.await;
+        }
+        () = &mut run => {}
+    }
     // Every connection is closed: what was appended is committed before exit.
     hub.close_store();
     let stats = hub.stats();
