@@ -540,6 +540,92 @@ async fn serve_reads_a_config_file_and_flags_and_environment_override_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue #15: the release binary, as installed, runs from an empty directory holding
+/// only the annotated example config (deploy/hubcast.toml): it serves, stores under
+/// the data dir the file names (relative to the file), and stops cleanly on SIGTERM.
+/// `.ci/run` builds it (`cargo build --release`) before the tests.
+#[tokio::test]
+async fn the_release_binary_runs_from_an_empty_directory_with_only_its_config() {
+    let debug = std::path::Path::new(env!("CARGO_BIN_EXE_hubcast"));
+    let release = debug
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("release/hubcast");
+    if !crate::support::require_file(&release, "the release binary (cargo build --release)") {
+        return;
+    }
+    // Built from this revision, not left over from another.
+    let version = |bin: &std::path::Path| {
+        let out = std::process::Command::new(bin)
+            .arg("--version")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (theirs, ours) = (version(&release), version(debug));
+    if theirs != ours {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(!ci, "target/release/hubcast is {theirs}, the tests {ours}");
+        eprintln!("SKIPPED: target/release/hubcast is {theirs}, not {ours}: cargo build --release");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("hubcast-release-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/hubcast.toml");
+    std::fs::copy(example, dir.join("hubcast.toml")).unwrap();
+    let mut hub = Command::new(&release)
+        .current_dir(&dir)
+        .args(["serve", "--config", "hubcast.toml", "--port", "0"])
+        .args(["--stream", "orders=pickup", "--quiet"])
+        .env_remove("PORT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let first = within(
+        BufReader::new(hub.stdout.take().unwrap())
+            .lines()
+            .next_line(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let addr = first.strip_prefix("Server up on 127.0.0.1:").expect(&first);
+    let port: u16 = addr.parse().unwrap();
+    let listener = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut sender = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // The class's framing: no newline; the id asks for a confirmation once on disk.
+    sender
+        .write_all(b"{\"event\":\"pickup\",\"payload\":{\"orderID\":7},\"id\":\"o-7\"}")
+        .await
+        .unwrap();
+    let mut heard = BufReader::new(listener).lines();
+    let line = within(heard.next_line()).await.unwrap().unwrap();
+    assert!(line.contains("\"orderID\":7"), "{line}");
+    let mut answers = BufReader::new(sender).lines();
+    loop {
+        let line = within(answers.next_line()).await.unwrap().unwrap();
+        if line.contains("$stored") {
+            assert!(line.contains("\"seq\":1"), "{line}");
+            break;
+        }
+    }
+    assert!(dir.join("hubcast-data/streams/orders").is_dir());
+    let pid = hub.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(within(hub.wait()).await.unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Issue #15: `hubcast config check` says OK for the annotated example, and names the
 /// line and key of what is wrong, with exit code 2.
 #[tokio::test]

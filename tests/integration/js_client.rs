@@ -49,6 +49,23 @@ async fn the_js_client_suite_passes_against_the_rust_hub() {
     assert!(out.contains("# fail 0"), "{out}");
 }
 
+/// The hand-written types agree with a TypeScript program using every call, and the
+/// examples type-check through them (`tsc --noEmit`, a dev dependency: npm ci).
+#[tokio::test]
+async fn the_types_check_with_tsc() {
+    let tsc = Path::new(JS).join("node_modules/typescript/bin/tsc");
+    if !require("node") || !crate::support::require_file(&tsc, "typescript (npm ci in clients/js)")
+    {
+        return;
+    }
+    let (ok, out) = node(
+        &[tsc.to_str().unwrap(), "-p", "tsconfig.json"],
+        Path::new(JS),
+    )
+    .await;
+    assert!(ok, "tsc found errors:\n{out}");
+}
+
 /// A JS vendor served by the Rust driver, and a Rust vendor served by the JS driver.
 #[tokio::test]
 async fn the_js_and_rust_apps_serve_each_other() {

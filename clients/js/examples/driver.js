@@ -6,7 +6,7 @@ import { connect } from "../src/index.js";
 
 const [url = "tcp://127.0.0.1:3000", pickupMs = "1000", deliverMs = "3000", count] = process.argv.slice(2);
 const hub = await connect(url, { name: "driver" });
-const wait = (ms) => new Promise((r) => setTimeout(r, Number(ms)));
+const wait = (/** @type {string} */ ms) => new Promise((r) => setTimeout(r, Number(ms)));
 let left = count === undefined ? Infinity : Number(count);
 
 hub.on("pickup", async (order) => {

@@ -8,6 +8,11 @@ export interface Options {
   maxDelay?: number;
   /** Events kept while disconnected (default 1000); past it `emit` throws BufferFullError. */
   maxBuffered?: number;
+  /**
+   * Bytes written and not yet taken by the network past which `emit` returns false
+   * (default 1 MiB); `drain` follows once they are taken.
+   */
+  highWaterMark?: number;
   /** A token or JWT, sent in `$hello` (hubs started with --auth or --jwt-key). */
   token?: string;
   /** The user the token belongs to (optional: a JWT names it). */
@@ -62,6 +67,8 @@ export class Client {
   on(name: "close", handler: (info: { hadError: boolean; error?: Error }) => void): this;
   on(name: "error", handler: (error: Error) => void): this;
   on(name: "event", handler: (event: HubEvent) => void): this;
+  /** After an `emit` returned false: the waiting events are taken, send on. */
+  on(name: "drain", handler: () => void): this;
   on(name: string, handler: (payload: any, event: HubEvent) => void): this;
   /** Handles every event. */
   onAny(handler: (event: HubEvent) => void): this;
@@ -70,7 +77,10 @@ export class Client {
   removeListener(name: string, handler: (...args: any[]) => void): this;
   off(name: string, handler: (...args: any[]) => void): this;
   listenerCount(name: string): number;
-  /** Sends an event (to a room, with an id, when given). */
+  /**
+   * Sends an event (to a room, with an id, when given). Returns false when it had to
+   * wait (over `highWaterMark`, or away): stop until `drain`, as with `socket.write`.
+   */
   emit(event: string, payload?: unknown, extra?: { room?: string; id?: string }): boolean;
   /** Sends an event with an id; resolves once the hub has stored it (`$stored`). */
   emitConfirmed(event: string, payload?: unknown, extra?: { room?: string; id?: string }): Promise<Stored>;
@@ -82,6 +92,8 @@ export class Client {
   consume(spec: ConsumeSpec): Promise<Consumer>;
   /** Stops consumer `name`'s deliveries to this connection. */
   unconsume(name: string): Promise<unknown>;
+  /** Bytes written and not yet taken by the network (0 while away). */
+  readonly bufferedAmount: number;
   /** Closes the connection for good (no reconnect). */
   close(): void;
 }

@@ -84,13 +84,14 @@ export class BufferFullError extends Error {
 }
 
 /** The client's own events; any other name is a hub event. */
-const LIFECYCLE = ["connect", "close", "error", "reconnect", "event"];
+const LIFECYCLE = ["connect", "close", "error", "reconnect", "event", "drain"];
 
 const DEFAULTS = {
   reconnect: true,
   minDelay: 100,
   maxDelay: 5000,
   maxBuffered: 1000,
+  highWaterMark: 1024 * 1024,
   token: undefined,
   user: undefined,
   name: undefined,
@@ -135,6 +136,7 @@ export class Client extends Emitter {
     this.attempt = 0;
     this.transport = null;
     this.connected = false;
+    this.needDrain = false; // an emit returned false: `drain` is owed
     this.firstConnect = new Promise((resolve, reject) => {
       this.resolveFirst = resolve;
       this.rejectFirst = reject;
@@ -180,7 +182,10 @@ export class Client extends Emitter {
   }
 
   /**
-   * Sends an event. Throws BufferFullError when disconnected with the buffer full.
+   * Sends an event. Like Node's `socket.write`, returns false when the event had to
+   * wait (more than `highWaterMark` bytes not yet taken by the network, or the client
+   * is away): stop sending until `drain`. Throws BufferFullError when disconnected with
+   * the buffer full.
    * @param {string} event
    * @param {any} payload
    * @param {{room?: string, id?: string}} [extra]
@@ -192,8 +197,12 @@ export class Client extends Emitter {
     const frame = { event, payload };
     if (extra && extra.room !== undefined) frame.room = extra.room;
     if (extra && extra.id !== undefined) frame.id = extra.id;
-    this.send(frame);
-    return true;
+    return this.send(frame) && !this.needDrain;
+  }
+
+  /** Bytes written and not yet taken by the network (0 while away). */
+  get bufferedAmount() {
+    return this.connected && this.transport ? this.transport.buffered() : 0;
   }
 
   /**
@@ -296,14 +305,30 @@ export class Client extends Emitter {
   send(frame) {
     const line = JSON.stringify(frame);
     if (this.connected && this.transport) {
-      this.transport.write(line);
+      this.write(this.transport, line);
       return true;
     }
     if (this.outbox.length >= this.options.maxBuffered) {
       throw new BufferFullError(this.options.maxBuffered);
     }
     this.outbox.push(line);
+    this.needDrain = true;
     return false;
+  }
+
+  // Every write goes through here: past the high-water mark, `drain` is owed.
+  write(transport, line) {
+    transport.write(line);
+    if (!this.needDrain && transport.buffered() > this.options.highWaterMark) {
+      this.needDrain = true;
+      transport.whenDrained(() => this.drained(transport));
+    }
+  }
+
+  drained(transport) {
+    if (transport !== this.transport || !this.needDrain) return;
+    this.needDrain = false;
+    super.emit("drain");
   }
 
   open() {
@@ -334,7 +359,7 @@ export class Client extends Emitter {
     };
     const restore = (name, payload, reply) => {
       restores.push({ reply, resolve() {}, reject: report, sent: true });
-      transport.write(JSON.stringify({ event: name, payload }));
+      this.write(transport, JSON.stringify({ event: name, payload }));
     };
     if (this.subscriptions.size > 0) restore("$subscribe", { events: [...this.subscriptions] }, "$subscribed");
     for (const room of this.rooms) restore("$join", { room }, "$joined");
@@ -342,7 +367,14 @@ export class Client extends Emitter {
     this.requests.unshift(...restores);
     this.connected = true;
     for (const waiting of this.requests) waiting.sent = true;
-    for (const line of this.outbox.splice(0)) transport.write(line);
+    const waited = this.needDrain;
+    this.needDrain = false;
+    for (const line of this.outbox.splice(0)) this.write(transport, line);
+    // Events emitted while away were answered false: `drain` once they are taken.
+    if (waited && !this.needDrain) {
+      this.needDrain = true;
+      transport.whenDrained(() => this.drained(transport));
+    }
     const again = this.attempt > 0;
     this.attempt = 0;
     if (again) super.emit("reconnect", welcome);
@@ -361,7 +393,7 @@ export class Client extends Emitter {
     const name = frame.event;
     if (name === "$welcome") return this.welcomed(frame.payload);
     if (name === "$ping") {
-      this.transport.write(JSON.stringify({ event: "$pong", payload: frame.payload ?? null }));
+      this.write(this.transport, JSON.stringify({ event: "$pong", payload: frame.payload ?? null }));
       return;
     }
     if (name === "$stored") {
@@ -504,6 +536,7 @@ function makeTransport(url, options) {
 class StreamTransport {
   constructor(url, options) {
     this.buffer = "";
+    this.socket = null;
     const port = Number(url.port || 3000);
     const host = url.hostname || "127.0.0.1";
     const start = async () => {
@@ -538,6 +571,15 @@ class StreamTransport {
     this.socket?.write(line + "\n");
   }
 
+  buffered() {
+    return this.socket?.writableLength ?? 0;
+  }
+
+  whenDrained(callback) {
+    if (this.buffered() === 0) queueMicrotask(callback);
+    else this.socket.once("drain", callback);
+  }
+
   close() {
     this.socket?.end();
   }
@@ -567,6 +609,19 @@ class WebSocketTransport {
 
   write(line) {
     this.ws?.send(line);
+  }
+
+  buffered() {
+    return this.ws?.bufferedAmount ?? 0;
+  }
+
+  // WebSocket has no drain event: look again every few milliseconds until it is empty.
+  whenDrained(callback) {
+    const check = () => {
+      if (this.buffered() === 0 || this.ws?.readyState !== 1) callback();
+      else setTimeout(check, 5);
+    };
+    check();
   }
 
   close() {

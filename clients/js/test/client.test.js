@@ -25,6 +25,7 @@ async function hub(args = [], port = 0) {
   assert.ok(match, first);
   return {
     port: Number(match[1]),
+    child,
     stop: async () => {
       child.kill("SIGTERM");
       await once(child, "exit");
@@ -122,11 +123,62 @@ test("a bounded buffer while away fails loudly when full", async () => {
   const closed = once(client, "close");
   await h.stop();
   await closed;
-  client.emit("a", 1);
+  // Kept for the next connection, so false as from a full socket: wait for `drain`.
+  assert.equal(client.emit("a", 1), false);
   client.emit("a", 2);
   client.emit("a", 3);
   assert.throws(() => client.emit("a", 4), BufferFullError);
   client.close();
+});
+
+test("back-pressure: emit says when to wait, drain says when to go on, nothing is lost", async () => {
+  const h = await hub();
+  // A plain subscriber in the class's style, counting what arrives, in order.
+  const reader = net.connect(h.port, "127.0.0.1");
+  await once(reader, "connect");
+  let received = 0;
+  let outOfOrder = 0;
+  let rest = "";
+  const total = 6000;
+  const allThere = new Promise((resolve) => {
+    reader.setEncoding("utf8");
+    reader.on("data", (chunk) => {
+      const lines = (rest + chunk).split("\n");
+      rest = lines.pop();
+      for (const line of lines) {
+        const frame = JSON.parse(line);
+        if (frame.event !== "load") continue;
+        if (frame.payload.n !== received) outOfOrder += 1;
+        received += 1;
+        if (received === total) resolve();
+      }
+    });
+  });
+  const mark = 16 * 1024;
+  const client = await connect(`tcp://127.0.0.1:${h.port}`, { highWaterMark: mark, echo: false });
+  const body = "x".repeat(1000);
+  // The hub stops reading (SIGSTOP): once the kernel's buffers are full, what is
+  // written stays in the client, and emit says so.
+  h.child.kill("SIGSTOP");
+  let n = 0;
+  let accepted = true;
+  while (accepted && n < total) accepted = client.emit("load", { n: n++, body });
+  assert.equal(accepted, false, `${n} events (${n} KB) taken without back-pressure`);
+  assert.ok(client.bufferedAmount > mark, `${client.bufferedAmount} bytes waiting`);
+  const drained = once(client, "drain");
+  h.child.kill("SIGCONT");
+  await drained;
+  assert.ok(client.bufferedAmount <= mark, `${client.bufferedAmount} after drain`);
+  // The rest, as a well-behaved producer sends: wait for drain whenever told to.
+  while (n < total) {
+    if (!client.emit("load", { n: n++, body })) await once(client, "drain");
+  }
+  await allThere;
+  assert.equal(received, total);
+  assert.equal(outOfOrder, 0);
+  client.close();
+  reader.destroy();
+  await h.stop();
 });
 
 test("emitConfirmed resolves on $stored", async () => {
