@@ -165,6 +165,13 @@ impl Run {
         Bytes::copy_from_slice(&self.bytes[event.start..event.start + event.parts.end + 1])
     }
 
+    /// Event `index`'s line (`\n` included), borrowed from the run's chunk: to copy
+    /// elsewhere (the backplane's send buffer), never to queue.
+    pub(crate) fn line_slice(&self, index: usize) -> &[u8] {
+        let event = &self.events[index];
+        &self.bytes[event.start..event.start + event.parts.end + 1]
+    }
+
     /// Event `index` on its own, sharing the run's chunk (no copy: this is what an
     /// observer is shown; do not queue it to a client, see [`Run::line`]).
     ///

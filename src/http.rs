@@ -6,7 +6,7 @@
 //! | `GET /ws` | WebSocket (RFC 6455; subprotocol `hubcast.v1` echoed when offered): the hub's protocol, one event per text message |
 //! | `GET /metrics` | Prometheus text format (with authentication on: an `admin` identity's token as `Authorization: Bearer TOKEN`, or Basic `user:token`) |
 //! | `GET /healthz` | `200 {"status":"ok",...}` while the process runs |
-//! | `GET /readyz` | `200 {"ready":true,...}` when listening and the store is open; `503` otherwise |
+//! | `GET /readyz` | `200 {"ready":true,...}` when listening, the store is open and (in a cluster) the backplane connected; `503` otherwise |
 //! | `GET /` | the dashboard, a single page embedded in the binary |
 //!
 //! HTTP is served by hyper, one task per connection (at most [`MAX_HTTP_CONNECTIONS`]
@@ -262,19 +262,38 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Reply {
 
 fn ready(context: &Context) -> Reply {
     // The hub serves only once its store opened (or it has none), and this answer
-    // comes from its listener: ready. The cluster's backplane will add a condition.
+    // comes from its listener: listening. In a cluster, ready also needs the link to
+    // the other nodes.
     let store = if context.hub.durable().has_streams() {
         "open"
     } else {
         "none"
     };
+    let (ready, backplane) = match context.hub.backplane_status() {
+        None => (true, serde_json::json!("none")),
+        Some(link) => (
+            link.connected,
+            serde_json::json!({
+                "engine": link.engine,
+                "node": link.node,
+                "connected": link.connected,
+                "server": link.server,
+                "down_since": link.down_since.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            }),
+        ),
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json(
-        StatusCode::OK,
+        status,
         &serde_json::json!({
-            "ready": true,
+            "ready": ready,
             "listening": true,
             "store": store,
-            "backplane": "none",
+            "backplane": backplane,
         }),
     )
 }
@@ -645,6 +664,55 @@ impl Collector for HubCollector {
             "Time to queue an event (or a run of events) to every receiver.",
             &metrics.latency(),
         )?;
+        if let Some(link) = hub.backplane_status() {
+            let node = || {
+                vec![
+                    ("engine", link.engine.to_string()),
+                    ("node", link.node.clone()),
+                ]
+            };
+            family(
+                &mut e,
+                "hubcast_backplane_connected",
+                "1 while the link to the other nodes (the cluster's backplane) is up.",
+                MetricType::Gauge,
+                [(node(), u64::from(link.connected))],
+            )?;
+            family(
+                &mut e,
+                "hubcast_backplane_events",
+                "Events handed to the other nodes (out) and received from them (in).",
+                MetricType::Counter,
+                [
+                    (vec![("direction", "out".to_string())], link.published),
+                    (vec![("direction", "in".to_string())], link.received),
+                ],
+            )?;
+            counter(
+                &mut e,
+                "hubcast_backplane_dropped",
+                "Events not handed to the other nodes: the link was down or its buffer full.",
+                link.dropped,
+            )?;
+            counter(
+                &mut e,
+                "hubcast_backplane_rejected",
+                "Backplane messages that were not valid events of their subject.",
+                link.rejected,
+            )?;
+            counter(
+                &mut e,
+                "hubcast_backplane_reconnects",
+                "Times the link to the backplane was lost and made again.",
+                link.reconnects,
+            )?;
+            gauge(
+                &mut e,
+                "hubcast_backplane_subscriptions",
+                "Subscriptions this node holds in the backplane for its clients.",
+                link.subscriptions as i64,
+            )?;
+        }
         let durable = hub.durable();
         if durable.has_streams() {
             let (streams, consumers) = durable.live_info();

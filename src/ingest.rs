@@ -39,7 +39,14 @@ pub(crate) fn event(hub: &Hub, sender: &Arc<Member>, event: Event) {
     let Verdict::Deliver(confirmation) = hub.durable().store(hub, sender, &event) else {
         return;
     };
-    // backplane: a single hub; no other nodes to tell.
+    // backplane: the other nodes of a cluster, if any.
+    if let Some(backplane) = hub.backplane() {
+        backplane.publish(
+            event.name().as_str(),
+            event.room().map(crate::event::RoomName::as_str),
+            event.line(),
+        );
+    }
     let metrics = hub.metrics();
     if metrics.enabled() {
         metrics.named(event.name().as_str(), 1);
@@ -73,6 +80,14 @@ pub(crate) fn run(
     if progress.is_new() && durable.has_streams() {
         for index in 0..run.len() {
             durable.store_plain(hub, run.name(index), || run.line(index));
+        }
+    }
+    // backplane: each event on its subject, in order, before any of it fans out here.
+    if progress.is_new() {
+        if let Some(backplane) = hub.backplane() {
+            for index in 0..run.len() {
+                backplane.publish(run.name(index), None, run.line_slice(index));
+            }
         }
     }
     let metrics = hub.metrics();

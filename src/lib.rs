@@ -72,6 +72,7 @@
 mod admission;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 mod config;
 mod connection;
 mod control;

@@ -329,6 +329,12 @@ pub(crate) fn stats_payload(hub: &crate::Hub) -> serde_json::Value {
         "names": names,
         "streams": streams,
         "consumers": consumers,
+        "backplane": hub.backplane_status().map(|link| serde_json::json!({
+            "engine": link.engine, "node": link.node, "connected": link.connected,
+            "server": link.server, "published": link.published, "received": link.received,
+            "dropped": link.dropped, "reconnects": link.reconnects,
+            "subscriptions": link.subscriptions,
+        })),
     })
 }
 

@@ -278,6 +278,8 @@ struct HubState {
     penalties: crate::auth::Penalties,
     /// What `/metrics` shows beyond the counters.
     metrics: crate::metrics::Metrics,
+    /// The link to the other nodes of a cluster, once set.
+    backplane: std::sync::OnceLock<Arc<dyn crate::cluster::Backplane>>,
 }
 
 /// The hub: the pool of clients and everything that can be done with it.
@@ -395,6 +397,7 @@ impl Hub {
                 auth: RwLock::new(None),
                 penalties: Default::default(),
                 metrics: Default::default(),
+                backplane: std::sync::OnceLock::new(),
             }),
         };
         for message in recovery.repairs {
@@ -592,6 +595,56 @@ impl Hub {
     }
 
     /// The declared streams, their store, and publisher ids seen recently.
+    /// Makes this hub a node of a cluster: from now on its clients' events are also
+    /// handed to `backplane`, which brings it the other nodes' events its clients want
+    /// (see [`crate::cluster`]). Set once: a second call is refused (`false`).
+    pub fn set_backplane(&self, backplane: Arc<dyn crate::cluster::Backplane>) -> bool {
+        let set = self.state.backplane.set(backplane).is_ok();
+        self.interest_changed();
+        set
+    }
+
+    /// Where the backplane stands (`None` on a single node).
+    pub fn backplane_status(&self) -> Option<crate::cluster::BackplaneStatus> {
+        self.state.backplane.get().map(|b| b.status())
+    }
+
+    /// What this node's clients want from the other nodes: what its backplane
+    /// subscribes to.
+    pub fn interest(&self) -> crate::cluster::Interest {
+        self.read_pool().interest()
+    }
+
+    pub(crate) fn backplane(&self) -> Option<&dyn crate::cluster::Backplane> {
+        self.state.backplane.get().map(|b| &**b)
+    }
+
+    /// Tells the backplane, if any, that the pool's interest may have changed.
+    fn interest_changed(&self) {
+        if let Some(backplane) = self.state.backplane.get() {
+            backplane.interest_changed();
+        }
+    }
+
+    /// Fans out an event another node's client sent: to everyone here who should
+    /// hear it (as if a client here had sent it, with no echo to skip).
+    pub(crate) fn deliver_remote(&self, event: &Event) -> usize {
+        self.fan_out_from(None, event)
+    }
+
+    /// Queues `line` to every client admitted to the pool (not those still to
+    /// authenticate), whatever they subscribed to: the hub's own notices (`$gap`).
+    pub(crate) fn tell_everyone(&self, line: bytes::Bytes) {
+        let authenticating = self.authenticator().is_some();
+        let pool = self.read_pool();
+        for client in pool.clients.values() {
+            if authenticating && client.access.permissions().is_none() {
+                continue;
+            }
+            let _ = client.outbox.push(line.clone());
+        }
+    }
+
     pub(crate) fn durable(&self) -> &crate::durable::Durable {
         &self.state.durable
     }

@@ -65,6 +65,24 @@ impl Pool {
         (patterns, self.rooms.len())
     }
 
+    /// What the clients here want from other nodes (see [`crate::cluster`]).
+    pub(super) fn interest(&self) -> crate::cluster::Interest {
+        let everything = !self.unfiltered.is_empty() || !self.guarded.is_empty();
+        let patterns = if everything {
+            Default::default()
+        } else {
+            self.routes
+                .values()
+                .flat_map(|r| r.patterns.iter().map(|p| p.as_str().to_string()))
+                .collect()
+        };
+        crate::cluster::Interest {
+            everything,
+            patterns,
+            rooms: self.rooms.keys().map(|r| r.as_str().to_string()).collect(),
+        }
+    }
+
     /// Whether `id` wants an event named `name` (rooms aside).
     pub(super) fn wants(&self, id: ClientId, name: &str) -> bool {
         match self.routes.get(&id) {
@@ -132,6 +150,8 @@ impl Hub {
             routes.patterns.insert(pattern.clone());
             pool.router.insert(pattern, id);
         }
+        drop(guard);
+        self.interest_changed();
         Ok(())
     }
 
@@ -150,6 +170,8 @@ impl Hub {
                 pool.router.remove(pattern, id);
             }
         }
+        drop(guard);
+        self.interest_changed();
     }
 
     /// Makes a client a member of `room` (idempotent).
@@ -169,6 +191,8 @@ impl Hub {
         }
         routes.rooms.push(room.clone());
         pool.rooms.entry(room.clone()).or_default().insert(id);
+        drop(guard);
+        self.interest_changed();
         Ok(())
     }
 
@@ -180,6 +204,8 @@ impl Hub {
             routes.rooms.retain(|r| r != room);
         }
         remove_member(&mut pool.rooms, room, id);
+        drop(guard);
+        self.interest_changed();
     }
 
     /// Adds a new client to the pool. One that must authenticate first (`open` false)
@@ -208,6 +234,9 @@ impl Hub {
                 pool.unfiltered.insert(id, Arc::clone(&client));
             }
             self.state.count.send_replace(pool.clients.len());
+        }
+        if open {
+            self.interest_changed();
         }
         self.report(|| HubEvent::Connection { client: id, peer });
         client
@@ -262,6 +291,8 @@ impl Hub {
             remove_member(&mut pool.rooms, &room, id);
             dropped.push(format!("room {}", room.as_str()));
         }
+        drop(guard);
+        self.interest_changed();
         dropped
     }
 
@@ -283,6 +314,7 @@ impl Hub {
             }
             self.state.count.send_replace(pool.clients.len());
         }
+        self.interest_changed();
         // What was out to it for durable consumers goes to their other members.
         if let Some(consumers) = &self.durable().consumers {
             consumers.left(client);

@@ -7,6 +7,7 @@ mod bench;
 mod browser;
 mod cli;
 mod client;
+mod cluster;
 mod consumers;
 mod control;
 mod delivery;

@@ -75,6 +75,8 @@ pub const KEYS: &[(&str, &str, Kind)] = &[
     ("tls.key", "tls-key", Kind::Path),
     ("tls.client_ca", "tls-client-ca", Kind::Path),
     ("security.insecure", "insecure", Kind::Switch),
+    ("cluster.urls", "cluster", Kind::List),
+    ("cluster.node", "node", Kind::Value),
     ("logging.quiet", "quiet", Kind::Switch),
 ];
 

@@ -154,9 +154,30 @@ pub struct Args {
     /// `off` never pings.
     #[arg(long, default_value = "25s", value_parser = parse_ws_ping)]
     ws_ping: WsPing,
+    /// Join a cluster: exchange events with the other hubs through these NATS
+    /// servers (comma-separated or repeated; the rest of the NATS cluster is found
+    /// from them). Off by default: a single hub.
+    #[arg(long, env = "HUBCAST_CLUSTER", value_name = "nats://HOST:PORT", value_delimiter = ',', value_parser = parse_nats_url)]
+    cluster: Vec<hubcast::cluster::nats::ServerUrl>,
+    /// This node's name in a cluster (logs, /readyz, /metrics); default: the host name.
+    #[arg(long, env = "HUBCAST_NODE", value_name = "NAME", requires = "cluster")]
+    node: Option<String>,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
+}
+
+fn parse_nats_url(text: &str) -> Result<hubcast::cluster::nats::ServerUrl, String> {
+    text.trim().parse()
+}
+
+/// The machine's host name, the default `--node`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "hubcast".to_string())
 }
 
 /// `--ws-ping`: an interval, or `off`.
@@ -360,6 +381,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         info!(users = auth.users(), "authentication required");
         hub.set_authenticator(auth);
     }
+    let shutdown = CancellationToken::new();
+    if !args.cluster.is_empty() {
+        let node = args.node.clone().unwrap_or_else(host_name);
+        let backplane = hubcast::cluster::nats::NatsBackplane::connect(
+            hub.clone(),
+            args.cluster.clone(),
+            &node,
+            shutdown.clone(),
+        )
+        .await?;
+        hub.set_backplane(backplane);
+    }
     // Not `println!`: a closed stdout must not take the hub down.
     let _ = writeln!(std::io::stdout(), "Server up on {addr}");
     if let Some(http) = http_addr {
@@ -371,7 +404,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Under systemd (Type=notify): ready now that every listener is bound. Without
     // NOTIFY_SOCKET this does nothing.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let shutdown = CancellationToken::new();
     if let Some(hangup) = signals.hangup.take() {
         tokio::spawn(reload_on_hangup(hangup, hub.clone(), tls));
     }

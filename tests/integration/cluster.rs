@@ -1,0 +1,547 @@
+//! Issue #16: hubs as a cluster over NATS. Real processes: a three-node nats-server
+//! cluster (tests/cluster/nats-node.conf, routes on loopback) and `hubcast serve
+//! --cluster` hubs, with raw TCP clients as `nc` would be.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::support::{require, within, HubProcess};
+use crate::ws::http_get;
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cluster/nats-node.conf");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One nats-server of the test cluster.
+struct NatsNode {
+    child: Child,
+    port: u16,
+    http: SocketAddr,
+}
+
+/// Three nats-servers routed to each other, with JetStream, on loopback.
+struct NatsCluster {
+    nodes: Vec<Option<NatsNode>>,
+    dir: PathBuf,
+}
+
+impl NatsCluster {
+    /// Starts the cluster and waits until every node has routes to the two others
+    /// (`None`, after saying so, when nats-server is not installed).
+    async fn start() -> Option<NatsCluster> {
+        if !require("nats-server") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "hubcast-nats-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let route = |i: usize| format!("nats-route://127.0.0.1:{}", ports[i].1);
+        let mut nodes = Vec::new();
+        for (i, &(port, route_port, http)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let mut child = Command::new("nats-server")
+                .args(["-c", CONFIG])
+                .env("NATS_NAME", &name)
+                .env("NATS_PORT", port.to_string())
+                .env("NATS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+                .env("NATS_STORE", dir.join(&name))
+                .env("NATS_ROUTE", route_port.to_string())
+                .env("NATS_ROUTE_A", route(0))
+                .env("NATS_ROUTE_B", route(1))
+                .env("NATS_ROUTE_C", route(2))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+            loop {
+                let line = within(log.next_line())
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("nats-server {name} exited while starting"));
+                if line.contains("Server is ready") {
+                    break;
+                }
+            }
+            tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+            nodes.push(Some(NatsNode {
+                child,
+                port,
+                http: SocketAddr::from(([127, 0, 0, 1], http)),
+            }));
+        }
+        let cluster = NatsCluster { nodes, dir };
+        // Formed: each node sees both others (NATS's own monitoring).
+        for i in 0..3 {
+            within(async {
+                loop {
+                    let routes = cluster.monitor(i, "/routez").await;
+                    let peers: BTreeSet<&str> = routes["routes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r["remote_name"].as_str())
+                        .collect();
+                    if peers.len() == 2 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+        Some(cluster)
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].as_ref().unwrap().port)
+    }
+
+    /// A monitoring endpoint of node `i`, parsed.
+    async fn monitor(&self, i: usize, path: &str) -> Value {
+        // HTTP/1.0: the body as it is, not chunked.
+        use tokio::io::AsyncReadExt;
+        let http = self.nodes[i].as_ref().unwrap().http;
+        let mut stream = TcpStream::connect(http).await.unwrap();
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        within(stream.read_to_string(&mut response)).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{path}: {head}"
+        );
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    /// The messages NATS node `i` has sent to the connection named `name`.
+    async fn out_msgs(&self, i: usize, name: &str) -> u64 {
+        let connz = self.monitor(i, "/connz?limit=1024").await;
+        let conn = connz["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no connection {name} on node {i}: {connz}"));
+        conn["out_msgs"].as_u64().unwrap()
+    }
+
+    async fn kill9(&mut self, i: usize) {
+        let mut node = self.nodes[i].take().unwrap();
+        node.child.start_kill().unwrap();
+        within(node.child.wait()).await.unwrap();
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().flatten() {
+            let _ = node.child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `hubcast serve --cluster URL --node NAME [ARGS]`.
+async fn hub(cluster_url: &str, node: &str, args: &[&str]) -> HubProcess {
+    let mut cmd = HubProcess::command(&["serve", "--port", "0", "--quiet"]);
+    cmd.args(["--cluster", cluster_url, "--node", node])
+        .args(args);
+    let mut hub = HubProcess::spawn(cmd).await;
+    hub.wait_log("backplane: connected to NATS", 1).await;
+    hub
+}
+
+/// A raw TCP client; what it hears is parsed and sent to `events` by a task.
+struct Peer {
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    events: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Peer {
+    async fn connect(port: u16) -> Peer {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (reader, writer) = stream.into_split();
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Peer { writer, events }
+    }
+
+    async fn send(&mut self, frame: Value) {
+        let mut line = frame.to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Value {
+        within(self.events.recv())
+            .await
+            .expect("the hub closed the connection")
+    }
+
+    /// Sends a control request and waits for its answer, skipping events before it.
+    async fn request(&mut self, name: &str, payload: Value, answer: &str) {
+        self.send(json!({"event": name, "payload": payload})).await;
+        loop {
+            let frame = self.next().await;
+            if frame["event"] == answer {
+                return;
+            }
+            assert_ne!(frame["event"], "$error", "{frame}");
+        }
+    }
+
+    async fn subscribe(&mut self, patterns: &[&str]) {
+        self.request("$subscribe", json!({ "events": patterns }), "$subscribed")
+            .await;
+    }
+
+    async fn join(&mut self, room: &str) {
+        self.request("$join", json!({ "room": room }), "$joined")
+            .await;
+    }
+}
+
+/// What one receiver got: per sender node and event name, the `n`s in arrival order.
+#[derive(Default)]
+struct Heard {
+    by: BTreeMap<(u64, String), Vec<u64>>,
+    ends: BTreeSet<u64>,
+}
+
+/// Reads `peer` until it has heard `sync.end` from `senders` nodes.
+async fn hear_until_ends(peer: &mut Peer, senders: usize) -> Heard {
+    let mut heard = Heard::default();
+    while heard.ends.len() < senders {
+        let frame = peer.next().await;
+        let name = frame["event"].as_str().unwrap().to_string();
+        let from = frame["payload"]["from"].as_u64();
+        match (name.as_str(), from) {
+            ("sync.end", Some(from)) => {
+                heard.ends.insert(from);
+            }
+            (name, _) if name.starts_with("sync.") => {}
+            (_, Some(from)) => heard
+                .by
+                .entry((from, name.clone()))
+                .or_default()
+                .push(frame["payload"]["n"].as_u64().unwrap()),
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    heard
+}
+
+/// Issue #16: an event published on any node reaches every matching client on every
+/// node exactly once, in per-sender order, rooms and patterns spanning nodes; a node
+/// whose clients want nothing of it never receives it from NATS.
+#[tokio::test]
+async fn every_matching_client_on_every_node_gets_each_event_once_in_order() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    // Three hubs, each on its own NATS node; a fourth that wants only `nobody.*`.
+    let mut hubs = Vec::new();
+    for i in 0..3 {
+        hubs.push(hub(&nats.url(i), &format!("h{i}"), &[]).await);
+    }
+    let quiet = hub(&nats.url(0), "quiet", &[]).await;
+    let mut publishers = Vec::new();
+    let mut everyone = Vec::new();
+    let mut orders = Vec::new();
+    let mut room = Vec::new();
+    for hub in &hubs {
+        let mut p = Peer::connect(hub.port).await;
+        p.subscribe(&["publishers.hear.nothing"]).await;
+        publishers.push(p);
+        everyone.push(Peer::connect(hub.port).await);
+        let mut o = Peer::connect(hub.port).await;
+        o.subscribe(&["order.*", "sync.*"]).await;
+        orders.push(o);
+        let mut r = Peer::connect(hub.port).await;
+        r.subscribe(&["pickup", "sync.*"]).await;
+        r.join("acme").await;
+        room.push(r);
+    }
+    let mut nobody = Peer::connect(quiet.port).await;
+    nobody.subscribe(&["nobody.*"]).await;
+
+    // Interest travels through NATS: send `sync` events from every node until every
+    // receiver has heard one from each (then the subscriptions are in place).
+    let mut seen: Vec<BTreeSet<(u64, bool)>> = vec![BTreeSet::new(); 9];
+    within(async {
+        while seen.iter().any(|s| s.len() < 3) || seen[6..].iter().any(|s| s.len() < 6) {
+            for (i, p) in publishers.iter_mut().enumerate() {
+                p.send(json!({"event": "sync.x", "payload": {"from": i}}))
+                    .await;
+                p.send(json!({"event": "sync.r", "room": "acme", "payload": {"from": i}}))
+                    .await;
+            }
+            let peers = everyone
+                .iter_mut()
+                .chain(orders.iter_mut())
+                .chain(room.iter_mut());
+            for (k, peer) in peers.enumerate() {
+                while let Ok(frame) = peer.events.try_recv() {
+                    let from = frame["payload"]["from"].as_u64().unwrap();
+                    match frame["event"].as_str().unwrap() {
+                        "sync.x" => seen[k].insert((from, false)),
+                        "sync.r" => seen[k].insert((from, true)),
+                        other => panic!("{other} before the test began"),
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Each node's publisher: orders (everyone and the order subscribers hear them),
+    // misc (everyone), and pickups to room acme (its members), then sync.end.
+    const N: u64 = 300;
+    for (i, p) in publishers.iter_mut().enumerate() {
+        let mut batch = String::new();
+        for n in 0..N {
+            let frame = match n % 3 {
+                0 => json!({"event": "order.created", "payload": {"from": i, "n": n}}),
+                1 => json!({"event": "misc", "payload": {"from": i, "n": n}}),
+                _ => json!({"event": "pickup", "room": "acme", "payload": {"from": i, "n": n}}),
+            };
+            batch.push_str(&frame.to_string());
+            batch.push('\n');
+        }
+        batch.push_str(&json!({"event": "sync.end", "payload": {"from": i}}).to_string());
+        batch.push('\n');
+        p.writer.write_all(batch.as_bytes()).await.unwrap();
+    }
+    let expect = |kind: u64| (0..N).filter(|n| n % 3 == kind).collect::<Vec<_>>();
+    for (label, peers, names) in [
+        (
+            "everyone",
+            &mut everyone,
+            vec![("order.created", 0), ("misc", 1)],
+        ),
+        ("orders", &mut orders, vec![("order.created", 0)]),
+        ("room", &mut room, vec![("pickup", 2)]),
+    ] {
+        for (node, peer) in peers.iter_mut().enumerate() {
+            let heard = hear_until_ends(peer, 3).await;
+            let mut wanted = BTreeMap::new();
+            for from in 0..3u64 {
+                for &(name, kind) in &names {
+                    wanted.insert((from, name.to_string()), expect(kind));
+                }
+            }
+            // Exactly the matching events, each once, in the order each node sent them.
+            if heard.by != wanted {
+                let summary: Vec<String> = heard
+                    .by
+                    .iter()
+                    .map(|(key, ns)| {
+                        let ordered = ns.windows(2).all(|w| w[0] < w[1]);
+                        format!("{key:?}: {} events, in order: {ordered}", ns.len())
+                    })
+                    .collect();
+                panic!(
+                    "{label} client on node {node} heard {summary:#?}; each of {:?} once was wanted ({} each)",
+                    wanted.keys().collect::<Vec<_>>(),
+                    N / 3
+                );
+            }
+        }
+    }
+
+    // Interest: `quiet` holds only `nobody.*`; none of the above crossed to it.
+    let mut got = 0;
+    within(async {
+        loop {
+            publishers[1]
+                .send(json!({"event": "nobody.here", "payload": {"from": 1}}))
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut any = false;
+            while let Ok(frame) = nobody.events.try_recv() {
+                assert_eq!(frame["event"], "nobody.here");
+                got += 1;
+                any = true;
+            }
+            if any {
+                break;
+            }
+        }
+    })
+    .await;
+    // Some `nobody.here` may still be on the way; the last word is a `nobody.end`.
+    publishers[1]
+        .send(json!({"event": "nobody.end", "payload": {"from": 1}}))
+        .await;
+    loop {
+        let frame = nobody.next().await;
+        got += 1;
+        if frame["event"] == "nobody.end" {
+            break;
+        }
+    }
+    let crossed = nats.out_msgs(0, "hubcast quiet").await;
+    assert_eq!(
+        crossed, got,
+        "NATS sent the quiet node {crossed} messages; its client wanted {got}"
+    );
+    // While the hubs that want everything got every event of the test.
+    assert!(nats.out_msgs(0, "hubcast h0").await >= 2 * N);
+}
+
+/// Issue #16: when a node loses its NATS server, its clients get `$gap {since}` within
+/// a second and `$gap {until}` once it has found another server of the cluster; live
+/// traffic resumes within 5 s, and /readyz says what happened.
+#[tokio::test]
+async fn losing_a_nats_node_sends_gap_notices_and_traffic_resumes() {
+    let Some(mut nats) = NatsCluster::start().await else {
+        return;
+    };
+    let http = format!("127.0.0.1:{}", free_port());
+    // Only node 0 is given: the others are found from what the cluster announces.
+    let mut a = hub(&nats.url(0), "a", &["--http", &http]).await;
+    let b = hub(&nats.url(1), "b", &[]).await;
+    let mut listener = Peer::connect(a.port).await;
+    let mut sender = Peer::connect(b.port).await;
+    sender.subscribe(&["nothing"]).await;
+    let tick = async |sender: &mut Peer, listener: &mut Peer| {
+        within(async {
+            loop {
+                sender.send(json!({"event": "tick", "payload": 0})).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut heard = false;
+                while let Ok(frame) = listener.events.try_recv() {
+                    heard |= frame["event"] == "tick";
+                    if frame["event"] == "$gap" {
+                        panic!("unexpected {frame}");
+                    }
+                }
+                if heard {
+                    return;
+                }
+            }
+        })
+        .await;
+    };
+    tick(&mut sender, &mut listener).await;
+
+    let lost = nats.url(0);
+    let killed = Instant::now();
+    nats.kill9(0).await;
+    let since = loop {
+        let frame = listener.next().await;
+        if frame["event"] == "$gap" {
+            break frame;
+        }
+        assert_eq!(frame["event"], "tick", "{frame}");
+    };
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "$gap came {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(since["payload"]["reason"], "backplane", "{since}");
+    let at = since["payload"]["since"].as_str().expect("since");
+    humantime::parse_rfc3339(at).unwrap();
+    let until = loop {
+        let frame = listener.next().await;
+        if frame["event"] == "$gap" {
+            break frame;
+        }
+    };
+    assert_eq!(until["payload"]["reason"], "backplane", "{until}");
+    assert!(until["payload"]["until"].is_string(), "{until}");
+    // Live traffic again, across the remaining NATS nodes.
+    tick(&mut sender, &mut listener).await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "traffic resumed {:?} after the kill",
+        killed.elapsed()
+    );
+    a.wait_log("backplane: reconnected", 1).await;
+    let (status, _, body) = http_get(http.parse().unwrap(), "/readyz", "").await;
+    assert_eq!(status, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["backplane"]["connected"], true, "{ready}");
+    assert_ne!(ready["backplane"]["server"], lost, "{ready}");
+    let (_, _, metrics) = http_get(http.parse().unwrap(), "/metrics", "").await;
+    assert!(
+        metrics.contains("hubcast_backplane_reconnects_total 1"),
+        "{metrics}"
+    );
+}
+
+/// Issue #16: without a reachable NATS, `serve --cluster` says so and exits non-zero;
+/// bad URLs are named.
+#[tokio::test]
+async fn cluster_flags_are_checked() {
+    let port = free_port();
+    let output = within(
+        HubProcess::command(&["serve", "--port", "0"])
+            .args(["--cluster", &format!("nats://127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("cannot reach NATS at nats://127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    let output = within(
+        HubProcess::command(&["serve", "--cluster", "http://x:1"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a NATS URL"), "{stderr}");
+    let output = within(
+        HubProcess::command(&["serve", "--node", "x"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--cluster"));
+}
