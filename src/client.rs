@@ -665,10 +665,12 @@ impl ClientBuilder {
         self.listeners.stream()
     }
 
-    /// Connects to the hub at `addr` (`"host:port"`).
+    /// Connects to the hub at `addr` (`"host:port"`), or to the first that answers of
+    /// several (`"a:3000,b:3000"`: the nodes of a cluster), trying the others when the
+    /// connection is lost, beginning with the one it had.
     ///
-    /// The first attempt must succeed; reconnection (if enabled) applies to losses
-    /// after that.
+    /// The first attempt must succeed (with one of the hubs); reconnection (if
+    /// enabled) applies to losses after that.
     ///
     /// # Errors
     ///
@@ -690,10 +692,29 @@ impl ClientBuilder {
         for room in &self.rooms {
             RoomName::new(room.as_str()).map_err(ClientError::InvalidEvent)?;
         }
-        let addr = addr.to_string();
+        let addrs: Vec<String> = addr
+            .to_string()
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addrs.is_empty() {
+            return Err(ClientError::Resolve {
+                addr: addr.to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address given")
+                    .into(),
+            });
+        }
         let listeners = Arc::new(self.listeners);
         let mut first = Vec::new();
-        let stream = task::dial(&addr, self.connect_timeout, self.tls.as_ref(), &mut first).await?;
+        let (current, stream) = task::dial_any(
+            &addrs,
+            0,
+            self.connect_timeout,
+            self.tls.as_ref(),
+            &mut first,
+        )
+        .await?;
         let (commands, receiver) = mpsc::channel(self.buffer);
         let (connected_tx, connected) = watch::channel(true);
         let closing = CancellationToken::new();
@@ -706,7 +727,8 @@ impl ClientBuilder {
         }));
         let session = task::Session {
             state: Arc::clone(&state),
-            addr,
+            addrs,
+            current,
             connect_timeout: self.connect_timeout,
             tls: self.tls,
             reconnect: self.reconnect,

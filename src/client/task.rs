@@ -29,7 +29,9 @@ const MAX_LINE: usize = 64 << 20;
 
 pub(crate) struct Session {
     pub(crate) state: Arc<std::sync::Mutex<super::SessionState>>,
-    pub(crate) addr: String,
+    /// The hubs to try (several: nodes of a cluster), and which one answered last.
+    pub(crate) addrs: Vec<String>,
+    pub(crate) current: usize,
     pub(crate) connect_timeout: Duration,
     /// TLS to the hub, when set.
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
@@ -58,6 +60,32 @@ enum Outcome {
 pub(crate) enum Conn {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects to the first of `addrs` that answers, beginning with `start` (the hub
+/// used last, so that a client stays where it was when it can): its index and the
+/// connection, or the last error.
+pub(crate) async fn dial_any(
+    addrs: &[String],
+    start: usize,
+    timeout: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    report: &mut Vec<ClientEvent>,
+) -> Result<(usize, Conn), ClientError> {
+    let mut last = None;
+    for offset in 0..addrs.len() {
+        let index = (start + offset) % addrs.len();
+        match dial(&addrs[index], timeout, tls, report).await {
+            Ok(conn) => return Ok((index, conn)),
+            Err(e) => {
+                if addrs.len() > 1 {
+                    report.push(ClientEvent::Error(e.clone()));
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least one address"))
 }
 
 /// Connects as [`dial_tcp`] does, then runs the TLS handshake if `tls` is set (the
@@ -239,13 +267,16 @@ impl Session {
             let mut report = Vec::new();
             let dialed = tokio::select! {
                 _ = self.closing.cancelled() => return None,
-                dialed = dial(&self.addr, self.connect_timeout, self.tls.as_ref(), &mut report) => dialed,
+                dialed = dial_any(&self.addrs, self.current, self.connect_timeout, self.tls.as_ref(), &mut report) => dialed,
             };
             for event in report {
                 self.offer(pending, event);
             }
             match dialed {
-                Ok(stream) => return Some(stream),
+                Ok((index, stream)) => {
+                    self.current = index;
+                    return Some(stream);
+                }
                 Err(e) => self.offer(pending, ClientEvent::Error(e)),
             }
         }

@@ -545,3 +545,103 @@ async fn cluster_flags_are_checked() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--cluster"));
 }
+
+/// A client process's stdout, line by line, as a channel.
+fn stdout_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Issue #16: when a hub dies, its clients (the CLI with `--hub a,b`, the JS client
+/// with several URLs) reconnect to another node, restore their subscriptions there,
+/// and hear the cluster's events again.
+#[tokio::test]
+async fn clients_of_a_dead_hub_move_to_another_node() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let node_ok = require("node");
+    let first = hub(&nats.url(0), "first", &[]).await;
+    let mut second = hub(&nats.url(1), "second", &[]).await;
+    let hubs = format!("127.0.0.1:{},127.0.0.1:{}", first.port, second.port);
+    let mut cli = HubProcess::command(&["sub", "--hub", &hubs, "order.*"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut heard = vec![stdout_lines(&mut cli)];
+    let _js = if node_ok {
+        let client = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js/src/index.js");
+        let urls = format!(
+            "tcp://127.0.0.1:{},tcp://127.0.0.1:{}",
+            first.port, second.port
+        );
+        let script = format!(
+            "const {{ connect }} = await import({client:?});
+             const hub = await connect({urls:?}, {{ minDelay: 20, maxDelay: 200 }});
+             hub.on('reconnect', () => console.log(JSON.stringify({{event: 'reconnect', url: hub.url.href}})));
+             await hub.subscribe('order.*');
+             hub.onAny((e) => console.log(JSON.stringify(e)));"
+        );
+        let mut child = Command::new("node")
+            .args(["--input-type=module", "-e", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        heard.push(stdout_lines(&mut child));
+        Some(child)
+    } else {
+        None
+    };
+    let clients = heard.len();
+    let mut publisher = Peer::connect(second.port).await;
+    publisher.subscribe(&["nothing"]).await;
+    let mut n = 0u64;
+    // Sends order.x until every client has printed one numbered at least `from`.
+    let mut publish_until_heard = async |from: u64, n: &mut u64| {
+        let mut done = vec![false; heard.len()];
+        within(async {
+            while done.iter().any(|d| !d) {
+                publisher
+                    .send(json!({"event": "order.x", "payload": {"n": *n}}))
+                    .await;
+                *n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                for (i, lines) in heard.iter_mut().enumerate() {
+                    while let Ok(line) = lines.try_recv() {
+                        let frame: Value = serde_json::from_str(&line).unwrap();
+                        if frame["event"] == "order.x"
+                            && frame["payload"]["n"].as_u64().unwrap() >= from
+                        {
+                            done[i] = true;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+    };
+    // Both hear the cluster through the first hub (the first address).
+    publish_until_heard(0, &mut n).await;
+    let mut first = first;
+    first.wait_log("connection client=", clients).await;
+    let killed_at = n;
+    first.kill9().await;
+    // ... and, once it is gone, through the second, subscriptions restored.
+    publish_until_heard(killed_at, &mut n).await;
+    // The publisher and the clients that moved.
+    second.wait_log("connection client=", 1 + clients).await;
+}

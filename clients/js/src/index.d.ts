@@ -54,11 +54,17 @@ export class BufferFullError extends Error {
   constructor(limit: number);
 }
 
-/** Connects (tcp://, tls://, hubcasts://, ws://, wss://); resolves once welcomed. */
-export function connect(url: string, options?: Options): Promise<Client>;
+/**
+ * Connects (tcp://, tls://, hubcasts://, ws://, wss://); resolves once welcomed.
+ * Several hubs (a cluster's nodes), as an array or separated by commas: the first
+ * that answers is used, the others when it is lost.
+ */
+export function connect(url: string | string[], options?: Options): Promise<Client>;
 
 export class Client {
-  constructor(url: string, options?: Options);
+  constructor(url: string | string[], options?: Options);
+  /** The hub in use now (or being tried). */
+  readonly url: URL;
   /** Resolves once the first connection is welcomed. */
   ready(): Promise<Client>;
   /** Handles events named `name`; also the lifecycle events. */

@@ -122,7 +122,12 @@ export class Client extends Emitter {
    */
   constructor(url, options = {}) {
     super();
-    this.url = new URL(url);
+    // Several hubs (the nodes of a cluster): an array, or URLs separated by commas.
+    const list = Array.isArray(url) ? url : String(url).split(",");
+    this.urls = list.map((u) => u.trim()).filter(Boolean).map((u) => new URL(u));
+    if (this.urls.length === 0) throw new TypeError("connect needs a hub URL");
+    this.current = 0; // the hub tried now, and first after a loss
+    this.url = this.urls[0];
     this.options = { ...DEFAULTS, ...options };
     this.subscriptions = new Set();
     this.rooms = new Set();
@@ -332,6 +337,7 @@ export class Client extends Emitter {
   }
 
   open() {
+    this.url = this.urls[this.current];
     const transport = makeTransport(this.url, this.options);
     this.transport = transport;
     transport.onopen = () => {
@@ -453,6 +459,13 @@ export class Client extends Emitter {
     }
     super.emit("close", { hadError: Boolean(error), error });
     if (!was && this.attempt === 0 && !this.options.reconnect) {
+      // Without reconnecting, the first connection still tries each hub once.
+      this.tried = (this.tried ?? 1) + 1;
+      if (this.tried <= this.urls.length && !this.closed) {
+        this.current = (this.current + 1) % this.urls.length;
+        this.open();
+        return;
+      }
       this.rejectFirst(error ?? new Error("the connection closed before the hub welcomed it"));
     }
     if (this.closed || !this.options.reconnect) {
@@ -461,6 +474,9 @@ export class Client extends Emitter {
       for (const consumer of this.consumers.values()) consumer.end();
       return;
     }
+    // A hub that did not welcome us: the next one is tried (the one that was lost is
+    // tried first again: it may only have restarted).
+    if (!was) this.current = (this.current + 1) % this.urls.length;
     // Backoff with full jitter, from minDelay doubling to maxDelay.
     const cap = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this.attempt);
     this.attempt += 1;

@@ -12,6 +12,10 @@ pub struct HubAddr {
     /// The hub's port.
     #[arg(short, long, env = "PORT", default_value_t = 3000)]
     port: u16,
+    /// Several hubs (the nodes of a cluster): the first that answers is used, and
+    /// the others when it is lost. Instead of --host and --port.
+    #[arg(long, env = "HUBCAST_HUB", value_name = "HOST:PORT[,HOST:PORT...]", conflicts_with = "host", value_parser = parse_hubs)]
+    hub: Option<String>,
     /// Give up when the connection is lost instead of reconnecting.
     #[arg(long)]
     no_reconnect: bool,
@@ -56,9 +60,31 @@ impl TlsArgs {
     }
 }
 
+/// `--hub`: a comma-separated list of HOST:PORT.
+fn parse_hubs(text: &str) -> Result<String, String> {
+    let hubs: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
+    if hubs.is_empty() {
+        return Err("no hub given (expected HOST:PORT[,HOST:PORT...])".into());
+    }
+    for hub in &hubs {
+        let port = hub.rsplit_once(':').map(|(_, port)| port);
+        if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+            return Err(format!("{hub:?} is not HOST:PORT"));
+        }
+    }
+    Ok(hubs.join(","))
+}
+
 impl HubAddr {
-    /// `host:port`, with IPv6 addresses in brackets.
+    /// `host:port`, with IPv6 addresses in brackets (or the `--hub` list).
     pub fn addr(&self) -> String {
+        if let Some(hubs) = &self.hub {
+            return hubs.clone();
+        }
         let host = self.host.trim_start_matches('[').trim_end_matches(']');
         if host.contains(':') {
             format!("[{host}]:{}", self.port)
