@@ -663,6 +663,10 @@ async fn config_check_names_the_line_and_key() {
             &["--max-pending"],
         ),
         ("[auth]\nfile = \"missing.toml\"\n", &["missing.toml"]),
+        (
+            "[cluster]\nurls = [\"nats://127.0.0.1:4222\", \"http://x:1\"]\n",
+            &[":2:", "cluster.urls", "is not a NATS URL"],
+        ),
         ("[listen\n", &[":1:"]),
     ] {
         let file = dir.join("bad.toml");

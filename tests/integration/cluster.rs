@@ -645,3 +645,41 @@ async fn clients_of_a_dead_hub_move_to_another_node() {
     // The publisher and the clients that moved.
     second.wait_log("connection client=", 1 + clients).await;
 }
+
+/// Issue #16: `hubcast bench` spreads subscribers over several targets (a cluster's
+/// nodes) and checks every message reached every subscriber; targets of mixed kinds
+/// are refused.
+#[tokio::test]
+async fn the_bench_spreads_subscribers_over_a_cluster() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let a = hub(&nats.url(0), "a", &[]).await;
+    let b = hub(&nats.url(1), "b", &[]).await;
+    let targets = format!(
+        "hubcast://127.0.0.1:{},hubcast://127.0.0.1:{}",
+        a.port, b.port
+    );
+    let output = within(
+        HubProcess::command(&["bench", "-t", &targets, "-n", "6", "-k", "2000", "--json"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["target"], targets, "{report}");
+    assert_eq!(report["delivered"], 12_000, "{report}");
+    let mixed = format!("{targets},nats://127.0.0.1:1");
+    let output = within(
+        HubProcess::command(&["bench", "-t", &mixed])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("all be of one kind"));
+}

@@ -28,14 +28,17 @@ pub struct Args {
     /// The server: hubcast://HOST:PORT, nats://HOST:PORT, redis://HOST:PORT,
     /// ws://HOST:PORT/ws (a hub's WebSocket gateway), socketio://HOST:PORT (a Socket.IO
     /// 4 server relaying "bench" events with socket.broadcast.emit), or a bare HOST:PORT
-    /// (a hub).
+    /// (a hub). Several, comma-separated or repeated (the nodes of a cluster, all of one
+    /// kind): subscribers are spread over them in turn, publishers connect to the
+    /// first, and the run begins once every subscriber hears the first.
     #[arg(
         long,
         short,
         default_value = "hubcast://127.0.0.1:3000",
+        value_delimiter = ',',
         conflicts_with = "embedded"
     )]
-    target: Target,
+    target: Vec<Target>,
     /// Start a hub inside the bench (on 127.0.0.1, a free port) and measure that.
     #[arg(long)]
     embedded: bool,

@@ -1,7 +1,7 @@
 //! Running one benchmark: connect everyone, publish, count, report.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +45,9 @@ struct Shared {
     /// Redis `PUBLISH` replies that counted fewer receivers than subscribers.
     short_publishes: AtomicU64,
     stop: CancellationToken,
+    /// Which subscribers have heard a probe (several targets: a cluster).
+    heard_probe: Vec<AtomicBool>,
+    probed: Notify,
 }
 
 impl Shared {
@@ -67,16 +70,33 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         return usage("--events must be at least --pubs (every publisher sends one or more)");
     }
     crate::serve::raise_open_files_limit(args.subs + args.pubs, "bench connections");
-    let (target, embedded) = if args.embedded {
-        let (target, token) = start_embedded().await?;
-        (target, Some(token))
-    } else {
-        let mut target = args.target.clone();
-        if let Some(port) = args.port {
-            target.set_port(port);
+    if args.target.len() > 1 {
+        if args.port.is_some() {
+            return usage("--port applies to one target; give each target its own port");
         }
-        (target, None)
+        if args.durable.is_some() || args.connects.is_some() {
+            return usage("several targets are for fan-out only (not --durable or --connects)");
+        }
+        if args.target.iter().any(|t| t.kind != args.target[0].kind) {
+            return usage("several targets must all be of one kind (all hubs, or all nats://)");
+        }
+        if args.target[0].kind == Kind::Redis || args.target[0].kind == Kind::SocketIo {
+            return usage(
+                "several targets: hubcast (a hubcast cluster) or nats:// (a NATS cluster)",
+            );
+        }
+    }
+    let (targets, embedded) = if args.embedded {
+        let (target, token) = start_embedded().await?;
+        (vec![target], Some(token))
+    } else {
+        let mut targets = args.target.clone();
+        if let Some(port) = args.port {
+            targets[0].set_port(port);
+        }
+        (targets, None)
     };
+    let target = targets[0].clone();
     if let Some(mode) = args.durable {
         return super::durable::main(&args, &target, mode).await;
     }
@@ -103,8 +123,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         errors: Mutex::new((Vec::new(), 0)),
         short_publishes: AtomicU64::new(0),
         stop: CancellationToken::new(),
+        heard_probe: (0..args.subs).map(|_| AtomicBool::new(false)).collect(),
+        probed: Notify::new(),
     });
-    let report = measure(&args, &target, &shared).await;
+    let report = measure(&args, &targets, &shared).await;
     if let Some(token) = embedded {
         token.cancel();
     }
@@ -124,14 +146,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::Result<Report> {
+async fn measure(args: &Args, targets: &[Target], shared: &Arc<Shared>) -> anyhow::Result<Report> {
+    let target = &targets[0];
     let dial = Dial::new(args, target)?;
     let connecting = Instant::now();
     let mut subscribers = Vec::with_capacity(args.subs);
     for index in 0..args.subs {
-        let ready = handshake(target, &dial, &dial.subscribe(target.kind))
+        // Spread over the targets in turn (one target: all on it).
+        let on = &targets[index % targets.len()];
+        let ready = handshake(on, &dial, &dial.subscribe(on.kind))
             .await
-            .with_context(|| format!("subscriber {} of {}", index + 1, args.subs))?;
+            .with_context(|| format!("subscriber {} of {} (on {on})", index + 1, args.subs))?;
         subscribers.push(ready);
     }
     let mut publishers = Vec::with_capacity(args.pubs);
@@ -150,7 +175,16 @@ async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::
     let mut subscriber_tasks = JoinSet::new();
     for (index, (stream, leftover)) in subscribers.into_iter().enumerate() {
         let shared = Arc::clone(shared);
-        subscriber_tasks.spawn(async move { (index, subscribe(&shared, stream, leftover).await) });
+        subscriber_tasks
+            .spawn(async move { (index, subscribe(&shared, index, stream, leftover).await) });
+    }
+    if targets.len() > 1 {
+        // In a cluster, a subscription reaches the other nodes a moment after it is
+        // made: probe until every subscriber hears the first target.
+        let Some((stream, _)) = publishers.first_mut() else {
+            bail!("no publisher");
+        };
+        probe(shared, stream).await?;
     }
     let started_us = micros_since(shared.clock);
     let rate = args.rate.map(|rate| rate as f64 / args.pubs as f64);
@@ -167,14 +201,15 @@ async fn measure(args: &Args, target: &Target, shared: &Arc<Shared>) -> anyhow::
             shared.error(format!("publisher: {e:#}"));
         }
     }
-    Ok(summarise(
-        args,
-        target,
-        shared,
-        outcomes,
-        started_us,
-        connect_time,
-    ))
+    let mut report = summarise(args, target, shared, outcomes, started_us, connect_time);
+    if targets.len() > 1 {
+        report.target = targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    Ok(report)
 }
 
 /// Waits for every subscriber to finish, showing progress; stops the run when nothing
@@ -456,13 +491,56 @@ struct SubscriberOutcome {
     error: Option<String>,
 }
 
-async fn subscribe(shared: &Shared, stream: BenchStream, leftover: Vec<u8>) -> SubscriberOutcome {
+/// A probe's publisher number: not a publisher's, never counted.
+const PROBE: u32 = u32::MAX;
+
+/// Sends probe messages on `stream` every 10 ms until every subscriber has heard one
+/// (within 10 s).
+async fn probe(shared: &Shared, stream: &mut BenchStream) -> anyhow::Result<()> {
+    let (head, tail) = shared.kind.publish_framing(shared.size);
+    let mut message = head;
+    write_body(
+        &mut message,
+        shared.size,
+        Stamp {
+            publisher: PROBE,
+            seq: 0,
+            sent_us: 0,
+        },
+    );
+    message.extend_from_slice(tail);
+    let all_heard = || shared.heard_probe.iter().all(|h| h.load(Ordering::Relaxed));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !all_heard() {
+        if tokio::time::Instant::now() >= deadline {
+            let deaf = shared
+                .heard_probe
+                .iter()
+                .filter(|h| !h.load(Ordering::Relaxed))
+                .count();
+            bail!("{deaf} subscribers never heard the first target within 10 s: are the targets nodes of one cluster?");
+        }
+        stream.write_all(&message).await?;
+        tokio::select! {
+            () = shared.probed.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn subscribe(
+    shared: &Shared,
+    index: usize,
+    stream: BenchStream,
+    leftover: Vec<u8>,
+) -> SubscriberOutcome {
     let mut outcome = SubscriberOutcome {
         tally: Tally::new(shared.counts.len()),
         last_us: 0,
         error: None,
     };
-    if let Err(e) = receive(shared, stream, leftover, &mut outcome).await {
+    if let Err(e) = receive(shared, index, stream, leftover, &mut outcome).await {
         outcome.error = Some(format!("{e:#}"));
     }
     outcome
@@ -470,6 +548,7 @@ async fn subscribe(shared: &Shared, stream: BenchStream, leftover: Vec<u8>) -> S
 
 async fn receive(
     shared: &Shared,
+    index: usize,
     mut stream: BenchStream,
     leftover: Vec<u8>,
     outcome: &mut SubscriberOutcome,
@@ -486,6 +565,13 @@ async fn receive(
                 Inbound::Message { body, used } => {
                     let body = &buf[pos + body.start..pos + body.end];
                     match read_stamp(body, shared.size) {
+                        Some(stamp) if stamp.publisher == PROBE => {
+                            if !shared.heard_probe[index].swap(true, Ordering::Relaxed) {
+                                shared.probed.notify_one();
+                            }
+                            pos += used;
+                            continue;
+                        }
                         Some(stamp) => settle(shared, &mut outcome.tally, stamp, now, window),
                         None => outcome.tally.malformed += 1,
                     }
