@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  ingest ──publish──▶ send buffer (Mutex<BytesMut>, bounded) ──▶ writer task ──▶ NATS
-//!  NATS ──▶ link task: one ordered read stream ──MSG──▶ Event::from_line ──▶ fan out here
+//!  NATS ──▶ link task: one ordered read stream ──MSG──▶ Event::from_line_fast ──▶ fan out
 //!           interest changed ──▶ SUB / UNSUB (the diff)        PING every 500 ms
 //! ```
 //!
@@ -671,7 +671,7 @@ fn handle(
 /// Fans out an event from another node, if it is one: a valid event whose name and
 /// room are those its subject says.
 fn deliver(shared: &Shared, hub: &Hub, subject: &str, payload: Bytes) {
-    let event = Event::from_line(payload).ok().filter(|event| {
+    let event = Event::from_line_fast(payload).ok().filter(|event| {
         decode(subject).is_some_and(|(name, room)| {
             event.name().as_str() == name
                 && event.room().map(crate::event::RoomName::as_str) == room.as_deref()

@@ -549,3 +549,37 @@ async fn a_send_waiting_when_the_connection_drops_is_refused_not_stuck() {
     }
     assert!(refused > 0);
 }
+
+/// Issue #16: given several hubs (a cluster's nodes), the client connects to the first
+/// that answers; when none does, the error names the last one tried.
+#[tokio::test]
+async fn several_addresses_connect_to_the_first_that_answers() {
+    let closed_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (dead, also_dead) = (closed_port(), closed_port());
+    let hub = TestHub::start(Config::default()).await;
+    let client = within(Client::builder().connect(format!("127.0.0.1:{dead}, {}", hub.addr)))
+        .await
+        .unwrap();
+    hub.wait_clients(1).await;
+    assert!(client.is_connected());
+    let error =
+        within(Client::builder().connect(format!("127.0.0.1:{dead},127.0.0.1:{also_dead}")))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Connect { addr, .. } if addr == &format!("127.0.0.1:{also_dead}")),
+        "{error:?}"
+    );
+    let error = within(Client::builder().connect(" , ")).await.unwrap_err();
+    assert!(
+        matches!(error, ClientError::Resolve { .. })
+            && format!("{error:?}").contains("no address given"),
+        "{error:?}"
+    );
+}

@@ -181,6 +181,34 @@ test("back-pressure: emit says when to wait, drain says when to go on, nothing i
   await h.stop();
 });
 
+test("several hubs: the first that answers, the next when it is lost", async () => {
+  const closed = net.createServer();
+  await new Promise((resolve) => closed.listen(0, "127.0.0.1", resolve));
+  const dead = closed.address().port;
+  await new Promise((resolve) => closed.close(resolve));
+  const a = await hub();
+  const b = await hub();
+  // Without reconnecting, the first connection still tries each in turn.
+  const once1 = await connect(`tcp://127.0.0.1:${dead},tcp://127.0.0.1:${a.port}`, { reconnect: false });
+  assert.equal(once1.url.port, String(a.port));
+  once1.close();
+  const client = await connect([`tcp://127.0.0.1:${a.port}`, `tcp://127.0.0.1:${b.port}`], { minDelay: 10, maxDelay: 50 });
+  assert.equal(client.url.port, String(a.port));
+  await client.subscribe("order.*");
+  const moved = once(client, "reconnect");
+  await a.stop();
+  await moved;
+  assert.equal(client.url.port, String(b.port));
+  // The subscription was restored on the other hub.
+  const heard = next(client, "order.new");
+  const sender = await connect(`tcp://127.0.0.1:${b.port}`);
+  sender.emit("order.new", { n: 1 });
+  assert.deepEqual(await heard, { n: 1 });
+  sender.close();
+  client.close();
+  await b.stop();
+});
+
 test("emitConfirmed resolves on $stored", async () => {
   const dir = join(root, "target", `js-client-${process.pid}`);
   const h = await hub(["--stream", "orders=pickup", "--data-dir", dir, "--fsync", "never"]);
