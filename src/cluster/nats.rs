@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use super::subject::{decode, event_subject, pattern_subject, room_subject};
 use super::{gap_line, Backplane, BackplaneStatus, Interest};
 use crate::event::Event;
+use crate::frame::{FrameDecoder, Run};
 use crate::hub::Hub;
 
 /// How long connecting to one server (TCP, `INFO`, `CONNECT`, `PONG`) may take.
@@ -551,11 +552,21 @@ async fn serve(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut unanswered = 0u32;
+    let mut batch = Batch::new(hub.config().limits.max_frame);
     let reason = loop {
         // What is already read is handled before waiting for more.
-        match handle(shared, hub, &mut buf, &mut unanswered, announced) {
-            Ok(()) => {}
-            Err(e) => break e,
+        let handled = handle(
+            shared,
+            hub,
+            &mut buf,
+            &mut unanswered,
+            announced,
+            &mut batch,
+        );
+        // Whatever was read is out before waiting for more.
+        batch.flush(shared, hub);
+        if let Err(e) = handled {
+            break e;
         }
         tokio::select! {
             biased;
@@ -603,6 +614,7 @@ fn handle(
     buf: &mut BytesMut,
     unanswered: &mut u32,
     announced: &mut Vec<String>,
+    batch: &mut Batch,
 ) -> Result<(), String> {
     loop {
         let Some(at) = memchr::memmem::find(buf, b"\r\n") else {
@@ -636,12 +648,23 @@ fn handle(
                 buf.reserve(at + 2 + total + 2 - buf.len());
                 return Ok(());
             }
-            let subject = fields[1].to_string();
-            buf.advance(at + 2);
-            // Its own allocation: a slice would pin the read buffer (issue #10).
-            let payload = Bytes::copy_from_slice(&buf[header_len..total]);
-            buf.advance(total + 2);
-            deliver(shared, hub, &subject, payload);
+            let start = at + 2 + header_len;
+            let payload = &buf[start..at + 2 + total];
+            match decode(fields[1]) {
+                // Plain events in a row go out together, as a run (one queue push per
+                // receiver for the lot, as for a client's).
+                Some((name, None)) if plain_line(payload) => batch.push(name, payload),
+                Some((name, room)) => {
+                    batch.flush(shared, hub);
+                    // Its own allocation: a slice would pin the read buffer (issue #10).
+                    let line = Bytes::copy_from_slice(payload);
+                    deliver(shared, hub, &name, room.as_deref(), line);
+                }
+                None => {
+                    shared.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            buf.advance(at + 2 + total + 2);
             continue;
         }
         let op = String::from_utf8_lossy(line).into_owned();
@@ -668,14 +691,19 @@ fn handle(
     }
 }
 
+/// Whether `payload` is one line as a hub forwards it: an object, one `\n` at the end
+/// and none before.
+fn plain_line(payload: &[u8]) -> bool {
+    payload.first() == Some(&b'{')
+        && payload.last() == Some(&b'\n')
+        && memchr::memchr(b'\n', payload) == Some(payload.len() - 1)
+}
+
 /// Fans out an event from another node, if it is one: a valid event whose name and
 /// room are those its subject says.
-fn deliver(shared: &Shared, hub: &Hub, subject: &str, payload: Bytes) {
-    let event = Event::from_line_fast(payload).ok().filter(|event| {
-        decode(subject).is_some_and(|(name, room)| {
-            event.name().as_str() == name
-                && event.room().map(crate::event::RoomName::as_str) == room.as_deref()
-        })
+fn deliver(shared: &Shared, hub: &Hub, name: &str, room: Option<&str>, line: Bytes) {
+    let event = Event::from_line_fast(line).ok().filter(|event| {
+        event.name().as_str() == name && event.room().map(crate::event::RoomName::as_str) == room
     });
     match event {
         Some(event) => {
@@ -685,6 +713,65 @@ fn deliver(shared: &Shared, hub: &Hub, subject: &str, payload: Bytes) {
         None => {
             shared.rejected.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Plain events from NATS (no room), gathered from one read to be fanned out as runs.
+struct Batch {
+    decoder: FrameDecoder,
+    /// Their lines, back to back.
+    lines: BytesMut,
+    /// The name each one's subject says, in order.
+    names: Vec<String>,
+    run: Run,
+}
+
+impl Batch {
+    fn new(max_frame: usize) -> Batch {
+        Batch {
+            decoder: FrameDecoder::new(max_frame),
+            lines: BytesMut::new(),
+            names: Vec::new(),
+            run: Run::default(),
+        }
+    }
+
+    fn push(&mut self, name: String, line: &[u8]) {
+        self.lines.extend_from_slice(line);
+        self.names.push(name);
+    }
+
+    /// Fans out what was gathered: runs of typical events whole, anything else (an
+    /// `"id"`, something the fast path is unsure of) one by one.
+    fn flush(&mut self, shared: &Shared, hub: &Hub) {
+        let mut names = self.names.drain(..);
+        while !self.lines.is_empty() {
+            if self.decoder.decode_run(&mut self.lines, &mut self.run) {
+                let count = self.run.len();
+                let expected: Vec<String> = names.by_ref().take(count).collect();
+                let matches =
+                    expected.len() == count && (0..count).all(|i| self.run.name(i) == expected[i]);
+                if matches {
+                    shared.received.fetch_add(count as u64, Ordering::Relaxed);
+                    hub.deliver_remote_run(&self.run);
+                } else {
+                    shared.rejected.fetch_add(count as u64, Ordering::Relaxed);
+                }
+            } else {
+                // Each line ends with its only `\n` (`plain_line`).
+                let end = memchr::memchr(b'\n', &self.lines).map_or(self.lines.len(), |at| at + 1);
+                let line = Bytes::copy_from_slice(&self.lines[..end]);
+                self.lines.advance(end);
+                match names.next() {
+                    Some(name) => deliver(shared, hub, &name, None, line),
+                    None => {
+                        shared.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        drop(names);
+        self.names.clear();
     }
 }
 

@@ -193,9 +193,21 @@ impl Hub {
         progress: &mut RunProgress,
         deadline: std::time::Instant,
     ) -> bool {
+        self.publish_run_from(Some(from), run, progress, deadline)
+    }
+
+    /// [`Hub::publish_run`] for a sender here (`Some`), or for events from other nodes
+    /// (`None`: no echo to skip; not counted as received here, not reported).
+    pub(crate) fn publish_run_from(
+        &self,
+        from: Option<ClientId>,
+        run: &Run,
+        progress: &mut RunProgress,
+        deadline: std::time::Instant,
+    ) -> bool {
         let events = run.len();
         let mut pool = self.read_pool();
-        let skip = pool.echo_skip(from);
+        let skip = from.and_then(|from| pool.echo_skip(from));
         let mut tally = Tally::default();
         let first = progress.next;
         // Deliveries to guarded clients that may hear only part of the run.
@@ -252,6 +264,10 @@ impl Hub {
             &tally,
             everyone * done + matched_counts.iter().sum::<usize>() + partial,
         );
+        let Some(from) = from else {
+            progress.next = index;
+            return index >= events;
+        };
         let counters = &self.state.counters;
         counters.events.fetch_add(done as u64, Ordering::Relaxed);
         if self.state.observer.is_some() {

@@ -632,6 +632,16 @@ impl Hub {
         self.fan_out_from(None, event)
     }
 
+    /// Fans out a run of plain events other nodes' clients sent, whole, as
+    /// [`Hub::publish_run`] does for a client's (with no sender here to skip).
+    pub(crate) fn deliver_remote_run(&self, run: &crate::frame::Run) {
+        let mut progress = RunProgress::default();
+        // Matching yields the read lock every few events; there is no other task to
+        // give the thread to here, so it goes on until the run is done.
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        while !self.publish_run_from(None, run, &mut progress, far) {}
+    }
+
     /// Queues `line` to every client admitted to the pool (not those still to
     /// authenticate), whatever they subscribed to: the hub's own notices (`$gap`).
     pub(crate) fn tell_everyone(&self, line: bytes::Bytes) {

@@ -336,6 +336,10 @@ async fn every_matching_client_on_every_node_gets_each_event_once_in_order() {
         let mut batch = String::new();
         for n in 0..N {
             let frame = match n % 3 {
+                // Some with an id (confirmed, and not part of a run on either side).
+                0 if n % 2 == 0 => {
+                    json!({"event": "order.created", "id": format!("{i}-{n}"), "payload": {"from": i, "n": n}})
+                }
                 0 => json!({"event": "order.created", "payload": {"from": i, "n": n}}),
                 1 => json!({"event": "misc", "payload": {"from": i, "n": n}}),
                 _ => json!({"event": "pickup", "room": "acme", "payload": {"from": i, "n": n}}),
@@ -682,4 +686,62 @@ async fn the_bench_spreads_subscribers_over_a_cluster() {
     .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("all be of one kind"));
+}
+
+/// Issue #16: what another program publishes on hubcast's subjects is delivered only
+/// if it is a valid event of the name (and room) its subject says; the rest is counted
+/// and dropped, and the clients hear nothing of it.
+#[tokio::test]
+async fn foreign_messages_on_hubcast_subjects_are_not_delivered() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let http = format!("127.0.0.1:{}", free_port());
+    let node = hub(&nats.url(0), "n", &["--http", &http]).await;
+    let mut listener = Peer::connect(node.port).await;
+    listener.subscribe(&[">"]).await;
+    let mut foreign = TcpStream::connect(nats.url(0).trim_start_matches("nats://"))
+        .await
+        .unwrap();
+    let pub_ = |subject: &str, body: &str| format!("PUB {subject} {}\r\n{body}\r\n", body.len());
+    let mut wire = String::from("CONNECT {\"verbose\":false}\r\n");
+    wire += &pub_("hubcast.e.x", "hello\n");
+    wire += &pub_("hubcast.e.x", "{\"event\":\"y\",\"payload\":1}\n");
+    wire += &pub_(
+        "hubcast.e.z",
+        "{\"event\":\"z\",\"room\":\"r\",\"payload\":1}\n",
+    );
+    wire += &pub_(
+        "hubcast.e.two",
+        "{\"event\":\"two\",\"payload\":1}\n{\"event\":\"two\",\"payload\":2}\n",
+    );
+    // Interest travels: send the good one until it arrives.
+    within(async {
+        loop {
+            let good = pub_("hubcast.e.ok", "{\"event\":\"ok\",\"payload\":1}\n");
+            foreign
+                .write_all(format!("{wire}{good}").as_bytes())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut heard_ok = false;
+            while let Ok(frame) = listener.events.try_recv() {
+                assert_eq!(frame["event"], "ok", "{frame}");
+                heard_ok = true;
+            }
+            if heard_ok {
+                return;
+            }
+        }
+    })
+    .await;
+    let (_, _, metrics) = http_get(http.parse().unwrap(), "/metrics", "").await;
+    let rejected: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hubcast_backplane_rejected_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rejected >= 4, "{metrics}");
+    assert_eq!(rejected % 4, 0, "four bad messages per round: {rejected}");
 }
