@@ -17,15 +17,24 @@ use std::time::SystemTime;
 pub mod nats;
 pub mod subject;
 
+/// Past this many distinct patterns (or rooms), a node asks for all events (or all
+/// rooms' events) instead: the engine's subscriptions stay bounded whatever clients
+/// subscribe to, at the price of receiving more and filtering here.
+pub const MAX_INTEREST: usize = 4096;
+
 /// What a node's clients want from the other nodes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interest {
-    /// Some client hears every event that names no room (it never subscribed).
+    /// Some client hears every event that names no room (it never subscribed), or
+    /// the clients' patterns are more than [`MAX_INTEREST`].
     pub everything: bool,
     /// The patterns its clients subscribed to (empty when `everything`: they are
     /// covered).
     pub patterns: BTreeSet<String>,
-    /// The rooms with members here.
+    /// Rooms have members here in more than [`MAX_INTEREST`] rooms: every room's
+    /// events are wanted.
+    pub all_rooms: bool,
+    /// The rooms with members here (empty when `all_rooms`).
     pub rooms: BTreeSet<String>,
 }
 

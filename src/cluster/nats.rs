@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::subject::{decode, event_subject, pattern_subject, room_subject};
+use super::subject::{all_rooms_subject, decode, event_subject, pattern_subject, room_subject};
 use super::{gap_line, Backplane, BackplaneStatus, Interest};
 use crate::event::Event;
 use crate::frame::{FrameDecoder, Run};
@@ -791,7 +791,11 @@ impl Subscriptions {
         } else {
             wanted.extend(interest.patterns.iter().map(|p| pattern_subject(p)));
         }
-        wanted.extend(interest.rooms.iter().map(|r| room_subject(r)));
+        if interest.all_rooms {
+            wanted.insert(all_rooms_subject());
+        } else {
+            wanted.extend(interest.rooms.iter().map(|r| room_subject(r)));
+        }
         let mut commands = String::new();
         self.by_subject.retain(|subject, sid| {
             let keep = wanted.contains(subject);

@@ -114,6 +114,12 @@ pub fn room_subject(room: &str) -> String {
     out
 }
 
+/// The subject that carries every event sent to any room (a node with members in
+/// more rooms than [`MAX_INTEREST`](super::MAX_INTEREST)).
+pub fn all_rooms_subject() -> String {
+    format!("{PREFIX}.r.>")
+}
+
 /// The event name and room a subject carries (`None` for a subject hubcast does not
 /// publish).
 ///

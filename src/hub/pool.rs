@@ -67,19 +67,32 @@ impl Pool {
 
     /// What the clients here want from other nodes (see [`crate::cluster`]).
     pub(super) fn interest(&self) -> crate::cluster::Interest {
-        let everything = !self.unfiltered.is_empty() || !self.guarded.is_empty();
-        let patterns = if everything {
+        use crate::cluster::MAX_INTEREST;
+        let mut everything = !self.unfiltered.is_empty() || !self.guarded.is_empty();
+        let mut patterns = std::collections::BTreeSet::new();
+        if !everything {
+            for pattern in self.routes.values().flat_map(|r| r.patterns.iter()) {
+                if !patterns.contains(pattern.as_str()) {
+                    if patterns.len() == MAX_INTEREST {
+                        everything = true;
+                        patterns.clear();
+                        break;
+                    }
+                    patterns.insert(pattern.as_str().to_string());
+                }
+            }
+        }
+        let all_rooms = self.rooms.len() > MAX_INTEREST;
+        let rooms = if all_rooms {
             Default::default()
         } else {
-            self.routes
-                .values()
-                .flat_map(|r| r.patterns.iter().map(|p| p.as_str().to_string()))
-                .collect()
+            self.rooms.keys().map(|r| r.as_str().to_string()).collect()
         };
         crate::cluster::Interest {
             everything,
             patterns,
-            rooms: self.rooms.keys().map(|r| r.as_str().to_string()).collect(),
+            all_rooms,
+            rooms,
         }
     }
 

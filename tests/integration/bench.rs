@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use crate::support::{within, TestHub};
+use crate::support::{free_port, within, TestHub};
 
 /// `hubcast bench ARGS`, killed if the test ends first.
 fn bench_command(args: &[&str]) -> Command {
@@ -263,14 +263,6 @@ fn merged_lines(
         }
     });
     rx
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// redis-server's arguments for a loopback test server on `port`, without snapshots.

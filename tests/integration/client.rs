@@ -554,14 +554,7 @@ async fn a_send_waiting_when_the_connection_drops_is_refused_not_stuck() {
 /// that answers; when none does, the error names the last one tried.
 #[tokio::test]
 async fn several_addresses_connect_to_the_first_that_answers() {
-    let closed_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (dead, also_dead) = (closed_port(), closed_port());
+    let (dead, also_dead) = (crate::support::free_port(), crate::support::free_port());
     let hub = TestHub::start(Config::default()).await;
     let client = within(Client::builder().connect(format!("127.0.0.1:{dead}, {}", hub.addr)))
         .await

@@ -14,18 +14,10 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::{require, within, HubProcess};
+use crate::support::{free_port, require, within, HubProcess};
 use crate::ws::http_get;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cluster/nats-node.conf");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One nats-server of the test cluster.
 struct NatsNode {
@@ -744,4 +736,63 @@ async fn foreign_messages_on_hubcast_subjects_are_not_delivered() {
         .unwrap();
     assert!(rejected >= 4, "{metrics}");
     assert_eq!(rejected % 4, 0, "four bad messages per round: {rejected}");
+}
+
+/// Issue #16: what a node subscribes to in NATS stays bounded whatever its clients
+/// subscribe to: past `MAX_INTEREST` distinct patterns (or rooms) it asks for every
+/// event (or every room's) instead, and filters here.
+#[tokio::test]
+async fn a_node_s_interest_is_bounded() {
+    use hubcast::cluster::MAX_INTEREST;
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    let mut clients = Vec::new();
+    let per_client = 1000; // the default --max-subscriptions
+    let mut patterns = 0;
+    while patterns <= MAX_INTEREST {
+        let mut client = hub.connect().await;
+        let list: Vec<String> = (0..per_client)
+            .map(|i| format!("p{}.{i}.*", clients.len()))
+            .collect();
+        client
+            .send(format!(
+                "{}\n",
+                json!({"event": "$subscribe", "payload": {"events": list}})
+            ))
+            .await;
+        assert_eq!(client.json().await["event"], "$subscribed");
+        patterns += per_client;
+        let interest = hub.hub.interest();
+        if patterns <= MAX_INTEREST {
+            assert!(!interest.everything);
+            assert_eq!(interest.patterns.len(), patterns);
+        } else {
+            assert!(interest.everything, "{patterns} patterns");
+            assert!(interest.patterns.is_empty());
+        }
+        clients.push(client);
+    }
+    let per_client = 100; // the default --max-rooms
+    let mut rooms = 0;
+    while rooms <= MAX_INTEREST {
+        let mut client = hub.connect().await;
+        let mut joins = String::new();
+        for i in 0..per_client {
+            joins += &format!(
+                "{}\n",
+                json!({"event": "$join", "payload": {"room": format!("r{rooms}-{i}")}})
+            );
+        }
+        client.send(joins).await;
+        for _ in 0..per_client {
+            assert_eq!(client.json().await["event"], "$joined");
+        }
+        rooms += per_client;
+        let interest = hub.hub.interest();
+        assert_eq!(interest.all_rooms, rooms > MAX_INTEREST, "{rooms} rooms");
+        assert_eq!(
+            interest.rooms.len(),
+            if rooms > MAX_INTEREST { 0 } else { rooms }
+        );
+        clients.push(client);
+    }
 }

@@ -486,3 +486,13 @@ impl HubProcess {
         self.lines
     }
 }
+
+/// A loopback port that was free a moment ago (bound, then let go), for a server
+/// started as a separate process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
