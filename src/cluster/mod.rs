@@ -78,6 +78,11 @@ pub trait Backplane: Send + Sync + 'static {
     fn interest_changed(&self);
     /// Where it stands.
     fn status(&self) -> BackplaneStatus;
+    /// Since when it has been cut off from the other nodes (`None`: connected).
+    fn down_since(&self) -> Option<SystemTime> {
+        let status = self.status();
+        (!status.connected).then(|| status.down_since.unwrap_or_else(SystemTime::now))
+    }
 }
 
 /// The `$gap` notice clients get when their node loses the other nodes (`since`) and

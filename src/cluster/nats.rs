@@ -223,6 +223,18 @@ impl Backplane for NatsBackplane {
         self.shared.interest.notify_one();
     }
 
+    fn down_since(&self) -> Option<SystemTime> {
+        if self.shared.connected.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            self.shared
+                .link()
+                .down_since
+                .unwrap_or_else(SystemTime::now),
+        )
+    }
+
     fn status(&self) -> BackplaneStatus {
         let shared = &self.shared;
         let link = shared.link();
@@ -293,6 +305,10 @@ impl NatsBackplane {
                 reason: failures.join("; "),
             });
         };
+        // Connected from now on (not only once the task runs): a client that comes
+        // in the meantime must not be told of a gap, nor its events dropped.
+        shared.link().server = Some(url.to_string());
+        shared.connected.store(true, Ordering::Release);
         let backplane = Arc::new(NatsBackplane {
             shared: Arc::clone(&shared),
         });

@@ -39,6 +39,8 @@ pub(super) fn apply(request: &mut Request<'_>) -> Result<Bytes, ProtocolError> {
         }
         Err(e) => return Err(e),
     };
+    // This `$hello` lets the client in (the hub authenticates): it hears from now on.
+    let admission = request.session.awaiting_hello;
     let identity = authenticate(request, hello.user.as_deref(), hello.token.as_deref())?;
     let (hub, client) = (request.hub, request.client);
     if let Some(echo) = hello.echo {
@@ -82,7 +84,13 @@ pub(super) fn apply(request: &mut Request<'_>) -> Result<Bytes, ProtocolError> {
             welcome["admin"] = json!(true);
         }
     }
-    reply("$welcome", &welcome)
+    let welcome = reply("$welcome", &welcome)?;
+    // A cluster node cut off from the others says so to those it lets in meanwhile
+    // (an open hub's clients were told when they connected).
+    match hub.gap_notice().filter(|_| admission) {
+        Some(gap) => Ok([welcome, gap].concat().into()),
+        None => Ok(welcome),
+    }
 }
 
 /// Checks the credentials of a `$hello`, if it carries any (or must): on success the

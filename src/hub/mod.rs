@@ -642,6 +642,13 @@ impl Hub {
         while !self.publish_run_from(None, run, &mut progress, far) {}
     }
 
+    /// `$gap {since}` while the backplane is cut off from the other nodes, for a client
+    /// that joins meanwhile.
+    pub(crate) fn gap_notice(&self) -> Option<bytes::Bytes> {
+        let since = self.state.backplane.get()?.down_since()?;
+        Some(crate::cluster::gap_line("since", since))
+    }
+
     /// Queues `line` to every client admitted to the pool (not those still to
     /// authenticate), whatever they subscribed to: the hub's own notices (`$gap`).
     pub(crate) fn tell_everyone(&self, line: bytes::Bytes) {

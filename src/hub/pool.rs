@@ -250,6 +250,9 @@ impl Hub {
         }
         if open {
             self.interest_changed();
+            if let Some(gap) = self.gap_notice() {
+                let _ = client.outbox.push(gap);
+            }
         }
         self.report(|| HubEvent::Connection { client: id, peer });
         client

@@ -796,3 +796,62 @@ async fn a_node_s_interest_is_bounded() {
         clients.push(client);
     }
 }
+
+/// A backplane that is cut off (as a node whose NATS went away), to see what the hub
+/// tells the clients who come meanwhile.
+struct CutOff(std::time::SystemTime);
+
+impl hubcast::cluster::Backplane for CutOff {
+    fn publish(&self, _: &str, _: Option<&str>, _: &[u8]) {}
+    fn interest_changed(&self) {}
+    fn status(&self) -> hubcast::cluster::BackplaneStatus {
+        hubcast::cluster::BackplaneStatus {
+            engine: "test",
+            node: "cut-off".into(),
+            connected: false,
+            server: None,
+            down_since: Some(self.0),
+            published: 0,
+            received: 0,
+            dropped: 0,
+            rejected: 0,
+            reconnects: 0,
+            subscriptions: 0,
+        }
+    }
+}
+
+/// Issue #16: a client that joins a node while it is cut off from the others is told
+/// at once (`$gap {since}`: an open hub's at connection, an authenticated one right
+/// after its `$welcome`), so it never believes it hears the whole cluster.
+#[tokio::test]
+async fn clients_joining_a_cut_off_node_are_told() {
+    let since = std::time::SystemTime::now() - Duration::from_secs(3);
+    let hub = crate::support::TestHub::start(hubcast::Config::default()).await;
+    hub.hub.set_backplane(std::sync::Arc::new(CutOff(since)));
+    let mut client = hub.connect().await;
+    let gap = client.json().await;
+    assert_eq!(gap["event"], "$gap", "{gap}");
+    assert_eq!(gap["payload"]["reason"], "backplane");
+    let at = humantime::parse_rfc3339(gap["payload"]["since"].as_str().unwrap()).unwrap();
+    let off = at.duration_since(since).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_millis(2), "{gap}");
+    // An authenticated client: after its welcome, not before.
+    let spec: hubcast::auth::AuthFile = toml::from_str(&format!(
+        "[[users]]\nname = \"u\"\ntoken_hash = \"{}\"\nsubscribe = {{ allow = [\">\"] }}\n",
+        hubcast::auth::TokenHash::new(b"secret")
+    ))
+    .unwrap();
+    let auth = hubcast::auth::Authenticator::from_spec(&spec, None).unwrap();
+    let guarded = crate::support::TestHub::start(hubcast::Config::default()).await;
+    guarded.hub.set_authenticator(auth);
+    guarded
+        .hub
+        .set_backplane(std::sync::Arc::new(CutOff(since)));
+    let mut client = guarded.connect().await;
+    client
+        .send("{\"event\":\"$hello\",\"payload\":{\"token\":\"secret\"}}\n")
+        .await;
+    assert_eq!(client.json().await["event"], "$welcome");
+    assert_eq!(client.json().await["event"], "$gap");
+}
