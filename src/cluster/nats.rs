@@ -464,7 +464,14 @@ async fn keep_link(
         }
         let lost = serve(&shared, &hub, conn, &shutdown, &mut announced).await;
         shared.connected.store(false, Ordering::Release);
-        shared.out().clear();
+        // What was queued and not written is gone with the connection: counted.
+        let unsent = {
+            let mut out = shared.out();
+            let count = count_publishes(&out);
+            out.clear();
+            count
+        };
+        shared.dropped.fetch_add(unsent, Ordering::Relaxed);
         if shutdown.is_cancelled() {
             return;
         }
@@ -479,6 +486,28 @@ async fn keep_link(
         hub.tell_everyone(gap_line("since", since));
         current = reconnect(&shared.node, &urls, &announced, &url, &shutdown).await;
     }
+}
+
+/// How many `PUB`s are in `out` (protocol lines, each `PUB` followed by its payload).
+fn count_publishes(out: &[u8]) -> u64 {
+    let mut count = 0;
+    let mut rest = out;
+    while let Some(at) = memchr::memmem::find(rest, b"\r\n") {
+        let line = &rest[..at];
+        rest = &rest[at + 2..];
+        if let Some(args) = line.strip_prefix(b"PUB ") {
+            count += 1;
+            let size = args
+                .rsplit(|&b| b == b' ')
+                .next()
+                .and_then(|s| std::str::from_utf8(s).ok()?.parse::<usize>().ok());
+            match size {
+                Some(size) if size + 2 <= rest.len() => rest = &rest[size + 2..],
+                _ => break,
+            }
+        }
+    }
+    count
 }
 
 /// Tries the servers (those given, then those announced, the one just lost last)
@@ -861,6 +890,14 @@ mod tests {
         }
         assert!(parse_urls(" , ").is_err());
         assert_eq!(parse_urls("nats://a:1, nats://b:2").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn queued_publishes_are_counted_past_their_payloads() {
+        let out = b"SUB a q 1\r\nPUB x 5\r\nPUB y\r\nPUB y 0\r\n\r\nPING\r\nPUB z 3\r\nab";
+        // Two whole PUBs ("PUB y..." is a payload), then one cut short.
+        assert_eq!(count_publishes(out), 3);
+        assert_eq!(count_publishes(b""), 0);
     }
 
     #[test]
