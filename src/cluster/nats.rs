@@ -42,7 +42,8 @@ use crate::hub::Hub;
 
 /// How long connecting to one server (TCP, `INFO`, `CONNECT`, `PONG`) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A `PING` this often; two unanswered and the link is declared lost.
+/// A `PING` this often; two in a row with nothing at all from the server since (no
+/// `PONG`, no message) and the link is declared lost.
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Events queued for NATS beyond this are dropped (a server that stopped reading).
 const MAX_BUFFERED: usize = 64 * 1024 * 1024;
@@ -633,7 +634,9 @@ async fn serve(
             }
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => break "the server closed the connection".to_string(),
-                Ok(_) => {}
+                // Anything from the server shows the link is alive: a PONG stuck
+                // behind a backlog of messages is not a dead server.
+                Ok(_) => unanswered = 0,
                 Err(e) => break format!("read failed: {e}"),
             },
         }

@@ -855,3 +855,60 @@ async fn clients_joining_a_cut_off_node_are_told() {
     assert_eq!(client.json().await["event"], "$welcome");
     assert_eq!(client.json().await["event"], "$gap");
 }
+
+/// Issue #16: a NATS server that stops answering without closing anything (frozen
+/// with SIGSTOP, as a machine that fell off the network) is found out by PINGs: the
+/// node's clients get `$gap {since}`, then `{until}` once it has moved to another
+/// server, and hear the cluster again.
+#[tokio::test]
+async fn a_silent_nats_server_is_found_out_by_pings() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let a = hub(&nats.url(0), "a", &[]).await;
+    let b = hub(&nats.url(1), "b", &[]).await;
+    let mut listener = Peer::connect(a.port).await;
+    let mut sender = Peer::connect(b.port).await;
+    sender.subscribe(&["nothing"]).await;
+    let heard_tick = async |sender: &mut Peer, listener: &mut Peer| {
+        within(async {
+            loop {
+                sender.send(json!({"event": "tick", "payload": 0})).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Ok(frame) = listener.events.try_recv() {
+                    if frame["event"] == "tick" {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+    };
+    heard_tick(&mut sender, &mut listener).await;
+    let pid = nats.nodes[0]
+        .as_ref()
+        .unwrap()
+        .child
+        .id()
+        .unwrap()
+        .to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let mut edges = Vec::new();
+    while edges.len() < 2 {
+        let frame = listener.next().await;
+        if frame["event"] == "$gap" {
+            edges.push(frame);
+        }
+    }
+    signal("-CONT");
+    assert!(edges[0]["payload"]["since"].is_string(), "{edges:?}");
+    assert!(edges[1]["payload"]["until"].is_string(), "{edges:?}");
+    heard_tick(&mut sender, &mut listener).await;
+}
