@@ -912,3 +912,67 @@ async fn a_silent_nats_server_is_found_out_by_pings() {
     assert!(edges[1]["payload"]["until"].is_string(), "{edges:?}");
     heard_tick(&mut sender, &mut listener).await;
 }
+
+/// Issue #16: the lab's delivery demo across nodes: the vendor on one hub, the driver
+/// on another; every order is thanked for (pickup crosses one way, in-transit and
+/// delivered come back to the vendor's room on the other node).
+#[tokio::test]
+async fn the_delivery_demo_runs_across_two_nodes() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let a = hub(&nats.url(0), "a", &[]).await;
+    let mut b = hub(&nats.url(1), "b", &[]).await;
+    let mut driver = HubProcess::command(&["driver", "--port", &b.port.to_string()])
+        .args(["--pickup-delay", "10ms", "--deliver-delay", "30ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    b.wait_log("connection client=", 1).await;
+    // Both ways of the demo are in place before the first order: node b hears what
+    // is sent on node a (the driver's interest), node a hears room acme's events
+    // from node b (the vendor's room, held here by a member of it).
+    let mut on_a = Peer::connect(a.port).await;
+    on_a.join("acme").await;
+    let mut on_b = Peer::connect(b.port).await;
+    within(async {
+        let (mut there, mut back) = (false, false);
+        while !(there && back) {
+            on_a.send(json!({"event": "probe.there", "payload": 0}))
+                .await;
+            on_b.send(json!({"event": "probe.back", "room": "acme", "payload": 0}))
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            while let Ok(frame) = on_b.events.try_recv() {
+                there |= frame["event"] == "probe.there";
+            }
+            while let Ok(frame) = on_a.events.try_recv() {
+                back |= frame["event"] == "probe.back";
+            }
+        }
+    })
+    .await;
+    let output = within(
+        HubProcess::command(&["vendor", "--port", &a.port.to_string()])
+            .args(["--store", "acme", "--count", "10", "--interval", "30ms"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let thanks = stdout
+        .lines()
+        .filter(|l| l.starts_with("Thank you for delivering order "))
+        .count();
+    assert_eq!(thanks, 10, "{stdout}");
+    driver.kill().await.unwrap();
+}
