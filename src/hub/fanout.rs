@@ -300,11 +300,7 @@ impl Hub {
         }
     }
 
-    pub(super) fn fan_out_from(&self, from: Option<ClientId>, event: &Event) -> usize {
-        self.fan_out(from, event)
-    }
-
-    fn fan_out(&self, from: Option<ClientId>, event: &Event) -> usize {
+    pub(super) fn fan_out(&self, from: Option<ClientId>, event: &Event) -> usize {
         let line = event.line();
         let name = event.name().as_str();
         let pool = self.read_pool();

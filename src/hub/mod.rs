@@ -594,7 +594,6 @@ impl Hub {
         self.report(|| HubEvent::SlowConsumer { client });
     }
 
-    /// The declared streams, their store, and publisher ids seen recently.
     /// Makes this hub a node of a cluster: from now on its clients' events are also
     /// handed to `backplane`, which brings it the other nodes' events its clients want
     /// (see [`crate::cluster`]). Set once: a second call is refused (`false`).
@@ -629,7 +628,7 @@ impl Hub {
     /// Fans out an event another node's client sent: to everyone here who should
     /// hear it (as if a client here had sent it, with no echo to skip).
     pub(crate) fn deliver_remote(&self, event: &Event) -> usize {
-        self.fan_out_from(None, event)
+        self.fan_out(None, event)
     }
 
     /// Fans out a run of plain events other nodes' clients sent, whole, as
@@ -662,6 +661,7 @@ impl Hub {
         }
     }
 
+    /// The declared streams, their store, and publisher ids seen recently.
     pub(crate) fn durable(&self) -> &crate::durable::Durable {
         &self.state.durable
     }
