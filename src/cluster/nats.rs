@@ -52,11 +52,14 @@ const MAX_LINE: usize = 64 * 1024;
 /// The longest message accepted (NATS's own default `max_payload` is 1 MiB).
 const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 
-/// One NATS server to try: `nats://[user:pass@|token@]HOST:PORT`.
+/// One NATS server to try: `nats://[user:pass@|token@]HOST:PORT`, or `tls://...` to
+/// insist on TLS (a `nats://` server that requires TLS gets it too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerUrl {
     /// `HOST:PORT`.
     pub addr: String,
+    /// TLS whatever the server says (`tls://`).
+    tls: bool,
     user: Option<String>,
     pass: Option<String>,
     token: Option<String>,
@@ -66,9 +69,15 @@ impl std::str::FromStr for ServerUrl {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let rest = text
-            .strip_prefix("nats://")
-            .ok_or_else(|| format!("{text:?} is not a NATS URL (expected nats://HOST:PORT)"))?;
+        let (tls, rest) = match text.split_once("://") {
+            Some(("nats", rest)) => (false, rest),
+            Some(("tls", rest)) => (true, rest),
+            _ => {
+                return Err(format!(
+                    "{text:?} is not a NATS URL (expected nats://HOST:PORT or tls://HOST:PORT)"
+                ))
+            }
+        };
         let (auth, addr) = match rest.rsplit_once('@') {
             Some((auth, addr)) => (Some(auth), addr),
             None => (None, rest),
@@ -88,6 +97,7 @@ impl std::str::FromStr for ServerUrl {
         }
         Ok(ServerUrl {
             addr: addr.to_string(),
+            tls,
             user,
             pass,
             token,
@@ -98,7 +108,8 @@ impl std::str::FromStr for ServerUrl {
 impl std::fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the credentials: this is what logs and /readyz show.
-        write!(f, "nats://{}", self.addr)
+        let scheme = if self.tls { "tls" } else { "nats" };
+        write!(f, "{scheme}://{}", self.addr)
     }
 }
 
@@ -145,6 +156,8 @@ pub struct NatsBackplane {
 
 struct Shared {
     node: String,
+    /// TLS to NATS: the trust (and identity) for `tls://` servers and those that ask.
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The queue group all of this node's subscriptions share: one copy per node.
     queue: String,
     /// `PUB`s (and the link task's commands) waiting for the writer.
@@ -269,10 +282,12 @@ impl NatsBackplane {
         hub: Hub,
         urls: Vec<ServerUrl>,
         node: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
         shutdown: CancellationToken,
     ) -> Result<Arc<NatsBackplane>, ConnectError> {
         let shared = Arc::new(Shared {
             node: node.to_string(),
+            tls,
             queue: format!("hubcast-node.{}.{:016x}", sanitize(node), fastrand::u64(..)),
             out: Mutex::new(BytesMut::new()),
             wake: Notify::new(),
@@ -288,7 +303,7 @@ impl NatsBackplane {
         let mut failures = Vec::new();
         let mut first = None;
         for url in &urls {
-            match handshake(url, node).await {
+            match handshake(url, node, shared.tls.as_ref()).await {
                 Ok(conn) => {
                     first = Some((url.clone(), conn));
                     break;
@@ -333,24 +348,58 @@ fn sanitize(node: &str) -> String {
 
 /// A connection that has been through `INFO` / `CONNECT` / `PONG`.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read past the handshake.
     buf: BytesMut,
     /// Other servers of the cluster, as its `INFO` announced them.
     announced: Vec<String>,
 }
 
-async fn handshake(url: &ServerUrl, node: &str) -> io::Result<Conn> {
+/// The connection to a NATS server: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn handshake(
+    url: &ServerUrl,
+    node: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<Conn> {
     tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let mut stream = TcpStream::connect(&url.addr).await?;
-        stream.set_nodelay(true)?;
+        let mut tcp = TcpStream::connect(&url.addr).await?;
+        tcp.set_nodelay(true)?;
         let mut buf = BytesMut::with_capacity(4096);
-        let info = read_line(&mut stream, &mut buf).await?;
+        let info = read_line(&mut tcp, &mut buf).await?;
         let info = info
             .strip_prefix("INFO ")
             .ok_or_else(|| other(format!("not a NATS server (it said {:?})", excerpt(&info))))?;
         let info: serde_json::Value =
             serde_json::from_str(info).map_err(|e| other(format!("bad INFO: {e}")))?;
+        let required = info
+            .get("tls_required")
+            .and_then(serde_json::Value::as_bool)
+            == Some(true);
+        let mut stream = if url.tls || required {
+            if !buf.is_empty() {
+                return Err(other("the server sent more than INFO before TLS".into()));
+            }
+            let config = match tls {
+                Some(config) => Arc::clone(config),
+                None => crate::tls::client_config(None, None).map_err(other)?,
+            };
+            let host = url
+                .addr
+                .rsplit_once(':')
+                .map_or(url.addr.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let secured = crate::tls::connect(config, host, tcp)
+                .await
+                .map_err(|e| other(format!("TLS: {e}")))?;
+            Stream::Tls(Box::new(secured))
+        } else {
+            Stream::Plain(tcp)
+        };
         let mut connect = serde_json::json!({
             "verbose": false,
             "pedantic": false,
@@ -367,6 +416,9 @@ async fn handshake(url: &ServerUrl, node: &str) -> io::Result<Conn> {
         }
         if let Some(token) = &url.token {
             connect["auth_token"] = token.as_str().into();
+        }
+        if matches!(stream, Stream::Tls(_)) {
+            connect["tls_required"] = true.into();
         }
         let hello = format!("CONNECT {connect}\r\nPING\r\n");
         stream.write_all(hello.as_bytes()).await?;
@@ -414,8 +466,37 @@ fn excerpt(text: &str) -> &str {
     &text[..end]
 }
 
+impl Stream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => s.write_all(bytes).await,
+        }
+    }
+}
+
+/// Something `read_line` can read from.
+trait Fill {
+    async fn fill(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl Fill for TcpStream {
+    async fn fill(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.read_buf(buf).await
+    }
+}
+
+impl Fill for Stream {
+    async fn fill(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read_buf(buf).await,
+            Stream::Tls(s) => s.read_buf(buf).await,
+        }
+    }
+}
+
 /// Reads one `\r\n`-ended line during the handshake.
-async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<String> {
+async fn read_line(stream: &mut impl Fill, buf: &mut BytesMut) -> io::Result<String> {
     loop {
         if let Some(at) = memchr::memmem::find(buf, b"\r\n") {
             let line = buf.split_to(at + 2);
@@ -424,7 +505,7 @@ async fn read_line(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Str
         if buf.len() > MAX_LINE {
             return Err(other("a protocol line longer than 64 KiB".into()));
         }
-        if stream.read_buf(buf).await? == 0 {
+        if stream.fill(buf).await? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the server closed the connection",
@@ -463,7 +544,31 @@ async fn keep_link(
                 info!(server = %url, node = %shared.node, "backplane: connected to NATS");
             }
         }
-        let lost = serve(&shared, &hub, conn, &shutdown, &mut announced).await;
+        let Conn { stream, buf, .. } = conn;
+        let lost = match stream {
+            Stream::Plain(tcp) => {
+                let (reader, writer) = tcp.into_split();
+                serve(
+                    &shared,
+                    &hub,
+                    (reader, writer, buf),
+                    &shutdown,
+                    &mut announced,
+                )
+                .await
+            }
+            Stream::Tls(tls) => {
+                let (reader, writer) = tokio::io::split(*tls);
+                serve(
+                    &shared,
+                    &hub,
+                    (reader, writer, buf),
+                    &shutdown,
+                    &mut announced,
+                )
+                .await
+            }
+        };
         shared.connected.store(false, Ordering::Release);
         // What was queued and not written is gone with the connection: counted.
         let unsent = {
@@ -485,7 +590,15 @@ async fn keep_link(
         }
         warn!(server = %url, reason = %lost, "backplane: lost NATS; live events from other nodes may be missed until it is back");
         hub.tell_everyone(gap_line("since", since));
-        current = reconnect(&shared.node, &urls, &announced, &url, &shutdown).await;
+        current = reconnect(
+            &shared.node,
+            shared.tls.as_ref(),
+            &urls,
+            &announced,
+            &url,
+            &shutdown,
+        )
+        .await;
     }
 }
 
@@ -515,6 +628,7 @@ fn count_publishes(out: &[u8]) -> u64 {
 /// with backoff from 50 ms to 1 s, until one answers or `shutdown`.
 async fn reconnect(
     node: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     urls: &[ServerUrl],
     announced: &[String],
     lost: &ServerUrl,
@@ -524,6 +638,7 @@ async fn reconnect(
     for addr in announced {
         let url = ServerUrl {
             addr: addr.clone(),
+            tls: lost.tls,
             user: lost.user.clone(),
             pass: lost.pass.clone(),
             token: lost.token.clone(),
@@ -541,7 +656,7 @@ async fn reconnect(
             }
             tokio::select! {
                 () = shutdown.cancelled() => return None,
-                conn = handshake(url, node) => match conn {
+                conn = handshake(url, node, tls) => match conn {
                     Ok(conn) => return Some((url.clone(), conn)),
                     Err(e) => tracing::debug!(server = %url, error = %e, "backplane: cannot connect"),
                 },
@@ -557,17 +672,17 @@ async fn reconnect(
 
 /// Serves one connection: the writer in a task of its own, reading, subscriptions
 /// and pings here. Returns why it ended.
-async fn serve(
+async fn serve<R, W>(
     shared: &Arc<Shared>,
     hub: &Hub,
-    conn: Conn,
+    (mut reader, mut writer, mut buf): (R, W, BytesMut),
     shutdown: &CancellationToken,
     announced: &mut Vec<String>,
-) -> String {
-    let Conn {
-        stream, mut buf, ..
-    } = conn;
-    let (mut reader, mut writer) = stream.into_split();
+) -> String
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let failed = CancellationToken::new();
     let stop_writer = failed.clone();
     let writer_shared = Arc::clone(shared);

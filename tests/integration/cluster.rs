@@ -970,3 +970,71 @@ async fn the_delivery_demo_runs_across_two_nodes() {
     assert_eq!(thanks, 10, "{stdout}");
     driver.kill().await.unwrap();
 }
+
+/// Issue #16 (and #13): the backplane speaks TLS to NATS: `tls://` URLs, and `nats://`
+/// servers that require it, trusting `--cluster-ca`; a certificate it cannot trust is
+/// a clear error at start.
+#[tokio::test]
+async fn the_backplane_speaks_tls_to_nats() {
+    if !require("nats-server") {
+        return;
+    }
+    let pki = crate::tls::Pki::new("nats");
+    let (cert, key) = pki.issue("nats", None, false);
+    let port = free_port();
+    let mut server = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--tls"])
+        .arg("--tlscert")
+        .arg(&cert)
+        .arg("--tlskey")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(server.stderr.take().unwrap()).lines();
+    while !within(log.next_line())
+        .await
+        .unwrap()
+        .expect("nats-server exited")
+        .contains("Server is ready")
+    {}
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let ca = pki.ca();
+    let ca = ca.to_str().unwrap();
+    let a = hub(
+        &format!("tls://127.0.0.1:{port}"),
+        "a",
+        &["--cluster-ca", ca],
+    )
+    .await;
+    // nats:// to a server that requires TLS: TLS all the same.
+    let b = hub(
+        &format!("nats://127.0.0.1:{port}"),
+        "b",
+        &["--cluster-ca", ca],
+    )
+    .await;
+    let mut listener = Peer::connect(a.port).await;
+    let mut sender = Peer::connect(b.port).await;
+    sender.subscribe(&["nothing"]).await;
+    send_ticks_until_heard(&mut sender, &mut listener).await;
+    // Without the CA, the server's certificate is not trusted: said, exit 1.
+    let output = within(
+        HubProcess::command(&["serve", "--port", "0"])
+            .args(["--cluster", &format!("tls://127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach NATS") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    drop(server);
+}

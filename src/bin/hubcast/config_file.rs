@@ -77,6 +77,9 @@ pub const KEYS: &[(&str, &str, Kind)] = &[
     ("security.insecure", "insecure", Kind::Switch),
     ("cluster.urls", "cluster", Kind::List),
     ("cluster.node", "node", Kind::Value),
+    ("cluster.ca", "cluster-ca", Kind::Path),
+    ("cluster.cert", "cluster-cert", Kind::Path),
+    ("cluster.key", "cluster-key", Kind::Path),
     ("logging.quiet", "quiet", Kind::Switch),
 ];
 

@@ -162,6 +162,17 @@ pub struct Args {
     /// This node's name in a cluster (logs, /readyz, /metrics); default: the host name.
     #[arg(long, env = "HUBCAST_NODE", value_name = "NAME", requires = "cluster")]
     node: Option<String>,
+    /// Trust this CA (PEM) for the NATS servers' certificates (tls:// URLs, and servers
+    /// that require TLS); default: the system's roots.
+    #[arg(long, value_name = "PEM", requires = "cluster")]
+    cluster_ca: Option<std::path::PathBuf>,
+    /// Present this certificate (PEM) to the NATS servers (mutual TLS); needs
+    /// --cluster-key.
+    #[arg(long, value_name = "PEM", requires_all = ["cluster", "cluster_key"])]
+    cluster_cert: Option<std::path::PathBuf>,
+    /// The key of --cluster-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "cluster_cert")]
+    cluster_key: Option<std::path::PathBuf>,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -384,10 +395,25 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     if !args.cluster.is_empty() {
         let node = args.node.clone().unwrap_or_else(host_name);
+        // TLS settings only when given: a tls:// server or one that requires TLS is
+        // otherwise checked against the system's roots.
+        let tls = if args.cluster_ca.is_some() || args.cluster_cert.is_some() {
+            let identity = args
+                .cluster_cert
+                .as_deref()
+                .zip(args.cluster_key.as_deref());
+            Some(
+                hubcast::tls::client_config(args.cluster_ca.as_deref(), identity)
+                    .map_err(|e| crate::UsageError(format!("--cluster-ca/--cluster-cert: {e}")))?,
+            )
+        } else {
+            None
+        };
         let backplane = hubcast::cluster::nats::NatsBackplane::connect(
             hub.clone(),
             args.cluster.clone(),
             &node,
+            tls,
             shutdown.clone(),
         )
         .await?;
