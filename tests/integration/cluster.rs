@@ -458,10 +458,45 @@ async fn losing_a_nats_node_sends_gap_notices_and_traffic_resumes() {
     let mut a = hub(&nats.url(0), "a", &["--http", &http]).await;
     let b = hub(&nats.url(1), "b", &[]).await;
     let mut listener = Peer::connect(a.port).await;
+    // The CLI and the JS client on the same node say what the notices mean.
+    let mut sub = HubProcess::command(&["sub", "--port", &a.port.to_string(), "tick"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut sub_log = BufReader::new(sub.stderr.take().unwrap()).lines();
+    let js = if require("node") {
+        let client = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js/src/index.js");
+        let url = format!("tcp://127.0.0.1:{}", a.port);
+        let script = format!(
+            "const {{ connect }} = await import({client:?});
+             const hub = await connect({url:?});
+             hub.on('gap', (gap) => console.log(JSON.stringify(gap)));
+             console.log('ready');"
+        );
+        let mut child = Command::new("node")
+            .args(["--input-type=module", "-e", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = stdout_lines(&mut child);
+        assert_eq!(within(lines.recv()).await.as_deref(), Some("ready"));
+        Some((child, lines))
+    } else {
+        None
+    };
     let mut sender = Peer::connect(b.port).await;
     sender.subscribe(&["nothing"]).await;
     let skipped = send_ticks_until_heard(&mut sender, &mut listener).await;
     assert!(skipped.iter().all(|f| f["event"] != "$gap"), "{skipped:?}");
+    // The CLI's subscriber is in (its connection is logged by now or soon).
+    a.wait_log("connection client=", if js.is_some() { 3 } else { 2 })
+        .await;
 
     let lost = nats.url(0);
     let killed = Instant::now();
@@ -498,6 +533,28 @@ async fn losing_a_nats_node_sends_gap_notices_and_traffic_resumes() {
         killed.elapsed()
     );
     a.wait_log("backplane: reconnected", 1).await;
+    for words in [
+        "lost the other nodes",
+        "has the other nodes of its cluster again",
+    ] {
+        loop {
+            let line = within(sub_log.next_line())
+                .await
+                .unwrap()
+                .expect("sub exited");
+            if line.contains(words) {
+                break;
+            }
+        }
+    }
+    if let Some((_child, mut lines)) = js {
+        let since: Value = serde_json::from_str(&within(lines.recv()).await.unwrap()).unwrap();
+        let until: Value = serde_json::from_str(&within(lines.recv()).await.unwrap()).unwrap();
+        assert!(
+            since["since"].is_string() && until["until"].is_string(),
+            "{since} {until}"
+        );
+    }
     let (status, _, body) = http_get(http.parse().unwrap(), "/readyz", "").await;
     assert_eq!(status, 200, "{body}");
     let ready: Value = serde_json::from_str(&body).unwrap();

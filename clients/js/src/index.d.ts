@@ -75,6 +75,11 @@ export class Client {
   on(name: "event", handler: (event: HubEvent) => void): this;
   /** After an `emit` returned false: the waiting events are taken, send on. */
   on(name: "drain", handler: () => void): this;
+  /**
+   * The hub's cluster node lost the other nodes (`since`) or has them again (`until`):
+   * live events from them in between may be missing.
+   */
+  on(name: "gap", handler: (gap: { reason: string; since?: string; until?: string }) => void): this;
   on(name: string, handler: (payload: any, event: HubEvent) => void): this;
   /** Handles every event. */
   onAny(handler: (event: HubEvent) => void): this;

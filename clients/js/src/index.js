@@ -84,7 +84,7 @@ export class BufferFullError extends Error {
 }
 
 /** The client's own events; any other name is a hub event. */
-const LIFECYCLE = ["connect", "close", "error", "reconnect", "event", "drain"];
+const LIFECYCLE = ["connect", "close", "error", "reconnect", "event", "drain", "gap"];
 
 const DEFAULTS = {
   reconnect: true,
@@ -433,6 +433,11 @@ export class Client extends Emitter {
     }
     if (this.requests.length > 0 && this.requests[0].reply === name) {
       this.requests.shift().resolve(frame.payload);
+      return;
+    }
+    if (name === "$gap") {
+      // The hub's node lost (`since`) or found again (`until`) the rest of its cluster.
+      super.emit("gap", frame.payload);
       return;
     }
     if (name.startsWith("$")) return;

@@ -13,6 +13,7 @@ export async function everyCall(): Promise<void> {
   hub.on("error", (error) => (error instanceof HubError ? error.code : error.message));
   hub.on("event", (event: HubEvent) => event.event);
   hub.on("drain", () => undefined);
+  hub.on("gap", (gap) => gap.since ?? gap.until);
   hub.on("delivered", (payload, event) => [payload.orderID, event.room]);
   hub.onAny((event) => event.payload);
   const sent: boolean = hub.emit("pickup", { orderID: 1 }, { room: "acme", id: "o-1" });

@@ -148,6 +148,16 @@ fn log_lifecycle(event: &ClientEvent) {
         ClientEvent::HubError(error) => {
             warn!(code = %error.code, "the hub says: {}", error.message)
         }
+        // A cluster node cut off from (or back with) the others.
+        ClientEvent::Control(event) if event.name().as_str() == "$gap" => {
+            let payload: serde_json::Value =
+                serde_json::from_str(event.payload()).unwrap_or_default();
+            if let Some(since) = payload["since"].as_str() {
+                warn!(%since, "the hub lost the other nodes of its cluster: their events may be missing until it is back");
+            } else if let Some(until) = payload["until"].as_str() {
+                info!(%until, "the hub has the other nodes of its cluster again (their events from the gap may be missing)");
+            }
+        }
         _ => {}
     }
 }
