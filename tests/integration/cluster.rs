@@ -801,6 +801,20 @@ async fn foreign_messages_on_hubcast_subjects_are_not_delivered() {
         .unwrap();
     assert!(rejected >= 4, "{metrics}");
     assert_eq!(rejected % 4, 0, "four bad messages per round: {rejected}");
+    // `$stats` (what the dashboard shows) names the node and its link.
+    listener
+        .send(json!({"event": "$stats", "payload": null}))
+        .await;
+    let stats = loop {
+        let frame = listener.next().await;
+        if frame["event"] == "$stats" {
+            break frame;
+        }
+    };
+    let link = &stats["payload"]["backplane"];
+    assert_eq!(link["node"], "n", "{stats}");
+    assert_eq!(link["connected"], true, "{stats}");
+    assert_eq!(link["server"], nats.url(0), "{stats}");
 }
 
 /// Issue #16: what a node subscribes to in NATS stays bounded whatever its clients
