@@ -933,6 +933,15 @@ async fn clients_joining_a_cut_off_node_are_told() {
         .await;
     assert_eq!(client.json().await["event"], "$welcome");
     assert_eq!(client.json().await["event"], "$gap");
+    // /readyz: not ready while cut off, and says since when.
+    let web = crate::support::TestHub::start_http(hubcast::Config::default()).await;
+    web.hub.set_backplane(std::sync::Arc::new(CutOff(since)));
+    let (status, _, body) = http_get(web.http.unwrap(), "/readyz", "").await;
+    assert_eq!(status, 503, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["backplane"]["connected"], false, "{ready}");
+    assert!(ready["backplane"]["down_since"].is_string(), "{ready}");
 }
 
 /// Issue #16: a NATS server that stops answering without closing anything (frozen
