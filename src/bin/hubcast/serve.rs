@@ -418,6 +418,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
         .await?;
         hub.set_backplane(backplane);
+        if !args.streams.is_empty() {
+            // Said at every start until streams live in JetStream (docs/cluster.md).
+            warn!("streams are kept by each node for now: this node stores what its own clients send, and its durable consumers get only that (streams in JetStream, shared by the cluster, are not built yet)");
+        }
     }
     // Not `println!`: a closed stdout must not take the hub down.
     let _ = writeln!(std::io::stdout(), "Server up on {addr}");
