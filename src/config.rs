@@ -99,6 +99,10 @@ pub struct Streams {
     pub retention: crate::store::Retention,
     /// A resent `"id"` within this window is neither stored nor broadcast again.
     pub dedup_window: Duration,
+    /// Where the streams live when the hub is a cluster node: in JetStream
+    /// ([`JetStream::connect`](crate::cluster::jetstream::JetStream::connect)), not
+    /// in `data_dir`.
+    pub jetstream: Option<crate::cluster::jetstream::Engine>,
 }
 
 impl Default for Streams {
@@ -109,6 +113,7 @@ impl Default for Streams {
             fsync: crate::store::Fsync::Always,
             retention: crate::store::Retention::default(),
             dedup_window: DEFAULT_DEDUP_WINDOW,
+            jetstream: None,
         }
     }
 }

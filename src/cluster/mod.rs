@@ -14,6 +14,7 @@
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
+pub mod jetstream;
 pub mod nats;
 pub mod subject;
 

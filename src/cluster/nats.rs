@@ -105,6 +105,23 @@ impl std::str::FromStr for ServerUrl {
     }
 }
 
+impl ServerUrl {
+    /// The user and password it carries, if any.
+    pub(crate) fn user_pass(&self) -> Option<(&str, &str)> {
+        self.user.as_deref().zip(self.pass.as_deref())
+    }
+
+    /// The token it carries, if any.
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Whether it insists on TLS (`tls://`).
+    pub(crate) fn requires_tls(&self) -> bool {
+        self.tls
+    }
+}
+
 impl std::fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the credentials: this is what logs and /readyz show.

@@ -153,6 +153,172 @@ pub fn decode(subject: &str) -> Option<(String, Option<String>)> {
     Some((out, room))
 }
 
+/// The subject an event is stored on in JetStream, under its stream (chosen by the
+/// hub: the first declared stream that matches): `hubcast.s.STREAM.e.NAME`, or
+/// `hubcast.s.STREAM.r.ROOM.NAME`. Outside the live subjects, so that storing and
+/// live delivery never see each other's messages, and one stream's subjects never
+/// overlap another's.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::cluster::subject::stored_subject;
+/// assert_eq!(stored_subject("orders", "pickup", None), "hubcast.s.orders.e.pickup");
+/// assert_eq!(
+///     stored_subject("orders.dead", "pickup", Some("acme")),
+///     "hubcast.s.~6f72646572732e64656164.r.acme.pickup"
+/// );
+/// ```
+pub fn stored_subject(stream: &str, name: &str, room: Option<&str>) -> String {
+    let mut out = stream_prefix(stream);
+    match room {
+        Some(room) => {
+            out.push_str(".r.");
+            push_token(&mut out, room);
+        }
+        None => out.push_str(".e"),
+    }
+    out.push('.');
+    push_name(&mut out, name);
+    out
+}
+
+/// Every subject of a stream's events: what its JetStream stream holds.
+///
+/// # Examples
+///
+/// ```
+/// assert_eq!(hubcast::cluster::subject::stream_subjects("orders"), "hubcast.s.orders.>");
+/// ```
+pub fn stream_subjects(stream: &str) -> String {
+    let mut out = stream_prefix(stream);
+    out.push_str(".>");
+    out
+}
+
+/// The JetStream filter subjects of a consumer of `stream` with an event-name
+/// `filter` and a `room` (each optional; neither: the whole stream). A filter matches
+/// events with or without a room, as on a single hub.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::cluster::subject::consumer_filters;
+/// assert_eq!(consumer_filters("orders", None, None), ["hubcast.s.orders.>"]);
+/// assert_eq!(
+///     consumer_filters("orders", Some("order.*"), None),
+///     ["hubcast.s.orders.e.order.*", "hubcast.s.orders.r.*.order.*"]
+/// );
+/// assert_eq!(consumer_filters("orders", None, Some("acme")), ["hubcast.s.orders.r.acme.>"]);
+/// ```
+pub fn consumer_filters(stream: &str, filter: Option<&str>, room: Option<&str>) -> Vec<String> {
+    let tail = |out: &mut String, pattern: &str| {
+        for (i, segment) in pattern.split('.').enumerate() {
+            if i > 0 {
+                out.push('.');
+            }
+            match segment {
+                "*" | ">" => out.push_str(segment),
+                literal => push_token(out, literal),
+            }
+        }
+    };
+    let prefix = stream_prefix(stream);
+    match (filter, room) {
+        (None, None) => vec![stream_subjects(stream)],
+        (Some(filter), None) => {
+            let mut plain = format!("{prefix}.e.");
+            tail(&mut plain, filter);
+            let mut rooms = format!("{prefix}.r.*.");
+            tail(&mut rooms, filter);
+            vec![plain, rooms]
+        }
+        (filter, Some(room)) => {
+            let mut out = format!("{prefix}.r.");
+            push_token(&mut out, room);
+            out.push('.');
+            tail(&mut out, filter.unwrap_or(">"));
+            vec![out]
+        }
+    }
+}
+
+fn stream_prefix(stream: &str) -> String {
+    let mut out = format!("{PREFIX}.s.");
+    push_token(&mut out, stream);
+    out
+}
+
+/// A hubcast stream's name in JetStream: the same, with `.` (which JetStream names
+/// cannot hold, and hubcast's dead-letter streams have: `orders.dead`) written `~`
+/// (which hubcast's stream names cannot hold).
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::cluster::subject::jetstream_stream;
+/// assert_eq!(jetstream_stream("orders"), "orders");
+/// assert_eq!(jetstream_stream("orders.dead"), "orders~dead");
+/// ```
+pub fn jetstream_stream(stream: &str) -> String {
+    stream.replace('.', "~")
+}
+
+/// A hubcast consumer's name in JetStream: letters, digits, `-` and `_` as they are,
+/// any other byte `~` and two hex digits; a name that would come out longer than
+/// [`MAX_JETSTREAM_NAME`] is `~~` and a digest of it instead.
+///
+/// # Examples
+///
+/// ```
+/// use hubcast::cluster::subject::{jetstream_consumer, consumer_from_jetstream};
+/// assert_eq!(jetstream_consumer("drivers"), "drivers");
+/// assert_eq!(jetstream_consumer("north.drivers"), "north~2edrivers");
+/// assert_eq!(consumer_from_jetstream("north~2edrivers").as_deref(), Some("north.drivers"));
+/// ```
+pub fn jetstream_consumer(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for &byte in name.as_bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "~{byte:02x}");
+        }
+    }
+    if out.len() > MAX_JETSTREAM_NAME {
+        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+        out = String::from("~~");
+        for byte in &digest.as_ref()[..16] {
+            let _ = write!(out, "{byte:02x}");
+        }
+    }
+    out
+}
+
+/// The hubcast name of a JetStream consumer [`jetstream_consumer`] named (`None` for
+/// a digest, or a name hubcast did not make).
+pub fn consumer_from_jetstream(name: &str) -> Option<String> {
+    if name.starts_with("~~") {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(name.len());
+    let mut rest = name.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'~' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// The longest consumer name hubcast gives JetStream (its own limit is 255).
+pub const MAX_JETSTREAM_NAME: usize = 200;
+
 fn decode_token(token: &str) -> Option<String> {
     let Some(hex) = token.strip_prefix('~') else {
         return (!token.is_empty()).then(|| token.to_string());

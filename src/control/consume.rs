@@ -93,13 +93,22 @@ struct Unconsume {
     consumer: String,
 }
 
-fn consumers<'a>(request: &'a Request<'_>) -> Result<&'a Consumers, ProtocolError> {
-    request.hub.durable().consumers.as_ref().ok_or_else(|| {
-        ProtocolError::new(
+/// Where the hub's consumers are: its own store, or JetStream (a cluster node).
+enum Engine<'a> {
+    Local(&'a Consumers),
+    JetStream(&'a std::sync::Arc<crate::cluster::jetstream::JetStream>),
+}
+
+fn consumers<'a>(request: &'a Request<'_>) -> Result<Engine<'a>, ProtocolError> {
+    let durable = request.hub.durable();
+    match (&durable.consumers, &durable.jetstream) {
+        (Some(local), _) => Ok(Engine::Local(local)),
+        (None, Some(jetstream)) => Ok(Engine::JetStream(jetstream)),
+        (None, None) => Err(ProtocolError::new(
             ErrorCode::UnknownStream,
             "this hub declares no stream (hubcast serve --stream NAME=PATTERNS)",
-        )
-    })
+        )),
+    }
 }
 
 pub(super) fn consume(request: &Request<'_>) -> Result<Option<Bytes>, ProtocolError> {
@@ -175,14 +184,20 @@ fn start(request: &Request<'_>, asked: Consume) -> Result<Option<Bytes>, Protoco
         max_deliver,
         max_in_flight,
     };
-    consumers.consume(
-        request.hub,
-        request.client,
-        &asked.consumer,
-        stream,
-        crate::durable::consumer::Request { spec, named },
-        |spec| durable.start_cursor(stream, spec.start),
-    )?;
+    let wanted = crate::durable::consumer::Request { spec, named };
+    match consumers {
+        Engine::Local(consumers) => consumers.consume(
+            request.hub,
+            request.client,
+            &asked.consumer,
+            stream,
+            wanted,
+            |spec| durable.start_cursor(stream, spec.start),
+        )?,
+        Engine::JetStream(jetstream) => {
+            jetstream.consume(request.hub, request.client, &asked.consumer, stream, wanted)?
+        }
+    }
     // `$consuming` is already queued, ahead of any delivery.
     Ok(None)
 }
@@ -192,14 +207,12 @@ pub(super) fn ack(request: &Request<'_>) -> Result<Option<Bytes>, ProtocolError>
     let about = |e: ProtocolError| e.with_consumer(&ack.consumer);
     let seqs = seqs(request.name(), ack.seq).map_err(about)?;
     consumers(request)
-        .and_then(|c| {
-            c.ack(
-                request.hub,
-                request.client.id,
-                &ack.consumer,
-                &seqs,
-                ack.confirm,
-            )
+        .and_then(|engine| {
+            let (hub, client) = (request.hub, request.client.id);
+            match engine {
+                Engine::Local(c) => c.ack(hub, client, &ack.consumer, &seqs, ack.confirm),
+                Engine::JetStream(js) => js.ack(hub, client, &ack.consumer, &seqs, ack.confirm),
+            }
         })
         .map_err(about)?;
     Ok(None)
@@ -215,7 +228,10 @@ pub(super) fn nack(request: &Request<'_>) -> Result<Option<Bytes>, ProtocolError
         Some(text) => duration(name, "delay", text).map_err(about)?,
     };
     consumers(request)
-        .and_then(|c| c.nack(request.client.id, &nack.consumer, &seqs, delay))
+        .and_then(|engine| match engine {
+            Engine::Local(c) => c.nack(request.client.id, &nack.consumer, &seqs, delay),
+            Engine::JetStream(js) => js.nack(request.client.id, &nack.consumer, &seqs, delay),
+        })
         .map_err(about)?;
     Ok(None)
 }
@@ -223,7 +239,10 @@ pub(super) fn nack(request: &Request<'_>) -> Result<Option<Bytes>, ProtocolError
 pub(super) fn unconsume(request: &Request<'_>) -> Result<Option<Bytes>, ProtocolError> {
     let asked: Unconsume = request.payload()?;
     consumers(request)
-        .and_then(|c| c.unconsume(request.client.id, &asked.consumer))
+        .and_then(|engine| match engine {
+            Engine::Local(c) => c.unconsume(request.client.id, &asked.consumer),
+            Engine::JetStream(js) => js.unconsume(request.client.id, &asked.consumer),
+        })
         .map_err(|e| e.with_consumer(&asked.consumer))?;
     reply("$unconsumed", &json!({ "consumer": asked.consumer })).map(Some)
 }

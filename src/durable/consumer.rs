@@ -504,7 +504,7 @@ fn trim_newline(line: &[u8]) -> &[u8] {
 }
 
 /// `consumer_mismatch` when `request` names a setting unlike `spec`'s.
-fn mismatch(name: &str, spec: &Spec, request: &Request) -> Result<(), ProtocolError> {
+pub(crate) fn mismatch(name: &str, spec: &Spec, request: &Request) -> Result<(), ProtocolError> {
     let asked = &request.spec;
     let named = request.named;
     let differs: Vec<String> = [
@@ -546,7 +546,7 @@ fn mismatch(name: &str, spec: &Spec, request: &Request) -> Result<(), ProtocolEr
     ))
 }
 
-fn not_pending(request: &str, name: &str, bad: &[u64], applied: usize) -> ProtocolError {
+pub(crate) fn not_pending(request: &str, name: &str, bad: &[u64], applied: usize) -> ProtocolError {
     let shown: Vec<String> = bad.iter().take(10).map(u64::to_string).collect();
     let more = match bad.len() {
         n if n > 10 => format!(" and {} more", n - 10),

@@ -30,7 +30,12 @@ pub(crate) use consumer::Consumers;
 /// The hub's durable side: the store and what routes events into it.
 pub(crate) struct Durable {
     /// `None` when no stream is declared: ids are still confirmed and deduplicated.
-    store: Option<Arc<SegmentLog>>,
+    store: Option<Arc<dyn Store>>,
+    /// The store when it is the embedded one (a single node).
+    segment_log: Option<Arc<SegmentLog>>,
+    /// The store when streams live in JetStream (a cluster node): consumers are
+    /// JetStream's then, not `consumers`.
+    pub(crate) jetstream: Option<Arc<crate::cluster::jetstream::JetStream>>,
     /// The declared streams' names, then their dead-letter streams' (`NAME.dead`).
     names: Vec<Arc<str>>,
     /// How many streams are declared (the first of `names`).
@@ -93,8 +98,13 @@ impl Durable {
             names.push(dead.into());
         }
         let watchers = names.iter().map(|_| Mutex::default()).collect();
-        let (store, consumers, recovery) = if streams.declared.is_empty() {
+        let mut jetstream = None;
+        let (segment_log, consumers, recovery) = if streams.declared.is_empty() {
             // Nothing to store: no files, no writer thread.
+            (None, None, Recovery::default())
+        } else if let Some(engine) = &streams.jetstream {
+            // A cluster node: the streams and consumers live in JetStream, no files.
+            jetstream = Some(Arc::clone(&engine.0));
             (None, None, Recovery::default())
         } else {
             let mut config = StoreConfig::new(&streams.data_dir);
@@ -118,8 +128,15 @@ impl Durable {
             recovery.repairs.extend(notes);
             (Some(Arc::new(store)), Some(consumers), recovery)
         };
+        let store: Option<Arc<dyn Store>> = match (&segment_log, &jetstream) {
+            (Some(log), _) => Some(Arc::clone(log) as Arc<dyn Store>),
+            (None, Some(js)) => Some(Arc::clone(js) as Arc<dyn Store>),
+            (None, None) => None,
+        };
         let durable = Durable {
             store,
+            segment_log,
+            jetstream,
             names,
             declared,
             consumers,
@@ -145,7 +162,10 @@ impl Durable {
     /// it (at most the last [`MAX_DEDUP_IDS`] of each stream). A publisher whose
     /// confirmation was lost when the hub died resends, and the resend is recognised.
     fn remember_recent(&self) {
-        let Some(store) = &self.store else { return };
+        // JetStream deduplicates by itself, within its own duplicate window.
+        let Some(store) = &self.segment_log else {
+            return;
+        };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -281,7 +301,7 @@ impl Durable {
 
     /// The store, when streams are declared.
     pub(crate) fn segment_log(&self) -> Option<Arc<SegmentLog>> {
-        self.store.clone()
+        self.segment_log.clone()
     }
 
     /// A stream's index by name (declared and dead-letter streams).
@@ -392,6 +412,12 @@ impl Durable {
         stream: usize,
         result: Result<u64, crate::store::StoreError>,
     ) {
+        // JetStream already held the id (sent through another node, or before a
+        // restart): stored once, answered as a resend.
+        let (result, duplicate) = match result {
+            Err(crate::store::StoreError::Duplicate(seq)) => (Ok(seq), true),
+            other => (other, false),
+        };
         let waiting = {
             let mut dedup = self.lock();
             match (dedup.by_id.get_mut(id), &result) {
@@ -425,7 +451,8 @@ impl Durable {
         match result {
             Ok(seq) => {
                 self.appended(stream);
-                from.outbox.push(stored_frame(id, Some(name), seq, false));
+                from.outbox
+                    .push(stored_frame(id, Some(name), seq, duplicate));
                 for client in waiting {
                     hub.reply(client, stored_frame(id, Some(name), seq, true));
                 }
@@ -500,7 +527,7 @@ impl Durable {
 
     /// Commits what was appended; later appends fail.
     pub(crate) fn close(&self) {
-        if let Some(store) = &self.store {
+        if let Some(store) = &self.segment_log {
             store.close();
         }
         if let Some(consumers) = &self.consumers {
@@ -515,11 +542,11 @@ impl Durable {
         let streams = (0..self.names.len())
             .map(|i| (self.names[i].to_string(), self.last_seq(i)))
             .collect();
-        let consumers = self
-            .consumers
-            .as_ref()
-            .map(|c| c.infos(|i| self.last_seq(i)))
-            .unwrap_or_default();
+        let consumers = match (&self.consumers, &self.jetstream) {
+            (Some(c), _) => c.infos(|i| self.last_seq(i)),
+            (None, Some(js)) => js.consumer_infos(),
+            (None, None) => Vec::new(),
+        };
         (streams, consumers)
     }
 

@@ -335,6 +335,9 @@ impl Hub {
         if let Some(consumers) = &self.durable().consumers {
             consumers.left(client);
         }
+        if let Some(jetstream) = &self.durable().jetstream {
+            jetstream.left(client);
+        }
         self.report(|| HubEvent::Close {
             client,
             had_error: reason.had_error(),

@@ -204,6 +204,15 @@ pub enum StoreError {
     /// Appends come faster than the disk takes them: this one was not queued.
     #[error("the store is {0} bytes behind (events arrive faster than the disk takes them)")]
     Behind(usize),
+    /// A store that deduplicates by id itself (JetStream, within its duplicate
+    /// window) already holds this event's id: not stored again; the first one's seq.
+    /// Not a failure: the publisher is answered `"duplicate": true`.
+    #[error("already stored as seq {0}")]
+    Duplicate(u64),
+    /// The engine that keeps the streams (JetStream) did not take or confirm the
+    /// event: it may or may not be stored; a resend with the same id is safe.
+    #[error("{0}")]
+    Engine(String),
 }
 
 impl StoreError {

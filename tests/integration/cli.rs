@@ -7,7 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use crate::support::{event, within};
+use crate::support::{event, within, PATIENCE};
 
 fn hubcast() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubcast"));
@@ -724,13 +724,18 @@ async fn serve_notifies_systemd_when_ready_and_stopping() {
     let socket_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&socket_path);
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    // The hub's log goes to a file: when a notification does not come, the failure
+    // shows what the hub was doing.
+    let log_path = dir.join("hub.log");
     let mut child = hubcast()
         .args(["serve", "--port", "0", "--quiet"])
         .env("NOTIFY_SOCKET", &socket_path)
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut buf = [0u8; 256];
     let n = within(socket.recv(&mut buf)).await.unwrap();
     assert!(
@@ -739,11 +744,9 @@ async fn serve_notifies_systemd_when_ready_and_stopping() {
         String::from_utf8_lossy(&buf[..n])
     );
     // Ready means listening: the port is announced and takes connections.
-    let stdout = child.stdout.take().unwrap();
-    let first = within(BufReader::new(stdout).lines().next_line())
-        .await
-        .unwrap()
-        .unwrap();
+    // stdout stays open (read to its end below): the hub never writes to a closed pipe.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within(stdout.next_line()).await.unwrap().unwrap();
     let addr = first.strip_prefix("Server up on ").expect(&first);
     TcpStream::connect(addr).await.unwrap();
     let pid = child.id().unwrap().to_string();
@@ -752,9 +755,18 @@ async fn serve_notifies_systemd_when_ready_and_stopping() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let n = within(socket.recv(&mut buf)).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
-    assert!(within(child.wait()).await.unwrap().success());
+    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no STOPPING=1 after SIGTERM; the hub's log:\n{}", log()))
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    while let Ok(Some(_)) = within(stdout.next_line()).await {}
+    let status = within(child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}; the hub's log:\n{}", log());
     let _ = std::fs::remove_dir_all(dir);
 }
 

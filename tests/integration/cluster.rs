@@ -30,7 +30,12 @@ struct NatsNode {
 struct NatsCluster {
     nodes: Vec<Option<NatsNode>>,
     dir: PathBuf,
+    /// One cluster at a time: three NATS servers and their hubs are most of what two
+    /// cores can run beside the rest of the suite.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl NatsCluster {
     /// Starts the cluster and waits until every node has routes to the two others
@@ -39,6 +44,7 @@ impl NatsCluster {
         if !require("nats-server") {
             return None;
         }
+        let turn = TURN.lock().await;
         let dir = std::env::temp_dir().join(format!(
             "hubcast-nats-{}-{}",
             std::process::id(),
@@ -85,7 +91,11 @@ impl NatsCluster {
                 http: SocketAddr::from(([127, 0, 0, 1], http)),
             }));
         }
-        let cluster = NatsCluster { nodes, dir };
+        let cluster = NatsCluster {
+            nodes,
+            dir,
+            _turn: turn,
+        };
         // Formed: each node sees both others (NATS's own monitoring).
         for i in 0..3 {
             within(async {
@@ -195,7 +205,15 @@ impl Peer {
     async fn send(&mut self, frame: Value) {
         let mut line = frame.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).await.unwrap();
+        if let Err(e) = self.writer.write_all(line.as_bytes()).await {
+            // What the hub said last says why it closed the connection.
+            let mut heard = Vec::new();
+            while let Ok(frame) = self.events.try_recv() {
+                heard.push(frame);
+            }
+            let last = &heard[heard.len().saturating_sub(3)..];
+            panic!("sending {frame}: {e}; the hub said last: {last:?}");
+        }
     }
 
     async fn next(&mut self) -> Value {
@@ -1117,4 +1135,206 @@ async fn the_backplane_speaks_tls_to_nats() {
         "{stderr}"
     );
     drop(server);
+}
+
+/// The flags of a node whose `orders` stream lives in JetStream, on all three servers.
+/// (The test servers keep 256 MiB each: the stream asks for 16 MiB.)
+const JETSTREAM: [&str; 6] = [
+    "--stream",
+    "orders=pickup",
+    "--replicas",
+    "3",
+    "--max-stream-bytes",
+    "16MiB",
+];
+
+/// Sends `pickup` events with ids `{prefix}-{i}` from `peer` and returns each id's
+/// `$stored` seq (events whose store failed are sent again, with the same id, until
+/// stored: a resend is safe).
+async fn publish_confirmed(peer: &mut Peer, prefix: &str, count: usize) -> BTreeMap<String, u64> {
+    let mut stored = BTreeMap::new();
+    let mut waiting: BTreeSet<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    let send = async |peer: &mut Peer, id: &str| {
+        peer.send(json!({"event": "pickup", "payload": {"order": id}, "id": id}))
+            .await;
+    };
+    for id in &waiting {
+        send(peer, id).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !waiting.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stored: {waiting:?}"
+        );
+        let frame = peer.next().await;
+        let id = frame["payload"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match frame["event"].as_str() {
+            Some("$stored") => {
+                assert_eq!(frame["payload"]["stream"], "orders", "{frame}");
+                let seq = frame["payload"]["seq"].as_u64().unwrap();
+                if waiting.remove(&id) {
+                    stored.insert(id, seq);
+                }
+            }
+            Some("$error") if waiting.contains(&id) => {
+                assert_eq!(frame["payload"]["code"], "storage", "{frame}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                send(peer, &id).await;
+            }
+            _ => {}
+        }
+    }
+    stored
+}
+
+/// Reads deliveries of consumer `drivers` from `members` (acking each) until every id
+/// of `ids` was delivered; returns, per member, the ids it got (each first delivery).
+async fn drain_work_queue(members: &mut [Peer], ids: &BTreeSet<String>) -> Vec<Vec<String>> {
+    let mut got: Vec<Vec<String>> = members.iter().map(|_| Vec::new()).collect();
+    let mut seen = BTreeSet::new();
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while !ids.is_subset(&seen) {
+            let mut idle = true;
+            for (i, member) in members.iter_mut().enumerate() {
+                while let Ok(frame) = member.events.try_recv() {
+                    if frame["consumer"] != "drivers" {
+                        continue;
+                    }
+                    idle = false;
+                    let seq = frame["seq"].as_u64().unwrap();
+                    let ack =
+                        json!({"event": "$ack", "payload": {"consumer": "drivers", "seq": seq}});
+                    member.send(ack).await;
+                    let id = frame["id"].as_str().unwrap().to_string();
+                    if seen.insert(id.clone()) {
+                        got[i].push(id);
+                    }
+                }
+            }
+            if idle {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "not delivered: {:?} (delivered: {got:?})",
+        ids.difference(&seen).collect::<Vec<_>>()
+    );
+    got
+}
+
+/// Issue #16: on a cluster, `--stream` lives in JetStream, shared by every node:
+/// `$stored` carries JetStream's seq, a resend through another node is a duplicate,
+/// one consumer's members on two nodes share its events (each delivered once), and a
+/// `$consume` that contradicts the consumer's settings is refused on any node.
+#[tokio::test]
+async fn streams_live_in_jetstream_and_a_work_queue_spans_nodes() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let a = hub(&nats.url(0), "a", &JETSTREAM).await;
+    let b = hub(&nats.url(1), "b", &JETSTREAM).await;
+    let c = hub(&nats.url(2), "c", &JETSTREAM).await;
+    let mut members = Vec::new();
+    for port in [b.port, c.port] {
+        let mut member = Peer::connect(port).await;
+        let consume = json!({"stream": "orders", "consumer": "drivers", "max_in_flight": 5});
+        member.request("$consume", consume, "$consuming").await;
+        members.push(member);
+    }
+    let mut other = Peer::connect(a.port).await;
+    let contrary = json!({"stream": "orders", "consumer": "drivers", "max_deliver": 9});
+    other
+        .send(json!({"event": "$consume", "payload": contrary}))
+        .await;
+    let refused = other.next().await;
+    assert_eq!(refused["payload"]["code"], "consumer_mismatch", "{refused}");
+
+    let mut vendor = Peer::connect(a.port).await;
+    vendor.subscribe(&["nothing"]).await;
+    let stored = publish_confirmed(&mut vendor, "order", 60).await;
+    let seqs: BTreeSet<u64> = stored.values().copied().collect();
+    assert_eq!(seqs.len(), 60, "one seq per event: {stored:?}");
+
+    // The same id through another node: stored once, answered as a resend.
+    let mut again = Peer::connect(b.port).await;
+    again.subscribe(&["nothing"]).await;
+    again
+        .send(json!({"event": "pickup", "payload": {}, "id": "order-7"}))
+        .await;
+    let answer = again.next().await;
+    assert_eq!(answer["event"], "$stored", "{answer}");
+    assert_eq!(answer["payload"]["duplicate"], true, "{answer}");
+    assert_eq!(answer["payload"]["seq"], stored["order-7"], "{answer}");
+
+    let ids: BTreeSet<String> = stored.keys().cloned().collect();
+    let got = drain_work_queue(&mut members, &ids).await;
+    assert!(
+        got.iter().all(|g| !g.is_empty()),
+        "both nodes' members took work: {got:?}"
+    );
+    assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 60);
+}
+
+/// Issue #16: a NATS server killed with -9 while events are published: the hub
+/// connected to it moves to another, publishers resend what got `$error storage`
+/// (same id, so never stored twice), and every event confirmed with `$stored` is
+/// delivered to the durable consumer.
+#[tokio::test]
+async fn kill_9_of_a_nats_server_loses_nothing_confirmed() {
+    let Some(mut nats) = NatsCluster::start().await else {
+        return;
+    };
+    let a = hub(&nats.url(0), "a", &JETSTREAM).await;
+    let b = hub(&nats.url(1), "b", &JETSTREAM).await;
+    let mut member = Peer::connect(b.port).await;
+    let consume = json!({"stream": "orders", "consumer": "drivers", "ack_wait": "3s"});
+    member.request("$consume", consume, "$consuming").await;
+    let mut vendor = Peer::connect(a.port).await;
+    vendor.subscribe(&["nothing"]).await;
+    let mut stored = publish_confirmed(&mut vendor, "before", 30).await;
+    // Node a's server dies; what is published meanwhile is stored (or resent until).
+    nats.kill9(0).await;
+    stored.extend(publish_confirmed(&mut vendor, "after", 30).await);
+    let ids: BTreeSet<String> = stored.keys().cloned().collect();
+    let mut members = [member];
+    let got = drain_work_queue(&mut members, &ids).await;
+    assert_eq!(got[0].len(), 60, "{got:?}");
+    drop(a);
+}
+
+/// Issue #16: a hub killed with -9 while its member holds deliveries: JetStream gives
+/// them, after `ack_wait`, to the member on another node.
+#[tokio::test]
+async fn a_dead_hubs_deliveries_go_to_members_on_other_nodes() {
+    let Some(nats) = NatsCluster::start().await else {
+        return;
+    };
+    let a = hub(&nats.url(0), "a", &JETSTREAM).await;
+    let b = hub(&nats.url(1), "b", &JETSTREAM).await;
+    let c = hub(&nats.url(2), "c", &JETSTREAM).await;
+    let consume = json!({"stream": "orders", "consumer": "drivers", "ack_wait": "2s"});
+    let mut doomed = Peer::connect(b.port).await;
+    doomed
+        .request("$consume", consume.clone(), "$consuming")
+        .await;
+    let mut vendor = Peer::connect(a.port).await;
+    vendor.subscribe(&["nothing"]).await;
+    let stored = publish_confirmed(&mut vendor, "order", 10).await;
+    // The member on b takes deliveries and never acks; then b dies.
+    let first = doomed.next().await;
+    assert_eq!(first["consumer"], "drivers", "{first}");
+    b.kill9().await;
+    let mut survivor = Peer::connect(c.port).await;
+    survivor.request("$consume", consume, "$consuming").await;
+    let ids: BTreeSet<String> = stored.keys().cloned().collect();
+    let mut members = [survivor];
+    let got = drain_work_queue(&mut members, &ids).await;
+    assert!(got[0].contains(&first["id"].as_str().unwrap().to_string()));
 }

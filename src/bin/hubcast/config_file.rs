@@ -80,6 +80,7 @@ pub const KEYS: &[(&str, &str, Kind)] = &[
     ("cluster.ca", "cluster-ca", Kind::Path),
     ("cluster.cert", "cluster-cert", Kind::Path),
     ("cluster.key", "cluster-key", Kind::Path),
+    ("cluster.replicas", "replicas", Kind::Value),
     ("logging.quiet", "quiet", Kind::Switch),
 ];
 

@@ -173,6 +173,10 @@ pub struct Args {
     /// The key of --cluster-cert (PEM).
     #[arg(long, value_name = "PEM", requires = "cluster_cert")]
     cluster_key: Option<std::path::PathBuf>,
+    /// In a cluster, how many NATS servers keep each stream (JetStream replicas,
+    /// 1 to 5; acknowledged once a majority has it).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), requires = "cluster")]
+    replicas: u8,
     /// Do not log each event (connections, errors and closes are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -322,8 +326,42 @@ pub fn prepare(args: &Args) -> anyhow::Result<Prepared> {
     Ok(Prepared { config, auth, tls })
 }
 
+/// The TLS settings for the NATS servers, when given: a tls:// server or one that
+/// requires TLS is otherwise checked against the system's roots.
+fn cluster_tls(args: &Args) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if args.cluster_ca.is_none() && args.cluster_cert.is_none() {
+        return Ok(None);
+    }
+    let identity = args
+        .cluster_cert
+        .as_deref()
+        .zip(args.cluster_key.as_deref());
+    let config = hubcast::tls::client_config(args.cluster_ca.as_deref(), identity)
+        .map_err(|e| crate::UsageError(format!("--cluster-ca/--cluster-cert: {e}")))?;
+    Ok(Some(config))
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let Prepared { config, auth, tls } = prepare(&args)?;
+    let Prepared {
+        mut config,
+        auth,
+        tls,
+    } = prepare(&args)?;
+    let node = args.node.clone().unwrap_or_else(host_name);
+    if !args.cluster.is_empty() && !args.streams.is_empty() {
+        // A cluster node's streams live in JetStream, made or checked before any
+        // client is taken.
+        let options = hubcast::cluster::jetstream::JetStreamOptions {
+            urls: args.cluster.clone(),
+            node: node.clone(),
+            tls: cluster_tls(&args)?,
+            replicas: usize::from(args.replicas),
+        };
+        let engine = hubcast::cluster::jetstream::JetStream::connect(options, &config.streams)
+            .await
+            .map_err(|e| anyhow::anyhow!("--stream with --cluster: {e}"))?;
+        config.streams.jetstream = Some(engine);
+    }
     raise_open_files_limit(config.limits.max_connections, "clients");
     let quiet = args.quiet;
     let mut signals = Signals::install()?;
@@ -338,12 +376,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // the way): an environment problem, exit 1.
     .map_err(|e| anyhow::anyhow!(e.describe(hubcast::Setting::flag)))?;
     for spec in &args.streams {
-        info!(
-            stream = %spec.name,
-            patterns = %spec.patterns.join(","),
-            data_dir = %args.data_dir.display(),
-            "storing matching events"
-        );
+        if args.cluster.is_empty() {
+            info!(
+                stream = %spec.name,
+                patterns = %spec.patterns.join(","),
+                data_dir = %args.data_dir.display(),
+                "storing matching events"
+            );
+        } else {
+            info!(
+                stream = %spec.name,
+                patterns = %spec.patterns.join(","),
+                replicas = args.replicas,
+                "storing matching events in JetStream"
+            );
+        }
     }
     let host = args.host.trim_start_matches('[').trim_end_matches(']');
     // Protected mode, as Redis's: beyond this machine only with authentication,
@@ -394,21 +441,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let shutdown = CancellationToken::new();
     if !args.cluster.is_empty() {
-        let node = args.node.clone().unwrap_or_else(host_name);
-        // TLS settings only when given: a tls:// server or one that requires TLS is
-        // otherwise checked against the system's roots.
-        let tls = if args.cluster_ca.is_some() || args.cluster_cert.is_some() {
-            let identity = args
-                .cluster_cert
-                .as_deref()
-                .zip(args.cluster_key.as_deref());
-            Some(
-                hubcast::tls::client_config(args.cluster_ca.as_deref(), identity)
-                    .map_err(|e| crate::UsageError(format!("--cluster-ca/--cluster-cert: {e}")))?,
-            )
-        } else {
-            None
-        };
+        let tls = cluster_tls(&args)?;
         let backplane = hubcast::cluster::nats::NatsBackplane::connect(
             hub.clone(),
             args.cluster.clone(),
@@ -418,10 +451,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
         .await?;
         hub.set_backplane(backplane);
-        if !args.streams.is_empty() {
-            // Said at every start until streams live in JetStream (docs/cluster.md).
-            warn!("streams are kept by each node for now: this node stores what its own clients send, and its durable consumers get only that (streams in JetStream, shared by the cluster, are not built yet)");
-        }
     }
     // Not `println!`: a closed stdout must not take the hub down.
     let _ = writeln!(std::io::stdout(), "Server up on {addr}");
@@ -439,18 +468,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     tokio::spawn(signals.watch(shutdown.clone()));
     tokio::spawn(crate::memory::collect_when_idle(hub.watch_clients()));
-    // STOPPING=1 as soon as the shutdown begins, from this task: a spawned notifier
-    // could be dropped with the runtime before it ran when the hub stops quickly.
-    let run = server.run(shutdown.clone());
-    tokio::pin!(run);
-    tokio::select! {
-        biased;
-        () = shutdown.cancelled() => {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-            run.await;
-        }
-        () = &mut run => {}
-    }
+    // STOPPING=1 is sent by the signal watcher, before the shutdown begins.
+    server.run(shutdown.clone()).await;
     // Every connection is closed: what was appended is committed before exit.
     hub.close_store();
     let stats = hub.stats();
@@ -533,6 +552,9 @@ impl Signals {
     /// Cancels `shutdown` on the first signal; a second one exits at once.
     async fn watch(mut self, shutdown: CancellationToken) {
         self.recv().await;
+        // Under systemd (Type=notify): stopping, said before anything of the shutdown
+        // happens (nothing can end the process between the signal and this line).
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         info!("shutting down: no new connections, flushing queued events (again to force)");
         shutdown.cancel();
         self.recv().await;
