@@ -64,16 +64,21 @@ fn push_name(out: &mut String, name: &str) {
 pub fn event_subject(name: &str, room: Option<&str>) -> String {
     let mut out = String::with_capacity(PREFIX.len() + 4 + name.len());
     out.push_str(PREFIX);
+    push_event(&mut out, name, room);
+    out
+}
+
+/// Appends `.e.NAME`, or `.r.ROOM.NAME` when the event names a room.
+fn push_event(out: &mut String, name: &str, room: Option<&str>) {
     match room {
         Some(room) => {
             out.push_str(".r.");
-            push_token(&mut out, room);
+            push_token(out, room);
         }
         None => out.push_str(".e"),
     }
     out.push('.');
-    push_name(&mut out, name);
-    out
+    push_name(out, name);
 }
 
 /// The subject that carries what a pattern subscriber wants (events naming no room).
@@ -87,16 +92,21 @@ pub fn event_subject(name: &str, room: Option<&str>) -> String {
 /// ```
 pub fn pattern_subject(pattern: &str) -> String {
     let mut out = format!("{PREFIX}.e.");
+    push_pattern(&mut out, pattern);
+    out
+}
+
+/// Writes a pattern's segments as tokens, its wildcards as NATS's.
+fn push_pattern(out: &mut String, pattern: &str) {
     for (i, segment) in pattern.split('.').enumerate() {
         if i > 0 {
             out.push('.');
         }
         match segment {
             "*" | ">" => out.push_str(segment),
-            literal => push_token(&mut out, literal),
+            literal => push_token(out, literal),
         }
     }
-    out
 }
 
 /// The subject that carries every event sent to `room`.
@@ -171,15 +181,7 @@ pub fn decode(subject: &str) -> Option<(String, Option<String>)> {
 /// ```
 pub fn stored_subject(stream: &str, name: &str, room: Option<&str>) -> String {
     let mut out = stream_prefix(stream);
-    match room {
-        Some(room) => {
-            out.push_str(".r.");
-            push_token(&mut out, room);
-        }
-        None => out.push_str(".e"),
-    }
-    out.push('.');
-    push_name(&mut out, name);
+    push_event(&mut out, name, room);
     out
 }
 
@@ -212,17 +214,7 @@ pub fn stream_subjects(stream: &str) -> String {
 /// assert_eq!(consumer_filters("orders", None, Some("acme")), ["hubcast.s.orders.r.acme.>"]);
 /// ```
 pub fn consumer_filters(stream: &str, filter: Option<&str>, room: Option<&str>) -> Vec<String> {
-    let tail = |out: &mut String, pattern: &str| {
-        for (i, segment) in pattern.split('.').enumerate() {
-            if i > 0 {
-                out.push('.');
-            }
-            match segment {
-                "*" | ">" => out.push_str(segment),
-                literal => push_token(out, literal),
-            }
-        }
-    };
+    let tail = push_pattern;
     let prefix = stream_prefix(stream);
     match (filter, room) {
         (None, None) => vec![stream_subjects(stream)],
