@@ -723,7 +723,7 @@ impl Connection<'_> {
     /// Tells this client (and only it) what was wrong with its input, and spends one
     /// unit of its error budget.
     fn reject(&mut self, error: ProtocolError) {
-        let code = error.code;
+        let (code, blameless) = (error.code, error.blameless);
         self.client.outbox.push(error.to_frame());
         self.hub.rejected(self.client.id, error);
         match code {
@@ -732,6 +732,8 @@ impl Connection<'_> {
             // Permissions are the hub's policy, not a broken client: a denial is
             // answered (the connection stays), not charged.
             ErrorCode::PermissionDenied => {}
+            // Neither is an ack that lost a race with a redelivery.
+            _ if blameless => {}
             _ => self.charge_error(),
         }
     }

@@ -188,6 +188,11 @@ pub struct ProtocolError {
     /// When a refusal is about a rate (`too_many_connections` under `--accept-rate`):
     /// how long to wait before trying again, in milliseconds.
     pub retry_after_ms: Option<u64>,
+    /// The client did nothing wrong: an answer a correct client can get through a race
+    /// it cannot see (an `$ack` for a delivery that was redelivered meanwhile, or whose
+    /// first ack already counted). Answered like any error, but not counted against
+    /// `--max-errors`. Not sent on the wire.
+    pub blameless: bool,
 }
 
 impl ProtocolError {
@@ -210,6 +215,7 @@ impl ProtocolError {
             message,
             consumer: None,
             retry_after_ms: None,
+            blameless: false,
         }
     }
 

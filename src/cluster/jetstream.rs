@@ -449,7 +449,12 @@ impl JetStream {
         confirm: bool,
     ) -> Result<(), ProtocolError> {
         let consumer = self.held(client, name)?;
-        let (ackers, acked, bad) = consumer.take(seqs);
+        let Taken {
+            ackers,
+            found: acked,
+            bad,
+            delivered_below,
+        } = consumer.take(seqs);
         consumer.wake.notify_one();
         if !ackers.is_empty() || confirm {
             let (hub, name) = (hub.clone(), consumer.name.clone());
@@ -486,7 +491,13 @@ impl JetStream {
         }
         match bad.as_slice() {
             [] => Ok(()),
-            bad => Err(not_pending("$ack", name, bad, seqs.len() - bad.len())),
+            bad => Err(not_pending(
+                "$ack",
+                name,
+                bad,
+                seqs.len() - bad.len(),
+                delivered_below,
+            )),
         }
     }
 
@@ -499,12 +510,23 @@ impl JetStream {
         delay: Duration,
     ) -> Result<(), ProtocolError> {
         let consumer = self.held(client, name)?;
-        let (ackers, _, bad) = consumer.take(seqs);
+        let Taken {
+            ackers,
+            bad,
+            delivered_below,
+            ..
+        } = consumer.take(seqs);
         consumer.wake.notify_one();
         nak_all(ackers, (!delay.is_zero()).then_some(delay));
         match bad.as_slice() {
             [] => Ok(()),
-            bad => Err(not_pending("$nack", name, bad, seqs.len() - bad.len())),
+            bad => Err(not_pending(
+                "$nack",
+                name,
+                bad,
+                seqs.len() - bad.len(),
+                delivered_below,
+            )),
         }
     }
 
@@ -865,11 +887,23 @@ struct Live {
     /// The member the next delivery is offered to first.
     next: usize,
     pumping: bool,
+    /// One past the highest seq delivered here: an ack under it that finds nothing
+    /// out raced a redelivery (or repeats an ack), and is not held against the client.
+    delivered_below: u64,
 }
 
 struct Slot {
     member: Arc<Member>,
     out: usize,
+}
+
+/// What an `$ack` or `$nack` found out here.
+struct Taken {
+    ackers: Vec<Acker>,
+    found: Vec<u64>,
+    /// The seqs that were not out here.
+    bad: Vec<u64>,
+    delivered_below: u64,
 }
 
 struct Out {
@@ -888,7 +922,7 @@ impl Consumer {
 
     /// Takes the deliveries of `seqs` out (for an ack or a nack): their ackers, the
     /// seqs found, and those not out here.
-    fn take(&self, seqs: &[u64]) -> (Vec<Acker>, Vec<u64>, Vec<u64>) {
+    fn take(&self, seqs: &[u64]) -> Taken {
         let mut live = self.lock();
         let (mut ackers, mut found, mut bad) = (Vec::new(), Vec::new(), Vec::new());
         for &seq in seqs {
@@ -903,7 +937,12 @@ impl Consumer {
                 None => bad.push(seq),
             }
         }
-        (ackers, found, bad)
+        Taken {
+            ackers,
+            found,
+            bad,
+            delivered_below: live.delivered_below,
+        }
     }
 
     /// `client` is no longer a member here: its deliveries go back to JetStream.
@@ -1021,6 +1060,7 @@ impl Consumer {
             return;
         };
         live.next = (i + 1) % count;
+        live.delivered_below = live.delivered_below.max(seq + 1);
         let frame = delivery(
             &message.payload,
             &engine.names[self.stream],

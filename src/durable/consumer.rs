@@ -286,7 +286,7 @@ impl Consumers {
         confirm: bool,
     ) -> Result<(), ProtocolError> {
         let consumer = self.held(client, name)?;
-        let (acked, bad) = {
+        let (acked, bad, cursor) = {
             let mut live = consumer.lock();
             let (mut acked, mut bad) = (Vec::with_capacity(seqs.len()), Vec::new());
             for &seq in seqs {
@@ -301,6 +301,7 @@ impl Consumers {
                     None => bad.push(seq),
                 }
             }
+            let cursor = live.ledger.cursor;
             if !acked.is_empty() || confirm {
                 let done = confirm.then(|| {
                     let (hub, name, seqs) = (hub.clone(), consumer.name.clone(), acked.clone());
@@ -327,7 +328,7 @@ impl Consumers {
                 let floor = Some(live.ledger.ack_floor());
                 self.log_at(name, floor, Op::Ack(acked.clone()), done);
             }
-            (acked, bad)
+            (acked, bad, cursor)
         };
         if !acked.is_empty() {
             consumer.wake.notify_one();
@@ -335,7 +336,7 @@ impl Consumers {
         self.maybe_snapshot(hub);
         match bad.as_slice() {
             [] => Ok(()),
-            bad => Err(not_pending("$ack", name, bad, acked.len())),
+            bad => Err(not_pending("$ack", name, bad, acked.len(), cursor)),
         }
     }
 
@@ -349,7 +350,7 @@ impl Consumers {
     ) -> Result<(), ProtocolError> {
         let consumer = self.held(client, name)?;
         let mut bad = Vec::new();
-        {
+        let cursor = {
             let mut live = consumer.lock();
             let due = match delay.is_zero() {
                 true => Where::Due,
@@ -365,11 +366,18 @@ impl Consumers {
                     _ => bad.push(seq),
                 }
             }
-        }
+            live.ledger.cursor
+        };
         consumer.wake.notify_one();
         match bad.as_slice() {
             [] => Ok(()),
-            bad => Err(not_pending("$nack", name, bad, seqs.len() - bad.len())),
+            bad => Err(not_pending(
+                "$nack",
+                name,
+                bad,
+                seqs.len() - bad.len(),
+                cursor,
+            )),
         }
     }
 
@@ -546,20 +554,31 @@ pub(crate) fn mismatch(name: &str, spec: &Spec, request: &Request) -> Result<(),
     ))
 }
 
-pub(crate) fn not_pending(request: &str, name: &str, bad: &[u64], applied: usize) -> ProtocolError {
+/// The answer to an `$ack` or `$nack` naming seqs not out for delivery. When each was
+/// delivered once (`delivered_below`: every seq under it was), a correct client can
+/// have raced a redelivery or acked twice: it is told, not charged an error.
+pub(crate) fn not_pending(
+    request: &str,
+    name: &str,
+    bad: &[u64],
+    applied: usize,
+    delivered_below: u64,
+) -> ProtocolError {
     let shown: Vec<String> = bad.iter().take(10).map(u64::to_string).collect();
     let more = match bad.len() {
         n if n > 10 => format!(" and {} more", n - 10),
         _ => String::new(),
     };
-    ProtocolError::new(
+    let mut error = ProtocolError::new(
         ErrorCode::InvalidPayload,
         format!(
             "{request} for {:?}: seq {}{more} not out for delivery (acknowledged already, never delivered, or redelivered elsewhere after ack_wait); {applied} applied",
             crate::protocol::printable(name),
             shown.join(", ")
         ),
-    )
+    );
+    error.blameless = bad.iter().all(|&seq| seq < delivered_below);
+    error
 }
 
 impl Live {

@@ -555,6 +555,45 @@ async fn bad_consumer_requests_get_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An ack for a delivery already acked (or redelivered meanwhile: a race a correct
+/// client cannot see) is answered, but not counted against `--max-errors`; an ack for
+/// a seq never delivered is.
+#[tokio::test]
+async fn a_repeated_ack_is_answered_but_not_held_against_the_client() {
+    let dir = temp_dir("again");
+    let mut strict = config(&dir);
+    strict.limits.max_errors = 2;
+    let hub = TestHub::start(strict).await;
+    publish(&hub, "a", 3).await;
+    let mut client = hub.connect().await;
+    start(
+        &mut client,
+        json!({"stream": "orders", "consumer": "c", "max_in_flight": 1}),
+    )
+    .await;
+    assert_eq!(delivery(&mut client).await["seq"], 1);
+    client.send(ack("c", json!(1))).await;
+    assert_eq!(delivery(&mut client).await["seq"], 2);
+    for _ in 0..5 {
+        client.send(ack("c", json!(1))).await;
+        let message = client.expect_error("invalid_payload").await;
+        assert!(message.contains("seq 1 not out"), "{message}");
+    }
+    // Still served: seq 2 is acked and seq 3 comes.
+    client.send(ack("c", json!(2))).await;
+    assert_eq!(delivery(&mut client).await["seq"], 3);
+    // Seq 99 was never delivered: that is a broken client, and charged.
+    for _ in 0..2 {
+        client.send(ack("c", json!(99))).await;
+        client.expect_error("invalid_payload").await;
+    }
+    client.send(ack("c", json!(99))).await;
+    client.expect_error("invalid_payload").await;
+    client.expect_error("too_many_errors").await;
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Without any declared stream, `$consume` says how to get one.
 #[tokio::test]
 async fn consuming_without_streams_says_how_to_declare_one() {

@@ -409,13 +409,17 @@ impl HubProcess {
         (child, port)
     }
 
-    /// Starts `cmd` (which must print hubcast's "Server up on ..." banner).
+    /// Starts `cmd` (which must print hubcast's "Server up on ..." banner). With
+    /// `DEBUG_HUB_LOG` set, the hub's log is printed too (shown when a test fails).
     pub async fn spawn(cmd: tokio::process::Command) -> HubProcess {
         let (mut child, port) = Self::spawn_raw(cmd).await;
         let (tx, log) = tokio::sync::mpsc::unbounded_channel();
         let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
         tokio::spawn(async move {
             while let Ok(Some(line)) = stderr.next_line().await {
+                if std::env::var_os("DEBUG_HUB_LOG").is_some() {
+                    eprintln!("hub {port}: {line}");
+                }
                 let _ = tx.send(line);
             }
         });
