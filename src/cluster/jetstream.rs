@@ -738,6 +738,11 @@ async fn ack_loop(
         done(match result {
             Ok(ack) if ack.duplicate => Err(StoreError::Duplicate(ack.sequence)),
             Ok(ack) => Ok(ack.sequence),
+            // async-nats reads "no responders" as "no stream": while a stream
+            // elects a new leader (its server lost) nobody answers for a moment.
+            Err(e) if e.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound => Err(StoreError::Engine(
+                "JetStream did not confirm it: no server answered for the stream (its leader may be changing; send it again)".to_string(),
+            )),
             Err(e) => Err(StoreError::Engine(format!(
                 "JetStream did not confirm it: {e}"
             ))),

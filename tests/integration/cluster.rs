@@ -152,6 +152,20 @@ impl NatsCluster {
         conn["out_msgs"].as_u64().unwrap()
     }
 
+    /// The node that leads JetStream stream `name` (as a surviving node `i` sees it).
+    async fn stream_leader(&self, i: usize, name: &str) -> usize {
+        let jsz = self.monitor(i, "/jsz?streams=true&accounts=true").await;
+        let leader = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["cluster"]["leader"].as_str())
+            .unwrap_or_else(|| panic!("no leader of stream {name}: {jsz}"));
+        leader[1..].parse().unwrap()
+    }
+
     async fn kill9(&mut self, i: usize) {
         let mut node = self.nodes[i].take().unwrap();
         node.child.start_kill().unwrap();
@@ -1338,4 +1352,107 @@ async fn a_dead_hubs_deliveries_go_to_members_on_other_nodes() {
     let mut members = [survivor];
     let got = drain_work_queue(&mut members, &ids).await;
     assert!(got[0].contains(&first["id"].as_str().unwrap().to_string()));
+}
+
+/// Issue #16: the durable delivery demo across three nodes. The vendor is on node a,
+/// one driver on node b (ready to move to c) and one on node c; mid-way hub b and the
+/// NATS server leading the stream are killed with -9. Every order is still thanked for,
+/// exactly once: the vendor resends what could not be stored meanwhile (same id), the
+/// moved driver resumes on c, and what was out to it on b comes back from JetStream.
+#[tokio::test]
+async fn the_durable_demo_survives_a_hub_and_a_nats_server_killed() {
+    let Some(mut nats) = NatsCluster::start().await else {
+        return;
+    };
+    let stream = [
+        "--stream",
+        "orders=pickup,in-transit,delivered",
+        "--replicas",
+        "3",
+        "--max-stream-bytes",
+        "16MiB",
+    ];
+    let a = hub(&nats.url(0), "a", &stream).await;
+    let mut b = Some(hub(&nats.url(1), "b", &stream).await);
+    let b_port = b.as_ref().unwrap().port;
+    let mut c = hub(&nats.url(2), "c", &stream).await;
+    let driver = |hubs: String| {
+        let mut child = HubProcess::command(&["driver", "--hub", &hubs, "--durable"])
+            .args(["--capacity", "4", "--pickup-delay", "10ms"])
+            .args(["--deliver-delay", "30ms"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = stdout_lines(&mut child);
+        (child, lines)
+    };
+    let moving = driver(format!("127.0.0.1:{b_port},127.0.0.1:{}", c.port));
+    let staying = driver(format!("127.0.0.1:{}", c.port));
+    c.wait_log("connection client=", 1).await;
+    let mut vendor = HubProcess::command(&["vendor", "--hub", &format!("127.0.0.1:{}", a.port)])
+        .args(["--store", "acme", "--count", "20", "--interval", "100ms"])
+        .args(["--durable", "--timeout", "90s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut said = stdout_lines(&mut vendor);
+    let mut thanks = Vec::new();
+    let mut killed = None;
+    let finished = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = said.recv().await {
+            if let Some(order) = line.strip_prefix("Thank you for delivering order ") {
+                thanks.push(order.to_string());
+            }
+            if let Some(b) = b.take_if(|_| thanks.len() == 4) {
+                b.kill9().await;
+                // The NATS server leading the stream: JetStream must elect another
+                // while orders are being stored.
+                let leader = nats.stream_leader(2, "orders").await;
+                nats.kill9(leader).await;
+                killed = Some(thanks.len());
+            }
+        }
+    })
+    .await;
+    let output = within(vendor.wait_with_output()).await.unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        finished.is_ok() && output.status.success(),
+        "the vendor failed ({:?}); its log:\n{log}",
+        output.status
+    );
+    assert!(
+        killed.is_some(),
+        "the vendor never got 4 thanks: {thanks:?}"
+    );
+    assert!(
+        thanks.len() > 4,
+        "nothing thanked after the kills: {thanks:?}"
+    );
+    let distinct: BTreeSet<&String> = thanks.iter().collect();
+    assert_eq!(thanks.len(), 20, "{thanks:?}");
+    assert_eq!(distinct.len(), 20, "thanked twice: {thanks:?}");
+    // The driver that was on b moved to c (the second connection there).
+    c.wait_log("connection client=", 2).await;
+    // Every order thanked for was picked up (once, or again after hub b died).
+    let mut picked = BTreeSet::new();
+    for (mut child, mut lines) in [moving, staying] {
+        child.start_kill().unwrap();
+        within(child.wait()).await.unwrap();
+        while let Some(line) = lines.recv().await {
+            if let Some(order) = line.strip_prefix("DRIVER: picked up ") {
+                picked.insert(order.to_string());
+            }
+        }
+    }
+    for order in &distinct {
+        assert!(picked.contains(*order), "{order} thanked, never picked up");
+    }
+    drop(a);
 }

@@ -35,7 +35,8 @@ pub struct Args {
     /// Durable orders: each `pickup` carries its orderID as its id and is confirmed
     /// stored in stream `orders` before the next is sent; `delivered` comes through the
     /// durable consumer `vendor-<store>`, so none is missed while the vendor or the
-    /// hub is down. The hub needs `--stream orders=pickup,in-transit,delivered`.
+    /// hub is down. An order the hub could not store is sent again (same id) for up
+    /// to --timeout. The hub needs `--stream orders=pickup,in-transit,delivered`.
     #[arg(long)]
     durable: bool,
 }
@@ -176,6 +177,34 @@ fn thank(
     }
 }
 
+/// Sends `order` as a `pickup` until the hub confirms it stored. The orderID is the
+/// id: a resend (after a reconnect, or after the hub could not store it for a moment,
+/// as while a cluster elects a new JetStream leader) is never a second order. Gives up
+/// when the hub has not stored it within `patience`.
+async fn store_order(
+    client: &hubcast::Client,
+    order: &Order,
+    patience: Duration,
+) -> anyhow::Result<hubcast::client::Stored> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match client.emit_with_id("pickup", order, &order.order_id).await {
+            Ok(stored) => return Ok(stored),
+            // Why was logged as the hub said it.
+            Err(hubcast::client::ClientError::Storage(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(order = %order.order_id, "not stored; sending it again in {STORE_RETRY:?}");
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+            Err(e) => anyhow::bail!("order {} was not stored: {e}", order.order_id),
+        }
+    }
+}
+
+/// How long the durable vendor waits before resending an order the hub could not store.
+const STORE_RETRY: Duration = Duration::from_millis(500);
+
 /// `hubcast vendor --durable`.
 async fn durable(args: Args) -> anyhow::Result<ExitCode> {
     let outstanding = Arc::new(Outstanding::default());
@@ -214,11 +243,7 @@ async fn durable(args: Args) -> anyhow::Result<ExitCode> {
         ticker.tick().await;
         let order = Order::random(&args.store);
         outstanding.expect(&order.order_id);
-        // The orderID is the id: a resend after a reconnect is not a second order.
-        let stored = client
-            .emit_with_id("pickup", &order, &order.order_id)
-            .await
-            .map_err(|e| anyhow::anyhow!("order {} was not stored: {e}", order.order_id))?;
+        let stored = store_order(&client, &order, args.timeout).await?;
         tracing::info!(
             order = %order.order_id,
             seq = ?stored.seq,
