@@ -144,46 +144,7 @@ impl JetStream {
     /// A message saying what failed: no NATS server answered, JetStream is not
     /// enabled, a stream of that name holds other subjects, ...
     pub async fn connect(options: JetStreamOptions, streams: &Streams) -> Result<Engine, String> {
-        let mut connect = async_nats::ConnectOptions::new()
-            .name(format!("hubcast {} (streams)", options.node))
-            .connection_timeout(API_TIMEOUT)
-            .request_timeout(Some(API_TIMEOUT));
-        if let Some(first) = options.urls.first() {
-            if let Some((user, pass)) = first.user_pass() {
-                connect = connect.user_and_password(user.to_string(), pass.to_string());
-            } else if let Some(token) = first.token() {
-                connect = connect.token(token.to_string());
-            }
-        }
-        if let Some(tls) = &options.tls {
-            connect = connect.tls_client_config((**tls).clone());
-        }
-        if options.urls.iter().any(ServerUrl::requires_tls) {
-            connect = connect.require_tls(true);
-        }
-        let addrs: Vec<async_nats::ServerAddr> = options
-            .urls
-            .iter()
-            .map(|url| {
-                format!("nats://{}", url.addr)
-                    .parse()
-                    .map_err(|e| format!("{url}: {e}"))
-            })
-            .collect::<Result<_, _>>()?;
-        let listed = options
-            .urls
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let client = connect
-            .connect(addrs)
-            .await
-            .map_err(|e| format!("cannot reach NATS at {listed} for the streams: {e}"))?;
-        let context = async_nats::jetstream::ContextBuilder::new()
-            .timeout(API_TIMEOUT)
-            .ack_timeout(ACK_TIMEOUT)
-            .build(client.clone());
+        let (client, context) = jetstream_context(&options).await?;
         let mut names: Vec<String> = streams.declared.iter().map(|s| s.name.clone()).collect();
         let dead: Vec<String> = names
             .iter()
@@ -593,6 +554,142 @@ impl Store for JetStream {
         let index = self.index(stream)?;
         lock(&self.infos)[index]
     }
+}
+
+/// Connects to the NATS servers of `options` for JetStream (as `serve --cluster`).
+async fn jetstream_context(
+    options: &JetStreamOptions,
+) -> Result<(async_nats::Client, async_nats::jetstream::Context), String> {
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(format!("hubcast {} (streams)", options.node))
+        .connection_timeout(API_TIMEOUT)
+        .request_timeout(Some(API_TIMEOUT));
+    if let Some(first) = options.urls.first() {
+        if let Some((user, pass)) = first.user_pass() {
+            connect = connect.user_and_password(user.to_string(), pass.to_string());
+        } else if let Some(token) = first.token() {
+            connect = connect.token(token.to_string());
+        }
+    }
+    if let Some(tls) = &options.tls {
+        connect = connect.tls_client_config((**tls).clone());
+    }
+    if options.urls.iter().any(ServerUrl::requires_tls) {
+        connect = connect.require_tls(true);
+    }
+    let addrs: Vec<async_nats::ServerAddr> = options
+        .urls
+        .iter()
+        .map(|url| {
+            format!("nats://{}", url.addr)
+                .parse()
+                .map_err(|e| format!("{url}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let listed = options
+        .urls
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let client = connect
+        .connect(addrs)
+        .await
+        .map_err(|e| format!("cannot reach NATS at {listed} for the streams: {e}"))?;
+    let context = async_nats::jetstream::ContextBuilder::new()
+        .timeout(API_TIMEOUT)
+        .ack_timeout(ACK_TIMEOUT)
+        .build(client.clone());
+    Ok((client, context))
+}
+
+/// A hubcast stream kept in JetStream, as `hubcast streams --cluster` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStream {
+    /// Its hubcast name (`orders`, `orders.dead`).
+    pub stream: String,
+    /// Its JetStream name (`orders`, `orders~dead`).
+    pub jetstream: String,
+    /// The oldest seq it keeps.
+    pub first_seq: u64,
+    /// The newest seq it has.
+    pub last_seq: u64,
+    /// Events it holds.
+    pub events: u64,
+    /// Bytes it holds (on each replica).
+    pub bytes: u64,
+    /// The servers keeping it (`--replicas`).
+    pub replicas: usize,
+    /// The server leading it (its RAFT group's leader), when JetStream says.
+    pub leader: Option<String>,
+    /// Its consumers, by name.
+    pub consumers: Vec<ClusterConsumer>,
+}
+
+/// A hubcast consumer kept in JetStream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterConsumer {
+    /// Its hubcast name (its JetStream name when it is not one hubcast made).
+    pub consumer: String,
+    /// Every seq up to this one is acknowledged.
+    pub ack_floor: u64,
+    /// Events not delivered yet.
+    pub waiting: u64,
+    /// Events delivered and not acknowledged yet.
+    pub ack_pending: u64,
+    /// Events delivered more than once and not acknowledged yet.
+    pub redelivered: u64,
+}
+
+/// The hubcast streams (and their consumers) in the JetStream of `options`' servers:
+/// those whose only subject is the one a hub gives them (`hubcast.s.NAME.>`).
+///
+/// # Errors
+///
+/// A message saying what failed: no NATS server answered, JetStream is not enabled.
+pub async fn cluster_streams(options: &JetStreamOptions) -> Result<Vec<ClusterStream>, String> {
+    let (_client, context) = jetstream_context(options).await?;
+    let failed = |e: &dyn std::fmt::Display| format!("JetStream did not list its streams: {e}");
+    let mut listed = context.streams();
+    let mut out = Vec::new();
+    while let Some(info) = listed.next().await {
+        let info = info.map_err(|e| failed(&e))?;
+        let name = info.config.name.replace('~', ".");
+        if info.config.subjects != [subject::stream_subjects(&name)] {
+            continue;
+        }
+        let stream = context
+            .get_stream(&info.config.name)
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut consumers = Vec::new();
+        let mut listed = stream.consumers();
+        while let Some(consumer) = listed.next().await {
+            let consumer = consumer.map_err(|e| failed(&e))?;
+            consumers.push(ClusterConsumer {
+                consumer: subject::consumer_from_jetstream(&consumer.name)
+                    .unwrap_or_else(|| consumer.name.clone()),
+                ack_floor: consumer.ack_floor.stream_sequence,
+                waiting: consumer.num_pending,
+                ack_pending: consumer.num_ack_pending as u64,
+                redelivered: consumer.num_redelivered as u64,
+            });
+        }
+        consumers.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        out.push(ClusterStream {
+            stream: name,
+            jetstream: info.config.name.clone(),
+            first_seq: info.state.first_sequence,
+            last_seq: info.state.last_sequence,
+            events: info.state.messages,
+            bytes: info.state.bytes,
+            replicas: info.config.num_replicas,
+            leader: info.cluster.as_ref().and_then(|c| c.leader.clone()),
+            consumers,
+        });
+    }
+    out.sort_by(|a, b| a.stream.cmp(&b.stream));
+    Ok(out)
 }
 
 /// Why a stream is not ready.

@@ -387,7 +387,21 @@ async fn durable_workloads_run_against_jetstream_and_redis_streams() {
             .to_vec()
     };
     if let Some((_server, port)) = external("nats-server", js, "Server is ready").await {
-        durable_workloads(&format!("nats://127.0.0.1:{port}")).await;
+        let target = format!("nats://127.0.0.1:{port}");
+        durable_workloads(&target).await;
+        // With Nats-Msg-Id headers (HPUB): a malformed one would end the connection.
+        let (code, report) = bench_json(&[
+            "-t",
+            &target,
+            "--durable",
+            "publish",
+            "--msg-id",
+            "-k",
+            "2000",
+        ])
+        .await;
+        assert_eq!(code, Some(0), "{report:#}");
+        assert_eq!(report["messages"], 2000, "{report:#}");
     }
     let redis = |port: &str| redis_args(port, &["--appendonly", "yes", "--dir", &store]);
     std::fs::create_dir_all(&dir).unwrap();

@@ -1294,6 +1294,65 @@ async fn streams_live_in_jetstream_and_a_work_queue_spans_nodes() {
         "both nodes' members took work: {got:?}"
     );
     assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 60);
+
+    // `hubcast streams --cluster` shows what JetStream holds for the hubs, once the
+    // acks have landed: every event acknowledged.
+    let urls = format!("{},{}", nats.url(0), nats.url(1));
+    let listed = within(async {
+        loop {
+            let output = HubProcess::command(&["streams", "--cluster", &urls, "--json"])
+                .output()
+                .await
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(output.status.success(), "{stdout}{:?}", output.stderr);
+            let lines: Vec<Value> = stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let floor = lines
+                .iter()
+                .find(|l| l["consumer"] == "drivers")
+                .map(|l| l["ack_floor"].clone());
+            if floor == Some(json!(60)) {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let orders = listed
+        .iter()
+        .find(|l| l["stream"] == "orders" && l.get("consumer").is_none());
+    let orders = orders.unwrap_or_else(|| panic!("no stream orders: {listed:?}"));
+    assert_eq!(orders["last_seq"], 60, "{orders}");
+    assert_eq!(orders["events"], 60, "{orders}");
+    assert_eq!(orders["replicas"], 3, "{orders}");
+    assert!(
+        orders["leader"]
+            .as_str()
+            .is_some_and(|l| l.starts_with('n')),
+        "{orders}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|l| l["stream"] == "orders.dead" && l["jetstream"] == "orders~dead"),
+        "{listed:?}"
+    );
+    let drivers = listed.iter().find(|l| l["consumer"] == "drivers").unwrap();
+    assert_eq!(drivers["stream"], "orders", "{drivers}");
+    assert_eq!(drivers["waiting"], 0, "{drivers}");
+    // The table, as people read it.
+    let table = HubProcess::command(&["streams", "--cluster", &urls])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("replicas") && table.contains("drivers"),
+        "{table}"
+    );
 }
 
 /// Issue #16: a NATS server killed with -9 while events are published: the hub

@@ -63,7 +63,8 @@ enum Command {
     Driver(driver::Args),
     /// Measure fan-out throughput and latency (against a hub, nats-server or Redis).
     Bench(bench::Args),
-    /// List the streams in a hub's data directory (read-only).
+    /// List the streams in a hub's data directory (read-only), or a cluster's in
+    /// JetStream (--cluster).
     Streams(streams::ListArgs),
     /// Print a stream's stored events, one JSON line each (read-only).
     Replay(streams::ReplayArgs),
@@ -138,7 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Vendor(args) => vendor::run(args).await,
             Command::Driver(args) => driver::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Streams(args) => streams::list(args),
+            Command::Streams(args) => streams::list(args).await,
             Command::Replay(args) => streams::replay(args),
             Command::Auth(args) => auth::auth(args),
             Command::Token(args) => auth::token(args),

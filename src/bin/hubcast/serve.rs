@@ -182,7 +182,7 @@ pub struct Args {
     quiet: bool,
 }
 
-fn parse_nats_url(text: &str) -> Result<hubcast::cluster::nats::ServerUrl, String> {
+pub(crate) fn parse_nats_url(text: &str) -> Result<hubcast::cluster::nats::ServerUrl, String> {
     text.trim().parse()
 }
 

@@ -14,6 +14,14 @@ pub struct ListArgs {
     /// The hub's data directory (its --data-dir).
     #[arg(long, default_value = "hubcast-data")]
     data_dir: PathBuf,
+    /// A cluster's streams instead, read from JetStream through these NATS servers
+    /// (as `serve --cluster`): each stream's numbers, replicas and leader, and its
+    /// consumers.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', value_parser = crate::serve::parse_nats_url)]
+    cluster: Vec<hubcast::cluster::nats::ServerUrl>,
+    /// With --cluster: trust this CA (PEM) for the NATS servers' certificates.
+    #[arg(long, value_name = "PEM", requires = "cluster")]
+    cluster_ca: Option<PathBuf>,
     /// One JSON object per stream, then one per consumer (with a "consumer" key),
     /// instead of the tables.
     #[arg(long)]
@@ -49,7 +57,81 @@ fn open(dir: &std::path::Path) -> anyhow::Result<SegmentLog> {
     SegmentLog::open_read_only(dir).with_context(|| format!("cannot read {}", dir.display()))
 }
 
-pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+/// `hubcast streams --cluster`: what JetStream holds for the hubs.
+async fn list_cluster(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let tls = match &args.cluster_ca {
+        Some(ca) => Some(
+            hubcast::tls::client_config(Some(ca), None)
+                .map_err(|e| crate::UsageError(format!("--cluster-ca: {e}")))?,
+        ),
+        None => None,
+    };
+    let options = hubcast::cluster::jetstream::JetStreamOptions {
+        urls: args.cluster.clone(),
+        node: "hubcast streams".to_string(),
+        tls,
+        replicas: 1,
+    };
+    let streams = hubcast::cluster::jetstream::cluster_streams(&options)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for stream in &streams {
+            let mut line = serde_json::to_value(stream)?;
+            line.as_object_mut().map(|o| o.remove("consumers"));
+            writeln!(out, "{line}")?;
+        }
+        for stream in &streams {
+            for consumer in &stream.consumers {
+                let mut line = serde_json::to_value(consumer)?;
+                line["stream"] = stream.stream.clone().into();
+                writeln!(out, "{line}")?;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<24} {:>12} {:>12} {:>12} {:>14} {:>8}  leader",
+        "stream", "first seq", "last seq", "events", "bytes", "replicas"
+    )?;
+    for s in &streams {
+        writeln!(
+            out,
+            "{:<24} {:>12} {:>12} {:>12} {:>14} {:>8}  {}",
+            s.stream,
+            s.first_seq,
+            s.last_seq,
+            s.events,
+            s.bytes,
+            s.replicas,
+            s.leader.as_deref().unwrap_or("-")
+        )?;
+    }
+    if streams.iter().any(|s| !s.consumers.is_empty()) {
+        writeln!(
+            out,
+            "\n{:<24} {:<16} {:>10} {:>10} {:>12} {:>12}",
+            "consumer", "stream", "ack floor", "waiting", "ack pending", "redelivered"
+        )?;
+    }
+    for s in &streams {
+        for c in &s.consumers {
+            writeln!(
+                out,
+                "{:<24} {:<16} {:>10} {:>10} {:>12} {:>12}",
+                c.consumer, s.stream, c.ack_floor, c.waiting, c.ack_pending, c.redelivered
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    if !args.cluster.is_empty() {
+        return list_cluster(args).await;
+    }
     let store = open(&args.data_dir)?;
     let mut out = std::io::stdout().lock();
     if !args.json {

@@ -69,7 +69,7 @@ async fn run(args: &Args, target: &Target, mode: Mode) -> anyhow::Result<Report>
     let run_id = format!("{:08x}", fastrand::u32(..));
     match mode {
         Mode::Publish => {
-            setup_stream(target).await?;
+            setup_stream(target, args.replicas).await?;
             let Published {
                 messages,
                 seconds,
@@ -90,7 +90,7 @@ async fn run(args: &Args, target: &Target, mode: Mode) -> anyhow::Result<Report>
             })
         }
         Mode::Consume => {
-            setup_stream(target).await?;
+            setup_stream(target, args.replicas).await?;
             // Filled (confirmed) before the clock starts.
             let fill = Args {
                 rate: None,
@@ -381,8 +381,8 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// A fresh, empty stream on the target.
-async fn setup_stream(target: &Target) -> anyhow::Result<()> {
+/// A fresh, empty stream on the target (on JetStream, with `replicas`).
+async fn setup_stream(target: &Target, replicas: u8) -> anyhow::Result<()> {
     let mut conn = Conn::open(target).await?;
     match target.kind {
         Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
@@ -394,7 +394,7 @@ async fn setup_stream(target: &Target) -> anyhow::Result<()> {
             let delete = format!("PUB $JS.API.STREAM.DELETE.{JS_STREAM} _INBOX.setup 0\r\n\r\n");
             conn.request(delete.as_bytes()).await?;
             let config = format!(
-                "{{\"name\":\"{JS_STREAM}\",\"subjects\":[\"{STREAM}\"],\"storage\":\"file\",\"retention\":\"limits\",\"discard\":\"old\"}}"
+                "{{\"name\":\"{JS_STREAM}\",\"subjects\":[\"{STREAM}\"],\"storage\":\"file\",\"retention\":\"limits\",\"discard\":\"old\",\"num_replicas\":{replicas}}}"
             );
             let create = format!(
                 "PUB $JS.API.STREAM.CREATE.{JS_STREAM} _INBOX.setup {}\r\n{config}\r\n",
@@ -413,7 +413,7 @@ async fn setup_stream(target: &Target) -> anyhow::Result<()> {
 }
 
 /// A message body of `size` bytes, as each protocol carries it.
-fn publish_frame(kind: Kind, size: usize, id: &str, out: &mut Vec<u8>) {
+fn publish_frame(kind: Kind, size: usize, id: &str, msg_id: bool, out: &mut Vec<u8>) {
     match kind {
         Kind::Ws | Kind::SocketIo => unreachable!("main refuses WebSocket targets"),
         Kind::Hubcast => {
@@ -425,6 +425,16 @@ fn publish_frame(kind: Kind, size: usize, id: &str, out: &mut Vec<u8>) {
             out.extend_from_slice(b"\",\"payload\":\"");
             out.extend(std::iter::repeat_n(b'x', pad));
             out.extend_from_slice(b"\"}\n");
+        }
+        Kind::Nats if msg_id => {
+            let header = format!("NATS/1.0\r\nNats-Msg-Id: {id}\r\n\r\n");
+            let total = header.len() + size;
+            out.extend_from_slice(
+                format!("HPUB {STREAM} _INBOX.ack {} {total}\r\n", header.len()).as_bytes(),
+            );
+            out.extend_from_slice(header.as_bytes());
+            out.extend(std::iter::repeat_n(b'x', size));
+            out.extend_from_slice(b"\r\n");
         }
         Kind::Nats => {
             out.extend_from_slice(format!("PUB {STREAM} _INBOX.ack {size}\r\n").as_bytes());
@@ -501,7 +511,7 @@ async fn publish(
         let count = events / publishers + usize::from(p < events % publishers);
         let window = (args.window / publishers).max(1);
         let rate = args.rate.map(|r| (r as f64 / publishers as f64).max(1.0));
-        let (size, kind) = (args.size, target.kind);
+        let (size, kind, msg_id) = (args.size, target.kind, args.msg_id);
         let (histogram, first_seq) = (Arc::clone(&histogram), Arc::clone(&first_seq));
         // Ids unique to the run: the hub would take a repeat as a duplicate.
         let prefix = format!("{run_id}-p{p}");
@@ -541,7 +551,7 @@ async fn publish(
                     }
                     out.clear();
                     for k in 0..n {
-                        publish_frame(kind, size, &format!("{prefix}-{}", i + k), &mut out);
+                        publish_frame(kind, size, &format!("{prefix}-{}", i + k), msg_id, &mut out);
                     }
                     {
                         let now = Instant::now();

@@ -78,6 +78,14 @@ pub struct Args {
     /// JetStream (nats-server -js) and Redis (with AOF) are set up by the bench.
     #[arg(long, value_name = "MODE", conflicts_with = "embedded")]
     durable: Option<durable::Mode>,
+    /// With --durable against nats:// (a NATS cluster): replicas of the JetStream
+    /// stream the bench makes, 1 to 5 (a hub's are set by its own `--replicas`).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), requires = "durable")]
+    replicas: u8,
+    /// With --durable publish against nats://: each publish carries a
+    /// `Nats-Msg-Id` header (HPUB), so JetStream deduplicates as a hub does by id.
+    #[arg(long, requires = "durable")]
+    msg_id: bool,
     /// Connect with TLS (as `hubcasts://`; for nats:// the server needs
     /// `handshake_first`), trusting the system's roots or --ca.
     #[arg(long)]
