@@ -52,7 +52,7 @@ use tracing::{debug, info, warn};
 use super::nats::ServerUrl;
 use super::subject;
 use crate::config::Streams;
-use crate::durable::consumer::{delivery, mismatch, not_pending, with_fields, Request, MAX_HELD};
+use crate::durable::consumer::{delivery, mismatch, settled, with_fields, Request, MAX_HELD};
 use crate::durable::ledger::{Spec, Start};
 use crate::event::Event;
 use crate::hub::{ClientId, Hub, Member};
@@ -450,16 +450,7 @@ impl JetStream {
                 }
             });
         }
-        match bad.as_slice() {
-            [] => Ok(()),
-            bad => Err(not_pending(
-                "$ack",
-                name,
-                bad,
-                seqs.len() - bad.len(),
-                delivered_below,
-            )),
-        }
+        settled("$ack", name, seqs, &bad, delivered_below)
     }
 
     /// `$nack`: JetStream's `-NAK` (with the delay, if any) for each seq.
@@ -479,16 +470,7 @@ impl JetStream {
         } = consumer.take(seqs);
         consumer.wake.notify_one();
         nak_all(ackers, (!delay.is_zero()).then_some(delay));
-        match bad.as_slice() {
-            [] => Ok(()),
-            bad => Err(not_pending(
-                "$nack",
-                name,
-                bad,
-                seqs.len() - bad.len(),
-                delivered_below,
-            )),
-        }
+        settled("$nack", name, seqs, &bad, delivered_below)
     }
 
     /// `$unconsume`: no more deliveries to this connection; what was out to it goes

@@ -334,10 +334,7 @@ impl Consumers {
             consumer.wake.notify_one();
         }
         self.maybe_snapshot(hub);
-        match bad.as_slice() {
-            [] => Ok(()),
-            bad => Err(not_pending("$ack", name, bad, acked.len(), cursor)),
-        }
+        settled("$ack", name, seqs, &bad, cursor)
     }
 
     /// `$nack`: the seqs are given back, due again after `delay`.
@@ -369,16 +366,7 @@ impl Consumers {
             live.ledger.cursor
         };
         consumer.wake.notify_one();
-        match bad.as_slice() {
-            [] => Ok(()),
-            bad => Err(not_pending(
-                "$nack",
-                name,
-                bad,
-                seqs.len() - bad.len(),
-                cursor,
-            )),
-        }
+        settled("$nack", name, seqs, &bad, cursor)
     }
 
     /// `$unconsume`: this connection stops getting deliveries; what was out to it is
@@ -554,16 +542,21 @@ pub(crate) fn mismatch(name: &str, spec: &Spec, request: &Request) -> Result<(),
     ))
 }
 
-/// The answer to an `$ack` or `$nack` naming seqs not out for delivery. When each was
-/// delivered once (`delivered_below`: every seq under it was), a correct client can
-/// have raced a redelivery or acked twice: it is told, not charged an error.
-pub(crate) fn not_pending(
+/// The answer to an `$ack` or `$nack` of `seqs`: `Ok` when none was `bad` (not out
+/// for delivery), else the error naming them. When each bad seq was delivered once
+/// (`delivered_below`: every seq under it was), a correct client can have raced a
+/// redelivery or acked twice: it is told, not charged an error.
+pub(crate) fn settled(
     request: &str,
     name: &str,
+    seqs: &[u64],
     bad: &[u64],
-    applied: usize,
     delivered_below: u64,
-) -> ProtocolError {
+) -> Result<(), ProtocolError> {
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let applied = seqs.len() - bad.len();
     let shown: Vec<String> = bad.iter().take(10).map(u64::to_string).collect();
     let more = match bad.len() {
         n if n > 10 => format!(" and {} more", n - 10),
@@ -578,7 +571,7 @@ pub(crate) fn not_pending(
         ),
     );
     error.blameless = bad.iter().all(|&seq| seq < delivered_below);
-    error
+    Err(error)
 }
 
 impl Live {
