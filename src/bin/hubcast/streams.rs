@@ -79,7 +79,9 @@ async fn list_cluster(args: ListArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         for stream in &streams {
             let mut line = serde_json::to_value(stream)?;
-            line.as_object_mut().map(|o| o.remove("consumers"));
+            if let Some(fields) = line.as_object_mut() {
+                fields.remove("consumers");
+            }
             writeln!(out, "{line}")?;
         }
         for stream in &streams {
@@ -121,7 +123,13 @@ async fn list_cluster(args: ListArgs) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "{:<24} {:<16} {:>10} {:>10} {:>12} {:>12}",
-                c.consumer, s.stream, c.ack_floor, c.waiting, c.ack_pending, c.redelivered
+                // A name decoded from JetStream may hold any byte: shown escaped.
+                hubcast::protocol::printable(&c.consumer),
+                s.stream,
+                c.ack_floor,
+                c.waiting,
+                c.ack_pending,
+                c.redelivered
             )?;
         }
     }
