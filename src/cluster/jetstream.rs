@@ -631,7 +631,11 @@ pub struct ClusterConsumer {
 /// A message saying what failed: no NATS server answered, JetStream is not enabled.
 pub async fn cluster_streams(options: &JetStreamOptions) -> Result<Vec<ClusterStream>, String> {
     let (_client, context) = jetstream_context(options).await?;
-    let failed = |e: &dyn std::fmt::Display| format!("JetStream did not list its streams: {e}");
+    let failed = |e: &dyn std::fmt::Display| {
+        format!(
+            "JetStream did not list its streams (is JetStream enabled on the NATS servers?): {e}"
+        )
+    };
     let mut listed = context.streams();
     let mut out = Vec::new();
     while let Some(info) = listed.next().await {

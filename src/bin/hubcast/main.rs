@@ -126,7 +126,11 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    init_logging();
+    // A listing prints what it read; the NATS client's connection notices are noise.
+    init_logging(match cli.command {
+        Command::Streams(_) => "info,async_nats=warn",
+        _ => "info",
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(memory::on_park)
@@ -211,11 +215,11 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 /// Logs go to stderr, through a bounded queue and a writer thread (`logging.rs`);
-/// `RUST_LOG` sets levels (default `info`).
-fn init_logging() {
+/// `RUST_LOG` sets levels (default: `default`, `info` but for `hubcast streams`).
+fn init_logging(default: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(logging::LogQueue::to_stderr())

@@ -75,6 +75,9 @@ async fn list_cluster(args: ListArgs) -> anyhow::Result<ExitCode> {
     let streams = hubcast::cluster::jetstream::cluster_streams(&options)
         .await
         .map_err(anyhow::Error::msg)?;
+    if streams.is_empty() {
+        tracing::warn!("JetStream holds no hubcast streams (a hub makes them: serve --cluster ... --stream NAME=PATTERN)");
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         for stream in &streams {
