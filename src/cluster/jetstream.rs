@@ -52,7 +52,7 @@ use tracing::{debug, info, warn};
 use super::nats::ServerUrl;
 use super::subject;
 use crate::config::Streams;
-use crate::durable::consumer::{delivery, mismatch, settled, with_fields, Request, MAX_HELD};
+use crate::durable::consumer::{delivery, mismatch, settled, with_fields, Held, Request};
 use crate::durable::ledger::{Spec, Start};
 use crate::event::Event;
 use crate::hub::{ClientId, Hub, Member};
@@ -121,7 +121,7 @@ pub struct JetStream {
     max_queued: usize,
     infos: Mutex<Vec<Option<StreamInfo>>>,
     consumers: Mutex<HashMap<Arc<str>, Arc<Consumer>>>,
-    by_client: Mutex<HashMap<ClientId, Vec<Arc<Consumer>>>>,
+    by_client: Held<Consumer>,
     consumer_infos: Mutex<HashMap<Arc<str>, ConsumerInfo>>,
 }
 
@@ -180,7 +180,7 @@ impl JetStream {
             queued: Arc::clone(&queued),
             max_queued: 64 << 20,
             consumers: Mutex::default(),
-            by_client: Mutex::default(),
+            by_client: Held::default(),
             consumer_infos: Mutex::default(),
         });
         let (acks, acks_in) = mpsc::unbounded_channel();
@@ -234,15 +234,7 @@ impl JetStream {
         stream: usize,
         request: Request,
     ) -> Result<(), ProtocolError> {
-        if lock(&self.by_client)
-            .get(&member.id)
-            .is_some_and(|held| held.len() >= MAX_HELD && !held.iter().any(|c| &*c.name == name))
-        {
-            return Err(ProtocolError::new(
-                ErrorCode::LimitExceeded,
-                format!("a connection may hold at most {MAX_HELD} consumers"),
-            ));
-        }
+        self.by_client.room_for(member.id, |c| &*c.name == name)?;
         let (engine, hub, member, name) = (
             Arc::clone(self),
             hub.clone(),
@@ -280,13 +272,7 @@ impl JetStream {
             .await
             .map(|i| i.num_pending + i.num_ack_pending as u64)
             .unwrap_or(0);
-        {
-            let mut held = lock(&self.by_client);
-            let list = held.entry(member.id).or_default();
-            if !list.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
-                list.push(Arc::clone(&consumer));
-            }
-        }
+        self.by_client.hold(member.id, &consumer)?;
         let start = {
             let mut live = consumer.lock();
             if !live.members.iter().any(|s| s.member.id == member.id) {
@@ -385,18 +371,17 @@ impl JetStream {
 
     /// The consumer `name`, consumed by `client`.
     fn held(&self, client: ClientId, name: &str) -> Result<Arc<Consumer>, ProtocolError> {
-        let held = lock(&self.by_client)
-            .get(&client)
-            .and_then(|list| list.iter().find(|c| &*c.name == name).cloned());
-        held.ok_or_else(|| {
-            ProtocolError::new(
-                ErrorCode::NotConsuming,
-                format!(
-                    "this connection does not consume {:?}; send $consume first",
-                    crate::protocol::printable(name)
-                ),
-            )
-        })
+        self.by_client
+            .find(client, |c| &*c.name == name)
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorCode::NotConsuming,
+                    format!(
+                        "this connection does not consume {:?}; send $consume first",
+                        crate::protocol::printable(name)
+                    ),
+                )
+            })
     }
 
     /// `$ack`: JetStream's `+ACK` for each seq out to this consumer's members here;
@@ -477,17 +462,14 @@ impl JetStream {
     /// back to JetStream at once.
     pub(crate) fn unconsume(&self, client: ClientId, name: &str) -> Result<(), ProtocolError> {
         let consumer = self.held(client, name)?;
-        if let Some(list) = lock(&self.by_client).get_mut(&client) {
-            list.retain(|c| !Arc::ptr_eq(c, &consumer));
-        }
+        self.by_client.release(client, &consumer);
         consumer.detach(client);
         Ok(())
     }
 
     /// A connection closed: what was out to it goes back to JetStream at once.
     pub(crate) fn left(&self, client: ClientId) {
-        let held = lock(&self.by_client).remove(&client).unwrap_or_default();
-        for consumer in held {
+        for consumer in self.by_client.take(client) {
             consumer.detach(client);
         }
     }

@@ -37,6 +37,72 @@ const READ_BATCH: usize = 4096;
 pub(crate) const MAX_CONSUMERS: usize = 10_000;
 pub(crate) const MAX_HELD: usize = 64;
 
+fn too_many_held() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::LimitExceeded,
+        format!("a connection may hold at most {MAX_HELD} consumers"),
+    )
+}
+
+/// The consumers each connection holds (at most [`MAX_HELD`]), for either engine.
+pub(crate) struct Held<C>(Mutex<HashMap<ClientId, Vec<Arc<C>>>>);
+
+impl<C> Default for Held<C> {
+    fn default() -> Self {
+        Held(Mutex::default())
+    }
+}
+
+impl<C> Held<C> {
+    /// Whether `client` may take one more (`named`: whether it holds that one
+    /// already, which it may take again).
+    pub(crate) fn room_for(
+        &self,
+        client: ClientId,
+        named: impl Fn(&C) -> bool,
+    ) -> Result<(), ProtocolError> {
+        let full = lock(&self.0)
+            .get(&client)
+            .is_some_and(|held| held.len() >= MAX_HELD && !held.iter().any(|c| named(c)));
+        match full {
+            false => Ok(()),
+            true => Err(too_many_held()),
+        }
+    }
+
+    /// `client` holds `consumer` (once, however often it asks).
+    pub(crate) fn hold(&self, client: ClientId, consumer: &Arc<C>) -> Result<(), ProtocolError> {
+        let mut by_client = lock(&self.0);
+        let held = by_client.entry(client).or_default();
+        if !held.iter().any(|c| Arc::ptr_eq(c, consumer)) {
+            if held.len() >= MAX_HELD {
+                return Err(too_many_held());
+            }
+            held.push(Arc::clone(consumer));
+        }
+        Ok(())
+    }
+
+    /// The one `client` holds that is `named`.
+    pub(crate) fn find(&self, client: ClientId, named: impl Fn(&C) -> bool) -> Option<Arc<C>> {
+        lock(&self.0)
+            .get(&client)
+            .and_then(|held| held.iter().find(|c| named(c)).cloned())
+    }
+
+    /// `client` no longer holds `consumer`.
+    pub(crate) fn release(&self, client: ClientId, consumer: &Arc<C>) {
+        if let Some(held) = lock(&self.0).get_mut(&client) {
+            held.retain(|c| !Arc::ptr_eq(c, consumer));
+        }
+    }
+
+    /// Everything `client` held (it has gone).
+    pub(crate) fn take(&self, client: ClientId) -> Vec<Arc<C>> {
+        lock(&self.0).remove(&client).unwrap_or_default()
+    }
+}
+
 /// Every consumer of the hub, and the log that remembers them.
 pub(crate) struct Consumers {
     log: Arc<SegmentLog>,
@@ -44,7 +110,7 @@ pub(crate) struct Consumers {
     /// Consumers whose stream is no longer declared: kept as they were, so that
     /// declaring it again brings them back.
     orphans: Vec<(String, ledger::Snapshot)>,
-    by_client: Mutex<HashMap<ClientId, Vec<Arc<Consumer>>>>,
+    by_client: Held<Consumer>,
     since_snapshot: AtomicU64,
     snapshotting: AtomicBool,
 }
@@ -133,7 +199,7 @@ impl Consumers {
                 log: Arc::new(log),
                 by_name: Mutex::new(by_name),
                 orphans,
-                by_client: Mutex::default(),
+                by_client: Held::default(),
                 since_snapshot: AtomicU64::new(0),
                 snapshotting: AtomicBool::new(false),
             },
@@ -204,19 +270,7 @@ impl Consumers {
                 }
             }
         };
-        {
-            let mut by_client = lock(&self.by_client);
-            let held = by_client.entry(member.id).or_default();
-            if !held.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
-                if held.len() >= MAX_HELD {
-                    return Err(ProtocolError::new(
-                        ErrorCode::LimitExceeded,
-                        format!("a connection may hold at most {MAX_HELD} consumers"),
-                    ));
-                }
-                held.push(Arc::clone(&consumer));
-            }
-        }
+        self.by_client.hold(member.id, &consumer)?;
         // A consuming connection hears live events only through its subscriptions:
         // otherwise it would get each stored event twice, live and as a delivery.
         hub.subscribe(member.id, &[])?;
@@ -373,17 +427,14 @@ impl Consumers {
     /// due again at once.
     pub(crate) fn unconsume(&self, client: ClientId, name: &str) -> Result<(), ProtocolError> {
         let consumer = self.held(client, name)?;
-        if let Some(held) = lock(&self.by_client).get_mut(&client) {
-            held.retain(|c| !Arc::ptr_eq(c, &consumer));
-        }
+        self.by_client.release(client, &consumer);
         consumer.detach(client);
         Ok(())
     }
 
     /// A connection closed: what was out to it is due again at once, for the others.
     pub(crate) fn left(&self, client: ClientId) {
-        let held = lock(&self.by_client).remove(&client).unwrap_or_default();
-        for consumer in held {
+        for consumer in self.by_client.take(client) {
             consumer.detach(client);
         }
     }

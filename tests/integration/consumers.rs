@@ -594,6 +594,30 @@ async fn a_repeated_ack_is_answered_but_not_held_against_the_client() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A connection holds at most 64 consumers: the 65th is refused, one it holds
+/// already may be asked for again.
+#[tokio::test]
+async fn a_connection_holds_at_most_64_consumers() {
+    let dir = temp_dir("held");
+    let hub = TestHub::start(config(&dir)).await;
+    let mut client = hub.connect().await;
+    for i in 0..64 {
+        start(
+            &mut client,
+            json!({"stream": "orders", "consumer": format!("c{i}")}),
+        )
+        .await;
+    }
+    client
+        .send(consume(json!({"stream": "orders", "consumer": "c64"})))
+        .await;
+    let message = client.expect_error("limit_exceeded").await;
+    assert!(message.contains("64 consumers"), "{message}");
+    start(&mut client, json!({"stream": "orders", "consumer": "c0"})).await;
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Without any declared stream, `$consume` says how to get one.
 #[tokio::test]
 async fn consuming_without_streams_says_how_to_declare_one() {
