@@ -2,10 +2,11 @@
 //! cluster (tests/cluster/nats-node.conf, routes on loopback) and `hubcast serve
 //! --cluster` hubs, with raw TCP clients as `nc` would be.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -14,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::support::{free_port, require, within, HubProcess};
+use crate::support::{free_port, output_within, require, within, HubProcess, LOG_TAIL};
 use crate::ws::http_get;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cluster/nats-node.conf");
@@ -24,6 +25,8 @@ struct NatsNode {
     child: Child,
     port: u16,
     http: SocketAddr,
+    /// The last lines of its log (shown when a test fails).
+    log: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// Three nats-servers routed to each other, with JetStream, on loopback.
@@ -84,11 +87,22 @@ impl NatsCluster {
                     break;
                 }
             }
-            tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+            let tail = Arc::new(Mutex::new(VecDeque::new()));
+            let keep = Arc::clone(&tail);
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = log.next_line().await {
+                    let mut tail = keep.lock().unwrap();
+                    if tail.len() == LOG_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
             nodes.push(Some(NatsNode {
                 child,
                 port,
                 http: SocketAddr::from(([127, 0, 0, 1], http)),
+                log: tail,
             }));
         }
         let cluster = NatsCluster {
@@ -175,8 +189,17 @@ impl NatsCluster {
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
-        for node in self.nodes.iter_mut().flatten() {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let Some(node) = node else { continue };
             let _ = node.child.start_kill();
+            if std::thread::panicking() {
+                let tail = node.log.lock().unwrap();
+                let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
+                eprintln!(
+                    "--- the last log lines of nats-server n{i}:\n{}",
+                    tail.join("\n")
+                );
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -604,37 +627,27 @@ async fn losing_a_nats_node_sends_gap_notices_and_traffic_resumes() {
 #[tokio::test]
 async fn cluster_flags_are_checked() {
     let port = free_port();
-    let output = within(
+    let output = output_within(
         HubProcess::command(&["serve", "--port", "0"])
             .args(["--cluster", &format!("nats://127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .output(),
+            .stdin(Stdio::null()),
     )
-    .await
-    .unwrap();
+    .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
         stderr.contains(&format!("cannot reach NATS at nats://127.0.0.1:{port}")),
         "{stderr}"
     );
-    let output = within(
-        HubProcess::command(&["serve", "--cluster", "http://x:1"])
-            .stdin(Stdio::null())
-            .output(),
+    let output = output_within(
+        HubProcess::command(&["serve", "--cluster", "http://x:1"]).stdin(Stdio::null()),
     )
-    .await
-    .unwrap();
+    .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is not a NATS URL"), "{stderr}");
-    let output = within(
-        HubProcess::command(&["serve", "--node", "x"])
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .unwrap();
+    let output =
+        output_within(HubProcess::command(&["serve", "--node", "x"]).stdin(Stdio::null())).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--cluster"));
 }
@@ -753,26 +766,19 @@ async fn the_bench_spreads_subscribers_over_a_cluster() {
         "hubcast://127.0.0.1:{},hubcast://127.0.0.1:{}",
         a.port, b.port
     );
-    let output = within(
+    let output = output_within(
         HubProcess::command(&["bench", "-t", &targets, "-n", "6", "-k", "2000", "--json"])
-            .stdin(Stdio::null())
-            .output(),
+            .stdin(Stdio::null()),
     )
-    .await
-    .unwrap();
+    .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["target"], targets, "{report}");
     assert_eq!(report["delivered"], 12_000, "{report}");
     let mixed = format!("{targets},nats://127.0.0.1:1");
-    let output = within(
-        HubProcess::command(&["bench", "-t", &mixed])
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .unwrap();
+    let output =
+        output_within(HubProcess::command(&["bench", "-t", &mixed]).stdin(Stdio::null())).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("all be of one kind"));
 }
@@ -1061,14 +1067,12 @@ async fn the_delivery_demo_runs_across_two_nodes() {
         }
     })
     .await;
-    let output = within(
+    let output = output_within(
         HubProcess::command(&["vendor", "--port", &a.port.to_string()])
             .args(["--store", "acme", "--count", "10", "--interval", "30ms"])
-            .stdin(Stdio::null())
-            .output(),
+            .stdin(Stdio::null()),
     )
-    .await
-    .unwrap();
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -1134,14 +1138,12 @@ async fn the_backplane_speaks_tls_to_nats() {
     sender.subscribe(&["nothing"]).await;
     send_ticks_until_heard(&mut sender, &mut listener).await;
     // Without the CA, the server's certificate is not trusted: said, exit 1.
-    let output = within(
+    let output = output_within(
         HubProcess::command(&["serve", "--port", "0"])
             .args(["--cluster", &format!("tls://127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .output(),
+            .stdin(Stdio::null()),
     )
-    .await
-    .unwrap();
+    .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(

@@ -487,7 +487,80 @@ impl HubProcess {
         while let Some(line) = self.log.recv().await {
             self.lines.push(line);
         }
-        self.lines
+        std::mem::take(&mut self.lines)
+    }
+}
+
+/// A test that fails shows the last of each of its hubs' logs (what CI prints is
+/// often all there is to go on); `DEBUG_HUB_LOG` has printed them whole already.
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() || std::env::var_os("DEBUG_HUB_LOG").is_some() {
+            return;
+        }
+        while let Ok(line) = self.log.try_recv() {
+            self.lines.push(line);
+        }
+        let tail = self.lines.len().saturating_sub(LOG_TAIL);
+        eprintln!(
+            "--- the last {} log lines of the hub on port {}:\n{}",
+            self.lines.len() - tail,
+            self.port,
+            self.lines[tail..].join("\n")
+        );
+    }
+}
+
+/// How many log lines of each process a failed test shows.
+pub const LOG_TAIL: usize = 12;
+
+/// Runs `cmd` to its end within [`PATIENCE`] and returns what it printed; if it
+/// takes longer, it is killed and the test fails showing what it had printed so far.
+pub async fn output_within(cmd: &mut tokio::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let into = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            let Some(mut pipe) = pipe else { return };
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        (seen, task)
+    };
+    let (stdout, out_task) = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let (stderr, err_task) = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    match tokio::time::timeout(PATIENCE, child.wait()).await {
+        Ok(status) => {
+            let status = status.unwrap();
+            let _ = out_task.await;
+            let _ = err_task.await;
+            let take = |seen: Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *seen.lock().unwrap());
+            std::process::Output {
+                status,
+                stdout: take(stdout),
+                stderr: take(stderr),
+            }
+        }
+        Err(_) => {
+            let _ = child.start_kill();
+            let text =
+                |seen: &Mutex<Vec<u8>>| String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+            panic!(
+                "{:?} did not finish within {PATIENCE:?}; its stdout:\n{}\nits stderr:\n{}",
+                cmd.as_std(),
+                text(&stdout),
+                text(&stderr)
+            );
+        }
     }
 }
 
