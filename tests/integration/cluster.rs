@@ -19,6 +19,8 @@ use crate::support::{free_port, output_within, require, within, HubProcess, LOG_
 use crate::ws::http_get;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cluster/nats-node.conf");
+/// Route connections from one node to each other (`pool_size` in [`CONFIG`]).
+const ROUTE_POOL: usize = 3;
 
 /// One nats-server of the test cluster.
 struct NatsNode {
@@ -110,18 +112,30 @@ impl NatsCluster {
             dir,
             _turn: turn,
         };
-        // Formed: each node sees both others (NATS's own monitoring).
+        // Formed (NATS's own monitoring): each node has its whole pool of routes to
+        // both others, and knows JetStream's meta leader. A route pool still forming
+        // closes duplicate connections, and what core NATS had on one is gone: a test
+        // that starts publishing then can lose an event it did not expect to lose.
         for i in 0..3 {
             within(async {
                 loop {
                     let routes = cluster.monitor(i, "/routez").await;
-                    let peers: BTreeSet<&str> = routes["routes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|r| r["remote_name"].as_str())
-                        .collect();
-                    if peers.len() == 2 {
+                    let mut pools: BTreeMap<&str, usize> = BTreeMap::new();
+                    for route in routes["routes"].as_array().into_iter().flatten() {
+                        // Pinned routes (JetStream's `$SYS` account) are not in the pool.
+                        if route.get("account").is_none() {
+                            *pools
+                                .entry(route["remote_name"].as_str().unwrap_or(""))
+                                .or_default() += 1;
+                        }
+                    }
+                    let pooled = pools.len() == 2 && pools.values().all(|&n| n == ROUTE_POOL);
+                    let jsz = cluster.monitor(i, "/jsz").await;
+                    if pooled
+                        && jsz["meta_cluster"]["leader"]
+                            .as_str()
+                            .is_some_and(|l| !l.is_empty())
+                    {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
