@@ -105,6 +105,22 @@ pub struct Streams {
     pub jetstream: Option<crate::cluster::jetstream::Engine>,
 }
 
+impl Streams {
+    /// What stream `name` keeps: its own limits over the hub-wide ones. A dead-letter
+    /// stream (`orders.dead`) keeps what its stream keeps; an undeclared name, the
+    /// hub-wide limits.
+    pub fn retention_of(&self, name: &str) -> crate::store::Retention {
+        let declared = name.strip_suffix(DEAD_SUFFIX).unwrap_or(name);
+        self.declared
+            .iter()
+            .find(|spec| spec.name == declared)
+            .map_or_else(
+                || self.retention.clone(),
+                |spec| spec.limits.over(&self.retention),
+            )
+    }
+}
+
 impl Default for Streams {
     fn default() -> Self {
         Streams {
@@ -129,6 +145,56 @@ pub struct StreamSpec {
     pub name: String,
     /// Patterns as in `$subscribe` (`orders.*`, `pickup`).
     pub patterns: Vec<String>,
+    /// Its own limits, where they differ from the hub-wide [`Streams::retention`]
+    /// (its dead-letter stream keeps the same).
+    pub limits: StreamLimits,
+}
+
+/// One stream's own retention limits: each one set replaces the hub-wide one
+/// ([`Streams::retention`]) for that stream; those not set are the hub-wide ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamLimits {
+    /// The most events it keeps.
+    pub max_events: Option<u64>,
+    /// The most bytes its files may take.
+    pub max_bytes: Option<u64>,
+    /// Its events older than this are deleted (a segment at a time).
+    pub max_age: Option<Duration>,
+}
+
+impl StreamLimits {
+    /// No limit of its own: the hub-wide ones.
+    pub fn new() -> Self {
+        StreamLimits::default()
+    }
+
+    /// Keeps at most `n` events.
+    pub fn max_events(mut self, n: u64) -> Self {
+        self.max_events = Some(n);
+        self
+    }
+
+    /// Its files take at most `bytes`.
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// Deletes events older than `age`.
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// These limits over `hub_wide`.
+    pub fn over(&self, hub_wide: &crate::store::Retention) -> crate::store::Retention {
+        crate::store::Retention {
+            max_events: self.max_events.unwrap_or(hub_wide.max_events),
+            max_bytes: self.max_bytes.unwrap_or(hub_wide.max_bytes),
+            max_age: self.max_age.or(hub_wide.max_age),
+        }
+    }
 }
 
 impl StreamSpec {
@@ -137,7 +203,14 @@ impl StreamSpec {
         StreamSpec {
             name: name.into(),
             patterns: patterns.iter().map(|p| p.to_string()).collect(),
+            limits: StreamLimits::default(),
         }
+    }
+
+    /// The same stream with limits of its own.
+    pub fn with_limits(mut self, limits: StreamLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Parses `NAME=PATTERN[,PATTERN...]`, as `hubcast serve --stream` takes it.
@@ -314,6 +387,8 @@ pub enum Setting {
     DrainTimeout,
     /// [`Streams::declared`]
     Stream,
+    /// [`StreamSpec::limits`]
+    StreamLimits,
     /// [`Streams::data_dir`]
     DataDir,
     /// [`Streams::dedup_window`]
@@ -351,6 +426,7 @@ impl Setting {
             Setting::IdleTimeout => "timeouts.idle",
             Setting::DrainTimeout => "timeouts.drain",
             Setting::Stream => "streams.declared",
+            Setting::StreamLimits => "streams.limits",
             Setting::DataDir => "streams.data_dir",
             Setting::DedupWindow => "streams.dedup_window",
             Setting::AuthTimeout => "timeouts.auth",
@@ -380,6 +456,7 @@ impl Setting {
             Setting::IdleTimeout => "--idle-timeout",
             Setting::DrainTimeout => "--drain-timeout",
             Setting::Stream => "--stream",
+            Setting::StreamLimits => "--stream-limits",
             Setting::DataDir => "--data-dir",
             Setting::DedupWindow => "--dedup-window",
             Setting::AuthTimeout => "--auth-timeout",
@@ -629,6 +706,29 @@ impl Streams {
                     );
                 }
             }
+            let limits = &spec.limits;
+            if limits.max_events == Some(0) || limits.max_bytes == Some(0) {
+                return unusable(
+                    Setting::StreamLimits,
+                    format!(
+                        "stream {:?}: max_events and max_bytes must be more than 0",
+                        spec.name
+                    ),
+                );
+            }
+            if limits
+                .max_age
+                .is_some_and(|age| age.is_zero() || age > MAX_DURATION)
+            {
+                return unusable(
+                    Setting::StreamLimits,
+                    format!(
+                        "stream {:?}: max_age must be more than 0 and at most {} days",
+                        spec.name,
+                        MAX_DURATION.as_secs() / 86_400
+                    ),
+                );
+            }
         }
         if self.dedup_window > MAX_DURATION {
             return Err(ConfigError {
@@ -733,6 +833,44 @@ mod tests {
     #[test]
     fn the_defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    /// Issue #12: a stream's own limits replace the hub-wide ones for it and its
+    /// dead-letter stream, and no other; limits that cannot work are refused.
+    #[test]
+    fn a_stream_keeps_its_own_limits_over_the_hub_wide_ones() {
+        let week = Duration::from_secs(7 * 86_400);
+        let config = Config::builder()
+            .streams(vec![
+                StreamSpec::new("orders", &["pickup"])
+                    .with_limits(StreamLimits::new().max_events(5).max_age(week)),
+                StreamSpec::new("audit", &["audit.>"]),
+            ])
+            .build()
+            .unwrap();
+        let hub_wide = crate::store::Retention::default();
+        let orders = config.streams.retention_of("orders");
+        assert_eq!(
+            (orders.max_events, orders.max_bytes, orders.max_age),
+            (5, hub_wide.max_bytes, Some(week))
+        );
+        assert_eq!(config.streams.retention_of("orders.dead"), orders);
+        assert_eq!(config.streams.retention_of("audit"), hub_wide);
+        assert_eq!(config.streams.retention_of("audit.dead"), hub_wide);
+        for limits in [
+            StreamLimits::new().max_events(0),
+            StreamLimits::new().max_bytes(0),
+            StreamLimits::new().max_age(Duration::ZERO),
+        ] {
+            let refused = Config::builder()
+                .streams(vec![
+                    StreamSpec::new("orders", &["pickup"]).with_limits(limits)
+                ])
+                .build()
+                .unwrap_err();
+            assert_eq!(refused.setting, Setting::StreamLimits, "{refused}");
+            assert!(refused.to_string().contains("\"orders\""), "{refused}");
+        }
     }
 
     /// Issue #11 (5): settings that cannot work are refused, naming the setting.

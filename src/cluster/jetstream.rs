@@ -678,7 +678,7 @@ async fn ensure_stream(
 ) -> Result<stream::Stream, Ensure> {
     let js_name = subject::jetstream_stream(name);
     let subjects = vec![subject::stream_subjects(name)];
-    let retention = &streams.retention;
+    let retention = &streams.retention_of(name);
     let max_age = retention.max_age.unwrap_or(Duration::ZERO);
     // JetStream refuses a duplicate window longer than the streams' max age.
     let window = match retention.max_age {

@@ -179,6 +179,7 @@ impl Consumers {
         config.retention.max_events = u64::MAX;
         config.retention.max_bytes = u64::MAX;
         config.retention.max_age = None;
+        config.stream_retention.clear();
         let (log, recovery) = SegmentLog::open(config)?;
         let mut notes = recovery.repairs;
         let (ledgers, problems) = read_ledgers(&log)?;

@@ -83,7 +83,7 @@ impl Durable {
     /// Opens the store in `streams.data_dir` when any stream is declared.
     pub(crate) fn open(streams: &Streams) -> Result<(Self, Recovery), ConfigError> {
         let mut router = Router::default();
-        let mut names = Vec::new();
+        let mut names: Vec<Arc<str>> = Vec::new();
         for (index, spec) in streams.declared.iter().enumerate() {
             for text in &spec.patterns {
                 let pattern = Pattern::parse(text)
@@ -110,6 +110,10 @@ impl Durable {
             let mut config = StoreConfig::new(&streams.data_dir);
             config.fsync = streams.fsync;
             config.retention = streams.retention.clone();
+            config.stream_retention = names
+                .iter()
+                .map(|name| (name.to_string(), streams.retention_of(name)))
+                .collect();
             let unusable = |e: crate::store::StoreError| {
                 ConfigError::unusable(
                     Setting::DataDir,

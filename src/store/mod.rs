@@ -82,8 +82,10 @@ pub struct StoreConfig {
     pub fsync: Fsync,
     /// A segment file is closed and a new one begun past this size.
     pub segment_bytes: u64,
-    /// How much each stream keeps.
+    /// How much each stream keeps, unless `stream_retention` says otherwise.
     pub retention: Retention,
+    /// What a stream named here keeps instead of `retention`.
+    pub stream_retention: std::collections::HashMap<String, Retention>,
     /// The most bytes of appends waiting for the writer: past it, appends fail at
     /// once ([`StoreError::Behind`]) rather than queue without bound when events come
     /// faster than the disk takes them (default 64 MiB).
@@ -91,6 +93,11 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// What `stream` keeps.
+    pub fn retention_of(&self, stream: &str) -> &Retention {
+        self.stream_retention.get(stream).unwrap_or(&self.retention)
+    }
+
     /// The defaults (fsync always, 64 MiB segments, default retention) in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         StoreConfig {
@@ -98,6 +105,7 @@ impl StoreConfig {
             fsync: Fsync::Always,
             segment_bytes: 64 << 20,
             retention: Retention::default(),
+            stream_retention: std::collections::HashMap::new(),
             max_queued: 64 << 20,
         }
     }

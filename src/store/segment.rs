@@ -735,7 +735,7 @@ impl Writer {
                     Ok(()) => {
                         if let Some(meta) = streams.get_mut(&stream) {
                             meta.last_seq += batch.records.len() as u64;
-                            self.retain(meta, now);
+                            self.retain(&stream, meta, now);
                         }
                         outcomes.push((Ok(()), batch.done));
                     }
@@ -825,8 +825,8 @@ impl Writer {
 
     /// Deletes a stream's oldest segments (never the active one) while it is over a
     /// retention limit.
-    fn retain(&self, meta: &mut Meta, now_ms: u64) {
-        let limits = &self.config.retention;
+    fn retain(&self, stream: &str, meta: &mut Meta, now_ms: u64) {
+        let limits = self.config.retention_of(stream);
         while meta.segments.len() > 1 {
             let info = meta.info();
             let oldest = &meta.segments[0];
@@ -1061,6 +1061,33 @@ mod tests {
         log.close();
         let (log, _) = SegmentLog::open(config).unwrap();
         assert_eq!(log.info("s").unwrap(), info);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_stream_with_limits_of_its_own_keeps_to_them_and_the_others_to_the_hub_wide() {
+        let dir = temp_dir("stream-retention");
+        let mut config = StoreConfig::new(&dir);
+        config.segment_bytes = 2048;
+        config.fsync = Fsync::Never;
+        config.retention.max_events = 1_000;
+        let mut short = config.retention.clone();
+        short.max_events = 100;
+        config.stream_retention.insert("short".into(), short);
+        let (log, _) = SegmentLog::open(config).unwrap();
+        for chunk in 0..10 {
+            append_all(&log, "short", (chunk * 50..chunk * 50 + 50).map(line));
+            append_all(&log, "long", (chunk * 50..chunk * 50 + 50).map(line));
+        }
+        let short = log.info("short").unwrap();
+        assert!(
+            short.events <= 100 + 60 && short.first_seq > 300,
+            "{short:?}"
+        );
+        // The hub-wide 1,000 keeps all 500 of the other stream.
+        let long = log.info("long").unwrap();
+        assert_eq!((long.first_seq, long.events), (1, 500), "{long:?}");
+        log.close();
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -194,6 +194,21 @@ impl NatsCluster {
         leader[1..].parse().unwrap()
     }
 
+    /// The configuration of JetStream stream `name`, as node `i` has it.
+    async fn stream_config(&self, i: usize, name: &str) -> Value {
+        let jsz = self
+            .monitor(i, "/jsz?streams=true&config=true&accounts=true")
+            .await;
+        jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == name)
+            .map(|s| s["config"].clone())
+            .unwrap_or_else(|| panic!("no stream {name}: {jsz}"))
+    }
+
     async fn kill9(&mut self, i: usize) {
         let mut node = self.nodes[i].take().unwrap();
         node.child.start_kill().unwrap();
@@ -1169,13 +1184,15 @@ async fn the_backplane_speaks_tls_to_nats() {
 
 /// The flags of a node whose `orders` stream lives in JetStream, on all three servers.
 /// (The test servers keep 256 MiB each: the stream asks for 16 MiB.)
-const JETSTREAM: [&str; 6] = [
+const JETSTREAM: [&str; 8] = [
     "--stream",
     "orders=pickup",
     "--replicas",
     "3",
     "--max-stream-bytes",
     "16MiB",
+    "--stream-limits",
+    "orders:max_age=1d",
 ];
 
 /// Sends `pickup` events with ids `{prefix}-{i}` from `peer` and returns each id's
@@ -1285,6 +1302,14 @@ async fn streams_live_in_jetstream_and_a_work_queue_spans_nodes() {
         .await;
     let refused = other.next().await;
     assert_eq!(refused["payload"]["code"], "consumer_mismatch", "{refused}");
+
+    // The stream and its dead letters keep what the hubs were told: the hub-wide
+    // --max-stream-bytes, and the stream's own max_age (--stream-limits).
+    for name in ["orders", "orders~dead"] {
+        let config = nats.stream_config(0, name).await;
+        assert_eq!(config["max_bytes"], 16 << 20, "{name}: {config}");
+        assert_eq!(config["max_age"], 86_400_000_000_000u64, "{name}: {config}");
+    }
 
     let mut vendor = Peer::connect(a.port).await;
     vendor.subscribe(&["nothing"]).await;

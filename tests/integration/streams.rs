@@ -277,6 +277,89 @@ async fn bad_stream_flags_are_named() {
     }
 }
 
+/// Issue #12: a stream's own limits (`--stream-limits`, or `limits` in the config
+/// file's `[streams]`) are checked, named when wrong, and what each stream keeps is
+/// said as it opens.
+#[tokio::test]
+async fn each_stream_can_have_limits_of_its_own() {
+    for (bad, says) in [
+        ("x:max_events=5", "no stream \"x\" is declared"),
+        ("orders", "expected NAME:max_events=N"),
+        ("orders:", "expected NAME:max_events=N"),
+        ("orders:max_events=0", "max_events: must be at least 1"),
+        ("orders:max_bytes=lots", "max_bytes:"),
+        ("orders:max_age=soon", "max_age:"),
+        ("orders:size=5", "unknown limit \"size\""),
+        (
+            "orders:max_events=5,max_events=6",
+            "max_events is given twice",
+        ),
+    ] {
+        let output = within(
+            HubProcess::command(&["serve", "--port", "0", "--stream", "orders=pickup"])
+                .args(["--stream-limits", bad])
+                .output(),
+        )
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("--stream-limits") && stderr.contains(says),
+            "{bad}: {stderr}"
+        );
+    }
+    let twice = within(
+        HubProcess::command(&["serve", "--port", "0", "--stream", "orders=pickup"])
+            .args(["--stream-limits", "orders:max_events=5"])
+            .args(["--stream-limits", "orders:max_age=1d"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(twice.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("given limits twice"));
+
+    // From the config file: `orders` keeps 5,000 events for a week, `audit` the
+    // hub-wide limits (here from the command line).
+    let dir = temp_dir("stream-limits");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("hubcast.toml");
+    std::fs::write(
+        &file,
+        "[streams]\ndeclared = [\"orders=pickup\", \"audit=audit.>\"]\ndata_dir = \"data\"\n\
+         limits = [\"orders:max_events=5000,max_age=7d\"]\n",
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let mut hub = HubProcess::spawn({
+        let mut cmd = HubProcess::command(&["serve", "--port", "0", "--config", &file]);
+        cmd.args(["--max-stream-events", "700"]);
+        cmd
+    })
+    .await;
+    hub.wait_log("storing matching events", 2).await;
+    let said = |stream: &str| {
+        hub.lines
+            .iter()
+            .find(|l| l.contains(&format!("stream={stream} ")))
+            .cloned()
+            .unwrap()
+    };
+    let orders = said("orders");
+    assert!(
+        orders.contains("max_events=5000 max_bytes=1073741824 max_age=7days"),
+        "{orders}"
+    );
+    let audit = said("audit");
+    assert!(
+        audit.contains("max_events=700 max_bytes=1073741824 max_age=off"),
+        "{audit}"
+    );
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The tools name what is missing: a directory with no store, a stream not in it.
 #[tokio::test]
 async fn the_tools_say_what_is_missing() {

@@ -69,6 +69,7 @@ pub const KEYS: &[(&str, &str, Kind)] = &[
     ("streams.max_events", "max-stream-events", Kind::Value),
     ("streams.max_bytes", "max-stream-bytes", Kind::Value),
     ("streams.max_age", "max-stream-age", Kind::Value),
+    ("streams.limits", "stream-limits", Kind::List),
     ("auth.file", "auth", Kind::Path),
     ("auth.jwt_key", "jwt-key", Kind::Path),
     ("tls.cert", "tls-cert", Kind::Path),

@@ -97,6 +97,11 @@ pub struct Args {
     /// Segments whose newest event is older than this are deleted (default: kept).
     #[arg(long, value_parser = parse_positive_duration)]
     max_stream_age: Option<Duration>,
+    /// One stream's own limits, in place of --max-stream-events/-bytes/-age for it
+    /// (and its dead-letter stream): NAME:max_events=N,max_bytes=SIZE,max_age=DURATION,
+    /// any of the three (repeatable; e.g. orders:max_age=7d,max_bytes=10GiB).
+    #[arg(long = "stream-limits", value_name = "NAME:LIMITS", value_parser = parse_stream_limits)]
+    stream_limits: Vec<(String, hubcast::StreamLimits)>,
     /// Require authentication: users, token hashes and permissions in this TOML file
     /// (see docs/security.md). Reread on SIGHUP.
     #[arg(long, env = "HUBCAST_AUTH", value_name = "FILE")]
@@ -231,6 +236,72 @@ fn parse_stream(text: &str) -> Result<hubcast::StreamSpec, String> {
     hubcast::StreamSpec::parse(text)
 }
 
+/// `NAME:max_events=N,max_bytes=SIZE,max_age=DURATION` (any of the three, each once).
+fn parse_stream_limits(text: &str) -> Result<(String, hubcast::StreamLimits), String> {
+    const SHAPE: &str =
+        "expected NAME:max_events=N,max_bytes=SIZE,max_age=DURATION (any of the three)";
+    let (name, list) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: {SHAPE}"))?;
+    let name = name.trim();
+    if name.is_empty() || list.trim().is_empty() {
+        return Err(format!("{text:?}: {SHAPE}"));
+    }
+    let mut limits = hubcast::StreamLimits::new();
+    for item in list.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: {SHAPE}"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let twice = || format!("{key} is given twice for stream {name:?}");
+        match key {
+            "max_events" => {
+                let n = parse_positive(value).map_err(|e| format!("max_events: {e}"))?;
+                if limits.max_events.replace(n as u64).is_some() {
+                    return Err(twice());
+                }
+            }
+            "max_bytes" => {
+                let n = parse_size(value).map_err(|e| format!("max_bytes: {e}"))?;
+                if limits.max_bytes.replace(n as u64).is_some() {
+                    return Err(twice());
+                }
+            }
+            "max_age" => {
+                let age = parse_positive_duration(value).map_err(|e| format!("max_age: {e}"))?;
+                if limits.max_age.replace(age).is_some() {
+                    return Err(twice());
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown limit {other:?} (known: max_events, max_bytes, max_age)"
+                ))
+            }
+        }
+    }
+    Ok((name.to_string(), limits))
+}
+
+/// The declared streams with the limits `--stream-limits` gives them.
+fn streams_with_limits(args: &Args) -> Result<Vec<hubcast::StreamSpec>, crate::UsageError> {
+    let mut streams = args.streams.clone();
+    for (name, limits) in &args.stream_limits {
+        let Some(spec) = streams.iter_mut().find(|spec| &spec.name == name) else {
+            return Err(crate::UsageError(format!(
+                "--stream-limits: no stream {name:?} is declared (declare it with --stream {name}=PATTERN)"
+            )));
+        };
+        if spec.limits != hubcast::StreamLimits::default() {
+            return Err(crate::UsageError(format!(
+                "--stream-limits: stream {name:?} is given limits twice (put them in one: {name}:max_events=N,max_age=D)"
+            )));
+        }
+        spec.limits = limits.clone();
+    }
+    Ok(streams)
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum SlowConsumer {
     Disconnect,
@@ -283,7 +354,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Prepared> {
         })
         .idle_timeout(args.idle_timeout)
         .drain_timeout(args.drain_timeout)
-        .streams(args.streams.clone())
+        .streams(streams_with_limits(args)?)
         .data_dir(args.data_dir.clone())
         .fsync(match args.fsync {
             FsyncPolicy::Always => hubcast::store::Fsync::Always,
@@ -364,6 +435,23 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     raise_open_files_limit(config.limits.max_connections, "clients");
     let quiet = args.quiet;
+    // What each stream keeps, said as it is opened.
+    let kept: Vec<String> = config
+        .streams
+        .declared
+        .iter()
+        .map(|spec| {
+            let kept = config.streams.retention_of(&spec.name);
+            let age = kept.max_age.map_or_else(
+                || "off".to_string(),
+                |a| humantime::format_duration(a).to_string(),
+            );
+            format!(
+                "max_events={} max_bytes={} max_age={age}",
+                kept.max_events, kept.max_bytes
+            )
+        })
+        .collect();
     let mut signals = Signals::install()?;
     let events = (!quiet).then(EventLog::start);
     let hub = Hub::try_with_observer(config, move |event| match (event, &events) {
@@ -375,12 +463,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Valid settings, but the store cannot be opened there (permissions, a file in
     // the way): an environment problem, exit 1.
     .map_err(|e| anyhow::anyhow!(e.describe(hubcast::Setting::flag)))?;
-    for spec in &args.streams {
+    for (spec, kept) in args.streams.iter().zip(&kept) {
         if args.cluster.is_empty() {
             info!(
                 stream = %spec.name,
                 patterns = %spec.patterns.join(","),
                 data_dir = %args.data_dir.display(),
+                keeps = ?kept,
                 "storing matching events"
             );
         } else {
@@ -388,6 +477,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 stream = %spec.name,
                 patterns = %spec.patterns.join(","),
                 replicas = args.replicas,
+                keeps = ?kept,
                 "storing matching events in JetStream"
             );
         }
