@@ -8,6 +8,7 @@
 //! dedup window is neither stored nor broadcast again: it is answered
 //! `"duplicate": true` with the first one's `seq` (once the first is durable).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -59,8 +60,9 @@ pub(crate) struct Durable {
 #[derive(Default)]
 struct Dedup {
     /// Seeded per process: ids are chosen by clients.
-    by_id: HashMap<Box<str>, Seen, foldhash::quality::RandomState>,
-    order: VecDeque<(Instant, Box<str>)>,
+    /// Each key is shared with its entry in `order` (one allocation per id).
+    by_id: HashMap<Arc<str>, Seen, foldhash::quality::RandomState>,
+    order: VecDeque<(Instant, Arc<str>)>,
 }
 
 enum Seen {
@@ -209,7 +211,7 @@ impl Durable {
                     now_ms.saturating_sub(time_ms),
                 ))
                 .unwrap_or(now);
-            let id: Box<str> = id.into();
+            let id: Arc<str> = id.into();
             dedup.by_id.insert(
                 id.clone(),
                 Seen::Done {
@@ -360,30 +362,34 @@ impl Durable {
             }
             return Verdict::Deliver(None);
         };
+        // Most ids are new: the key is made once, and the map probed once for it.
+        let key: Arc<str> = id.into();
         {
             let mut dedup = self.lock();
             self.expire(&mut dedup);
-            match dedup.by_id.get_mut(id) {
-                Some(Seen::Pending(waiting)) => {
-                    waiting.push(from);
-                    return Verdict::Drop;
-                }
-                Some(Seen::Done { stream, seq }) => {
-                    let reply = stored_frame(id, stream.map(|s| &*self.names[s]), *seq, true);
-                    hub.reply(from, reply);
-                    return Verdict::Drop;
-                }
-                None => {}
-            }
-            let seen = match stream {
-                Some(_) => Seen::Pending(Vec::new()),
-                None => Seen::Done {
-                    stream: None,
-                    seq: 0,
+            match dedup.by_id.entry(Arc::clone(&key)) {
+                Entry::Occupied(mut seen) => match seen.get_mut() {
+                    Seen::Pending(waiting) => {
+                        waiting.push(from);
+                        return Verdict::Drop;
+                    }
+                    Seen::Done { stream, seq } => {
+                        let reply = stored_frame(id, stream.map(|s| &*self.names[s]), *seq, true);
+                        hub.reply(from, reply);
+                        return Verdict::Drop;
+                    }
                 },
-            };
-            dedup.by_id.insert(id.into(), seen);
-            dedup.order.push_back((Instant::now(), id.into()));
+                Entry::Vacant(vacant) => {
+                    vacant.insert(match stream {
+                        Some(_) => Seen::Pending(Vec::new()),
+                        None => Seen::Done {
+                            stream: None,
+                            seq: 0,
+                        },
+                    });
+                }
+            }
+            dedup.order.push_back((Instant::now(), Arc::clone(&key)));
         }
         let Some(stream) = stream else {
             return Verdict::Deliver(Some(stored_frame(id, None, 0, false)));
@@ -394,15 +400,12 @@ impl Durable {
             .expect("a stream matched, so there is a store");
         // The sender itself, not its id: its confirmation goes straight to its queue,
         // without a look-up in the pool (on the store's writer, once per event).
-        let (hub, id_owned, sender) = (hub.clone(), Box::<str>::from(id), Arc::clone(sender));
+        let (hub, sender) = (hub.clone(), Arc::clone(sender));
         store.append(
             &self.names[stream],
             Some(id.to_owned()),
             event.line().clone(),
-            Box::new(move |result| {
-                hub.durable()
-                    .settle(&hub, &sender, &id_owned, stream, result)
-            }),
+            Box::new(move |result| hub.durable().settle(&hub, &sender, &key, stream, result)),
         );
         Verdict::Deliver(None)
     }
@@ -441,7 +444,10 @@ impl Durable {
                         stream: Some(stream),
                         seq: *seq,
                     };
-                    dedup.by_id.insert(id.into(), done);
+                    let key: Arc<str> = id.into();
+                    dedup.by_id.insert(Arc::clone(&key), done);
+                    // And forgotten again in its turn.
+                    dedup.order.push_back((Instant::now(), key));
                     Vec::new()
                 }
                 // Not stored: a resend must be able to try again.
@@ -519,12 +525,17 @@ impl Durable {
                 break;
             }
             let (at, id) = dedup.order.pop_front().expect("checked");
-            match dedup.by_id.get(&id) {
-                Some(Seen::Pending(_)) => dedup.order.push_back((at, id)),
-                Some(Seen::Done { .. }) => {
-                    dedup.by_id.remove(&id);
+            // One probe: taken out, and put back in the rare cases it must stay (still
+            // being stored, or the map's entry for this id is a later one).
+            if let Some((key, seen)) = dedup.by_id.remove_entry(&id) {
+                let later = !Arc::ptr_eq(&key, &id);
+                let pending = matches!(seen, Seen::Pending(_));
+                if later || pending {
+                    dedup.by_id.insert(key, seen);
                 }
-                None => {}
+                if pending && !later {
+                    dedup.order.push_back((at, id));
+                }
             }
         }
     }

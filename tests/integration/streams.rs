@@ -1,6 +1,8 @@
 //! Durable streams, first part (issue #12): `--stream`, `$stored` confirmations and
 //! deduplication by `"id"`, surviving a restart and `kill -9`.
 
+use std::time::Duration;
+
 use hubcast::store::{SegmentLog, Store, StoreConfig};
 use hubcast::{Config, StreamSpec};
 use serde_json::{json, Value};
@@ -49,6 +51,50 @@ async fn an_id_is_confirmed_live_and_a_resend_is_dropped() {
     // The listener's next event is the one after: the resend never reached it.
     publisher.send(r#"{"event":"b","payload":2}"#).await;
     assert_eq!(listener.json().await["event"], "b");
+}
+
+/// A resend within `--dedup-window` is answered with the first seq; once the window
+/// has passed, the id is forgotten and the same id is stored again as a new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_is_forgotten_once_the_dedup_window_has_passed() {
+    let dir = temp_dir("window");
+    let window = Duration::from_millis(300);
+    let hub = TestHub::start(
+        Config::builder()
+            .streams(vec![StreamSpec::new("orders", &["pickup"])])
+            .data_dir(dir.clone())
+            .dedup_window(window)
+            .echo(false)
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let mut publisher = hub.connect().await;
+    publisher.send(with_id("pickup", "w-1", 1)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "w-1", "stream": "orders", "seq": 1})
+    );
+    let first = std::time::Instant::now();
+    publisher.send(with_id("pickup", "w-1", 1)).await;
+    let again = stored(&mut publisher).await;
+    assert!(
+        first.elapsed() >= window
+            || again == json!({"id": "w-1", "stream": "orders", "seq": 1, "duplicate": true}),
+        "{again}"
+    );
+    // The window is what is being tested: it has to pass.
+    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    // Any event makes the hub forget what is older than the window.
+    publisher.send(with_id("pickup", "w-2", 2)).await;
+    assert_eq!(stored(&mut publisher).await["seq"], 2);
+    publisher.send(with_id("pickup", "w-1", 1)).await;
+    assert_eq!(
+        stored(&mut publisher).await,
+        json!({"id": "w-1", "stream": "orders", "seq": 3})
+    );
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The publisher hears its own echo, then the confirmation (live only: at once).
