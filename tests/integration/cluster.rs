@@ -180,22 +180,9 @@ impl NatsCluster {
         conn["out_msgs"].as_u64().unwrap()
     }
 
-    /// The node that leads JetStream stream `name` (as a surviving node `i` sees it).
-    async fn stream_leader(&self, i: usize, name: &str) -> usize {
-        let jsz = self.monitor(i, "/jsz?streams=true&accounts=true").await;
-        let leader = jsz["account_details"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
-            .find(|s| s["name"] == name)
-            .and_then(|s| s["cluster"]["leader"].as_str())
-            .unwrap_or_else(|| panic!("no leader of stream {name}: {jsz}"));
-        leader[1..].parse().unwrap()
-    }
-
-    /// The configuration of JetStream stream `name`, as node `i` has it.
-    async fn stream_config(&self, i: usize, name: &str) -> Value {
+    /// What node `i`'s monitoring says of JetStream stream `name`, its configuration
+    /// included.
+    async fn stream_detail(&self, i: usize, name: &str) -> Value {
         let jsz = self
             .monitor(i, "/jsz?streams=true&config=true&accounts=true")
             .await;
@@ -205,8 +192,17 @@ impl NatsCluster {
             .flatten()
             .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
             .find(|s| s["name"] == name)
-            .map(|s| s["config"].clone())
-            .unwrap_or_else(|| panic!("no stream {name}: {jsz}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no stream {name} on node {i}: {jsz}"))
+    }
+
+    /// The node that leads JetStream stream `name` (as a surviving node `i` sees it).
+    async fn stream_leader(&self, i: usize, name: &str) -> usize {
+        let detail = self.stream_detail(i, name).await;
+        let leader = detail["cluster"]["leader"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no leader of stream {name}: {detail}"));
+        leader[1..].parse().unwrap()
     }
 
     async fn kill9(&mut self, i: usize) {
@@ -1306,7 +1302,7 @@ async fn streams_live_in_jetstream_and_a_work_queue_spans_nodes() {
     // The stream and its dead letters keep what the hubs were told: the hub-wide
     // --max-stream-bytes, and the stream's own max_age (--stream-limits).
     for name in ["orders", "orders~dead"] {
-        let config = nats.stream_config(0, name).await;
+        let config = &nats.stream_detail(0, name).await["config"];
         assert_eq!(config["max_bytes"], 16 << 20, "{name}: {config}");
         assert_eq!(config["max_age"], 86_400_000_000_000u64, "{name}: {config}");
     }
