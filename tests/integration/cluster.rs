@@ -56,57 +56,22 @@ impl NatsCluster {
             fastrand::u32(..)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<(u16, u16, u16)> = (0..3)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let route = |i: usize| format!("nats-route://127.0.0.1:{}", ports[i].1);
-        let mut nodes = Vec::new();
-        for (i, &(port, route_port, http)) in ports.iter().enumerate() {
-            let name = format!("n{i}");
-            let mut child = Command::new("nats-server")
-                .args(["-c", CONFIG])
-                .env("NATS_NAME", &name)
-                .env("NATS_PORT", port.to_string())
-                .env("NATS_HTTP_ADDR", format!("127.0.0.1:{http}"))
-                .env("NATS_STORE", dir.join(&name))
-                .env("NATS_ROUTE", route_port.to_string())
-                .env("NATS_ROUTE_A", route(0))
-                .env("NATS_ROUTE_B", route(1))
-                .env("NATS_ROUTE_C", route(2))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap();
-            let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
-            loop {
-                let line = within(log.next_line())
-                    .await
-                    .unwrap()
-                    .unwrap_or_else(|| panic!("nats-server {name} exited while starting"));
-                if line.contains("Server is ready") {
-                    break;
+        // Ports are picked free, then let go for nats-server to bind: another process
+        // can take one in between (an outgoing connection's ephemeral port), and the
+        // server then exits at start. The whole cluster is started again on new ports.
+        let mut attempt = 1;
+        let nodes = loop {
+            match Self::start_nodes(&dir).await {
+                Ok(nodes) => break nodes,
+                Err(why) if attempt < 5 => {
+                    eprintln!("starting the NATS cluster again (attempt {attempt}): {why}");
+                    attempt += 1;
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(&dir).unwrap();
                 }
+                Err(why) => panic!("the NATS cluster did not start in 5 attempts: {why}"),
             }
-            let tail = Arc::new(Mutex::new(VecDeque::new()));
-            let keep = Arc::clone(&tail);
-            tokio::spawn(async move {
-                while let Ok(Some(line)) = log.next_line().await {
-                    let mut tail = keep.lock().unwrap();
-                    if tail.len() == LOG_TAIL {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            });
-            nodes.push(Some(NatsNode {
-                child,
-                port,
-                http: SocketAddr::from(([127, 0, 0, 1], http)),
-                log: tail,
-            }));
-        }
+        };
         let cluster = NatsCluster {
             nodes,
             dir,
@@ -144,6 +109,69 @@ impl NatsCluster {
             .await;
         }
         Some(cluster)
+    }
+
+    /// Starts the three servers on ports picked now; a server that exits while
+    /// starting is an error with the last lines it printed (the others are stopped).
+    async fn start_nodes(dir: &std::path::Path) -> Result<Vec<Option<NatsNode>>, String> {
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let route = |i: usize| format!("nats-route://127.0.0.1:{}", ports[i].1);
+        let mut nodes = Vec::new();
+        for (i, &(port, route_port, http)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let mut child = Command::new("nats-server")
+                .args(["-c", CONFIG])
+                .env("NATS_NAME", &name)
+                .env("NATS_PORT", port.to_string())
+                .env("NATS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+                .env("NATS_STORE", dir.join(&name))
+                .env("NATS_ROUTE", route_port.to_string())
+                .env("NATS_ROUTE_A", route(0))
+                .env("NATS_ROUTE_B", route(1))
+                .env("NATS_ROUTE_C", route(2))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+            let mut said = Vec::new();
+            loop {
+                let Some(line) = within(log.next_line()).await.unwrap() else {
+                    // Dropping `child` and `nodes` stops this server and the others.
+                    let last = said.len().saturating_sub(3);
+                    return Err(format!(
+                        "nats-server {name} exited while starting: {}",
+                        said[last..].join(" | ")
+                    ));
+                };
+                if line.contains("Server is ready") {
+                    break;
+                }
+                said.push(line);
+            }
+            let tail = Arc::new(Mutex::new(VecDeque::new()));
+            let keep = Arc::clone(&tail);
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = log.next_line().await {
+                    let mut tail = keep.lock().unwrap();
+                    if tail.len() == LOG_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
+            nodes.push(Some(NatsNode {
+                child,
+                port,
+                http: SocketAddr::from(([127, 0, 0, 1], http)),
+                log: tail,
+            }));
+        }
+        Ok(nodes)
     }
 
     fn url(&self, i: usize) -> String {
