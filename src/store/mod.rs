@@ -73,6 +73,21 @@ impl Default for Retention {
     }
 }
 
+/// As the hub logs it: `max_events=10000000 max_bytes=1073741824 max_age=off`.
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "max_events={} max_bytes={} max_age=",
+            self.max_events, self.max_bytes
+        )?;
+        match self.max_age {
+            Some(age) => write!(f, "{}", humantime::format_duration(age)),
+            None => f.write_str("off"),
+        }
+    }
+}
+
 /// How a [`SegmentLog`] is set up.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {

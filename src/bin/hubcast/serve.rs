@@ -253,31 +253,28 @@ fn parse_stream_limits(text: &str) -> Result<(String, hubcast::StreamLimits), St
             .split_once('=')
             .ok_or_else(|| format!("{item:?}: {SHAPE}"))?;
         let (key, value) = (key.trim(), value.trim());
-        let twice = || format!("{key} is given twice for stream {name:?}");
-        match key {
-            "max_events" => {
-                let n = parse_positive(value).map_err(|e| format!("max_events: {e}"))?;
-                if limits.max_events.replace(n as u64).is_some() {
-                    return Err(twice());
-                }
-            }
-            "max_bytes" => {
-                let n = parse_size(value).map_err(|e| format!("max_bytes: {e}"))?;
-                if limits.max_bytes.replace(n as u64).is_some() {
-                    return Err(twice());
-                }
-            }
-            "max_age" => {
-                let age = parse_positive_duration(value).map_err(|e| format!("max_age: {e}"))?;
-                if limits.max_age.replace(age).is_some() {
-                    return Err(twice());
-                }
-            }
+        let named = |e: String| format!("{key}: {e}");
+        let earlier = match key {
+            "max_events" => limits
+                .max_events
+                .replace(parse_positive(value).map_err(named)? as u64)
+                .is_some(),
+            "max_bytes" => limits
+                .max_bytes
+                .replace(parse_size(value).map_err(named)? as u64)
+                .is_some(),
+            "max_age" => limits
+                .max_age
+                .replace(parse_positive_duration(value).map_err(named)?)
+                .is_some(),
             other => {
                 return Err(format!(
                     "unknown limit {other:?} (known: max_events, max_bytes, max_age)"
                 ))
             }
+        };
+        if earlier {
+            return Err(format!("{key} is given twice for stream {name:?}"));
         }
     }
     Ok((name.to_string(), limits))
@@ -440,17 +437,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .streams
         .declared
         .iter()
-        .map(|spec| {
-            let kept = config.streams.retention_of(&spec.name);
-            let age = kept.max_age.map_or_else(
-                || "off".to_string(),
-                |a| humantime::format_duration(a).to_string(),
-            );
-            format!(
-                "max_events={} max_bytes={} max_age={age}",
-                kept.max_events, kept.max_bytes
-            )
-        })
+        .map(|spec| config.streams.retention_of(&spec.name).to_string())
         .collect();
     let mut signals = Signals::install()?;
     let events = (!quiet).then(EventLog::start);
