@@ -264,10 +264,14 @@ fn ready(context: &Context) -> Reply {
     // The hub serves only once its store opened (or it has none), and this answer
     // comes from its listener: listening. In a cluster, ready also needs the link to
     // the other nodes.
-    let store = if context.hub.durable().has_streams() {
-        "open"
-    } else {
+    let durable = context.hub.durable();
+    // A failing store does not make the hub unready: live traffic still flows.
+    let store = if !durable.has_streams() {
         "none"
+    } else if durable.failures().1 {
+        "failing"
+    } else {
+        "open"
     };
     let (ready, backplane) = match context.hub.backplane_status() {
         None => (true, serde_json::json!("none")),
@@ -716,6 +720,19 @@ impl Collector for HubCollector {
         let durable = hub.durable();
         if durable.has_streams() {
             let (streams, consumers) = durable.live_info();
+            let (failures, failing) = durable.failures();
+            counter(
+                &mut e,
+                "hubcast_store_failures",
+                "Appends and reads the store failed (each answered storage or logged).",
+                failures,
+            )?;
+            gauge(
+                &mut e,
+                "hubcast_store_failing",
+                "1 while the store is failing: the last append or read failed and none succeeded since.",
+                i64::from(failing),
+            )?;
             family(
                 &mut e,
                 "hubcast_stream_last_seq",

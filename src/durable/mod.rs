@@ -54,6 +54,10 @@ pub(crate) struct Durable {
     /// Storage failures not reported yet, and when the last report was: a failing
     /// disk is reported once a second, not once per event.
     unreported: Mutex<(u64, Option<Instant>)>,
+    /// Storage failures since the start (for `/metrics`).
+    failures: std::sync::atomic::AtomicU64,
+    /// The last append or read failed and no append has succeeded since.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// Ids seen recently, oldest first.
@@ -152,6 +156,8 @@ impl Durable {
             dedup: Mutex::default(),
             window: streams.dedup_window,
             unreported: Mutex::default(),
+            failures: Default::default(),
+            failing: Default::default(),
         };
         if let Some(consumers) = &durable.consumers {
             for index in 0..durable.watchers.len() {
@@ -284,6 +290,11 @@ impl Durable {
 
     /// Stream `stream` grew: its consumers may have something to deliver.
     fn appended(&self, stream: usize) {
+        // Read first: the flag's cache line is written only when it changes.
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            self.failing
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.watching.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return;
         }
@@ -494,6 +505,10 @@ impl Durable {
 
     /// Whether a storage failure should be reported now; with how many were not.
     pub(crate) fn failure_to_report(&self) -> Option<u64> {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut state = self
             .unreported
             .lock()
@@ -505,6 +520,15 @@ impl Durable {
         }
         *last = Some(Instant::now());
         Some(std::mem::take(count) - 1)
+    }
+
+    /// Storage failures since the start, and whether the store is failing now (the
+    /// last append or read failed and no append has succeeded since).
+    pub(crate) fn failures(&self) -> (u64, bool) {
+        (
+            self.failures.load(std::sync::atomic::Ordering::Relaxed),
+            self.failing.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Dedup> {

@@ -430,7 +430,8 @@ async fn the_tools_say_what_is_missing() {
 /// Issue #12 (4): when the disk is full (here: a file-size limit, `ulimit -S -f`), the
 /// publisher is told `storage`, live traffic goes on, the hub does not crash, and
 /// once there is room again (the limit raised with `prlimit`) events are stored and
-/// confirmed again, the sequence going on from the last confirmed one.
+/// confirmed again, the sequence going on from the last confirmed one. `/metrics`
+/// counts the failures and `/readyz` says the store is failing until it recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
     if !crate::support::require("prlimit") {
@@ -438,13 +439,21 @@ async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
     }
     let dir = temp_dir("full");
     let script = format!(
-        "ulimit -S -f 16 && exec '{}' serve --port 0 --quiet --no-echo --stream orders=pickup --data-dir '{}'",
+        "ulimit -S -f 16 && exec '{}' serve --port 0 --http 127.0.0.1:0 --quiet --no-echo --stream orders=pickup --data-dir '{}'",
         env!("CARGO_BIN_EXE_hubcast"),
         dir.display()
     );
     let mut command = tokio::process::Command::new("bash");
     command.args(["-c", &script]).env("RUST_LOG", "info");
     let mut hub = HubProcess::spawn(command).await;
+    let http = http_listener(&mut hub).await;
+    let store_health = |scrape: &prometheus_parse::Scrape| {
+        (
+            crate::ws::value(scrape, "hubcast_store_failures_total", &[]),
+            crate::ws::value(scrape, "hubcast_store_failing", &[]),
+        )
+    };
+    assert_eq!(store_health(&crate::ws::scrape(http, "").await), (0.0, 0.0));
     let mut listener = BufReader::new(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
     let mut publisher = BufReader::new(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
     // In the pool before anything is sent.
@@ -496,6 +505,14 @@ async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
         "{confirmed} stored, {refused} refused"
     );
     assert!(hub.is_running());
+    let (failures, failing) = store_health(&crate::ws::scrape(http, "").await);
+    assert!(failures >= 3.0 && failing == 1.0, "{failures} {failing}");
+    let (status, _, body) = crate::ws::http_get(http, "/readyz", "").await;
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, &ready["store"], &ready["ready"]),
+        (200, &json!("failing"), &json!(true))
+    );
     // Room again.
     let pid = hub.pid().to_string();
     let raised = std::process::Command::new("prlimit")
@@ -515,6 +532,16 @@ async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
         reply["payload"],
         json!({"id": "f-after", "stream": "orders", "seq": confirmed + 1})
     );
+    assert_eq!(
+        store_health(&crate::ws::scrape(http, "").await),
+        (failures, 0.0),
+        "failing no more, the count kept"
+    );
+    let (_, _, body) = crate::ws::http_get(http, "/readyz", "").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["store"],
+        "open"
+    );
     let log = hub.stop().await;
     assert!(log.iter().any(|l| l.contains("storage failed")), "{log:?}");
     let (store, recovery) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
@@ -522,6 +549,26 @@ async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
     assert_eq!(store.info("orders").unwrap().last_seq, confirmed + 1);
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `--http` listener of a hub started with `--http 127.0.0.1:0`: the second
+/// `listening` line of its log (the first is the TCP port).
+async fn http_listener(hub: &mut HubProcess) -> std::net::SocketAddr {
+    hub.wait_log("listening addr=", 2).await;
+    let tcp = format!("addr=127.0.0.1:{}", hub.port);
+    let line = hub
+        .lines
+        .iter()
+        .find(|l| l.contains("listening addr=") && !l.contains(&tcp))
+        .expect("an HTTP listening line");
+    line.split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn orders_config(dir: &std::path::Path) -> Config {

@@ -428,7 +428,7 @@ async fn health_readiness_dashboard_and_not_found() {
 }
 
 /// Parses `/metrics` with a Prometheus text parser.
-async fn scrape(http: SocketAddr, headers: &str) -> prometheus_parse::Scrape {
+pub async fn scrape(http: SocketAddr, headers: &str) -> prometheus_parse::Scrape {
     let (status, head, body) = http_get(http, "/metrics", headers).await;
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -439,7 +439,7 @@ async fn scrape(http: SocketAddr, headers: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(lines).unwrap()
 }
 
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let sample = scrape
         .samples
         .iter()
