@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::pending::PendingMap;
 use crate::hub::ClientId;
 
 /// Where a consumer starts in its stream when it is created.
@@ -123,7 +124,7 @@ pub(crate) struct Ledger {
     /// The next seq of the stream not yet looked at.
     pub(crate) cursor: u64,
     /// Seqs before the cursor delivered and not acknowledged.
-    pub(crate) pending: BTreeMap<u64, Pending>,
+    pub(crate) pending: PendingMap,
     /// Seqs at or past the cursor already acknowledged (known after a restart only:
     /// acks logged after the last `state`). They are skipped when the cursor gets there.
     pub(crate) skip: BTreeSet<u64>,
@@ -187,7 +188,7 @@ impl Ledger {
         Ledger {
             spec,
             cursor,
-            pending: BTreeMap::new(),
+            pending: PendingMap::new(),
             skip: BTreeSet::new(),
             acked: 0,
             redelivered: 0,
@@ -197,7 +198,7 @@ impl Ledger {
 
     /// Everything at or below this seq is acknowledged (or was not for this consumer).
     pub(crate) fn ack_floor(&self) -> u64 {
-        let first_pending = self.pending.keys().next().copied().unwrap_or(u64::MAX);
+        let first_pending = self.pending.first_seq().unwrap_or(u64::MAX);
         first_pending.min(self.cursor).saturating_sub(1)
     }
 
@@ -206,8 +207,7 @@ impl Ledger {
     pub(crate) fn unacked(&self, last_seq: u64) -> u64 {
         let unread = (last_seq + 1).saturating_sub(self.cursor);
         // Past the cursor, acked (after a restart) or counted among the pending.
-        let known =
-            self.skip.range(self.cursor..).count() + self.pending.range(self.cursor..).count();
+        let known = self.skip.range(self.cursor..).count() + self.pending.count_from(self.cursor);
         self.pending.len() as u64 + unread.saturating_sub(known as u64)
     }
 
@@ -233,7 +233,7 @@ impl Ledger {
         Snapshot {
             spec: self.spec.clone(),
             cursor: self.cursor,
-            pending: self.pending.iter().map(|(s, p)| (*s, p.attempts)).collect(),
+            pending: self.pending.iter().map(|(s, p)| (s, p.attempts)).collect(),
             skip: self.skip.iter().copied().collect(),
             acked: self.acked,
             redelivered: self.redelivered,
@@ -264,7 +264,7 @@ impl Ledger {
 
     /// Marks `seq` acknowledged; whether it was pending (or, past the cursor, known).
     pub(crate) fn ack(&mut self, seq: u64) -> bool {
-        if self.pending.remove(&seq).is_some() {
+        if self.pending.remove(seq).is_some() {
             self.acked += 1;
             true
         } else if seq >= self.cursor {
@@ -283,7 +283,7 @@ impl Ledger {
             return;
         }
         self.cursor = floor + 1;
-        self.pending = self.pending.split_off(&self.cursor);
+        self.pending.forget_below(self.cursor);
         self.skip = self.skip.split_off(&self.cursor);
     }
 
@@ -299,7 +299,7 @@ impl Ledger {
             Op::Tries(tries) => {
                 for (seq, attempts) in tries {
                     self.redelivered += 1;
-                    match self.pending.get_mut(&seq) {
+                    match self.pending.get_mut(seq) {
                         Some(p) => p.attempts = p.attempts.max(attempts),
                         None if seq < self.cursor => {}
                         None => {
@@ -318,7 +318,7 @@ impl Ledger {
             }
             Op::Dead(seqs) => {
                 for seq in seqs {
-                    if self.pending.remove(&seq).is_some() || seq >= self.cursor {
+                    if self.pending.remove(seq).is_some() || seq >= self.cursor {
                         self.dead_lettered += 1;
                         self.skip.insert(seq);
                     }
@@ -419,8 +419,8 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         let ledger = &ledgers["drivers"];
         assert_eq!(ledger.ack_floor(), 2);
-        assert_eq!(ledger.pending.keys().copied().collect::<Vec<_>>(), [3]);
-        assert_eq!(ledger.pending[&3].attempts, 2);
+        assert_eq!(ledger.pending.seqs(), [3]);
+        assert_eq!(ledger.pending.get(3).unwrap().attempts, 2);
         assert_eq!(ledger.skip.iter().copied().collect::<Vec<_>>(), [5, 6, 7]);
         assert_eq!(
             (ledger.acked, ledger.redelivered, ledger.dead_lettered),

@@ -25,6 +25,7 @@ use crate::store::{Recovery, SegmentLog, Store, StoreConfig};
 
 pub(crate) mod consumer;
 pub(crate) mod ledger;
+mod pending;
 
 pub(crate) use consumer::Consumers;
 

@@ -159,6 +159,9 @@ struct Reader {
     kind: Kind,
     read: tokio::net::tcp::OwnedReadHalf,
     buf: Vec<u8>,
+    /// Where the next frame starts in `buf` (moving it down after every frame was
+    /// two thirds of this client's time with thousands of frames per read).
+    start: usize,
 }
 
 impl Reader {
@@ -166,13 +169,16 @@ impl Reader {
     /// shorter than the server's ping interval).
     async fn next(&mut self) -> anyhow::Result<Frame> {
         loop {
-            if let Some((frame, used)) = parse(self.kind, &self.buf)? {
-                self.buf.drain(..used);
+            if let Some((frame, used)) = parse(self.kind, &self.buf[self.start..])? {
+                self.start += used;
                 if matches!(frame, Frame::Ping | Frame::Ok) {
                     continue;
                 }
                 return Ok(frame);
             }
+            // What is left is part of a frame: moved to the front once per read.
+            self.buf.drain(..self.start);
+            self.start = 0;
             if self.read.read_buf(&mut self.buf).await? == 0 {
                 bail!("the server closed the connection");
             }
@@ -181,7 +187,11 @@ impl Reader {
 
     /// Whether a whole frame is already buffered.
     fn ready(&self) -> bool {
-        matches!(parse(self.kind, &self.buf), Ok(Some(_)))
+        let rest = &self.buf[self.start..];
+        match self.kind {
+            Kind::Hubcast => memchr::memchr(b'\n', rest).is_some(),
+            kind => matches!(parse(kind, rest), Ok(Some(_))),
+        }
     }
 }
 
@@ -203,6 +213,7 @@ impl Conn {
                 kind: target.kind,
                 read,
                 buf: Vec::with_capacity(64 << 10),
+                start: 0,
             },
             write,
         };
