@@ -636,8 +636,11 @@ async fn publish(
     let replies = async {
         let mut buf = Vec::with_capacity(READ_BUFFER);
         loop {
-            while let Some((used, reply)) = kind.reply(&buf).map_err(anyhow::Error::msg)? {
-                buf.drain(..used);
+            // Replies are read from `start` on; what is left of a read is moved
+            // down once, not after every reply (Redis answers every PUBLISH).
+            let mut start = 0;
+            while let Some((used, reply)) = kind.reply(&buf[start..]).map_err(anyhow::Error::msg)? {
+                start += used;
                 match reply {
                     Reply::Ignore => {}
                     Reply::Answer(bytes) => {
@@ -650,6 +653,7 @@ async fn publish(
                     Reply::Error(text) => shared.error(format!("publisher: {text}")),
                 }
             }
+            buf.drain(..start);
             if reader.read_buf(&mut buf).await? == 0 {
                 return anyhow::Ok(());
             }
