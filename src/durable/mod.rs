@@ -137,6 +137,7 @@ impl Durable {
             let index = |name: &str| names.iter().position(|n| &**n == name);
             let (consumers, notes) = Consumers::open(consumer_config, index).map_err(unusable)?;
             recovery.repairs.extend(notes);
+            store.around_callbacks(Arc::new(gathering_confirms));
             (Some(Arc::new(store)), Some(consumers), recovery)
         };
         let store: Option<Arc<dyn Store>> = match (&segment_log, &jetstream) {
@@ -411,7 +412,7 @@ impl Durable {
             .as_ref()
             .expect("a stream matched, so there is a store");
         // The sender itself, not its id: its confirmation goes straight to its queue,
-        // without a look-up in the pool (on the store's writer, once per event).
+        // without a look-up in the pool (on the store's writer, gathered per commit).
         let (hub, sender) = (hub.clone(), Arc::clone(sender));
         store.append(
             &self.names[stream],
@@ -426,7 +427,7 @@ impl Durable {
     pub(crate) fn settle(
         &self,
         hub: &Hub,
-        from: &Member,
+        from: &Arc<Member>,
         id: &str,
         stream: usize,
         result: Result<u64, crate::store::StoreError>,
@@ -473,8 +474,9 @@ impl Durable {
         match result {
             Ok(seq) => {
                 self.appended(stream);
-                from.outbox
-                    .push(stored_frame(id, Some(name), seq, duplicate));
+                confirm(from, |out| {
+                    write_stored(out, id, Some(name), seq, duplicate);
+                });
                 for client in waiting {
                     hub.reply(client, stored_frame(id, Some(name), seq, true));
                 }
@@ -598,14 +600,20 @@ impl Durable {
 /// `{"event":"$stored","payload":{"id":ID,"stream":NAME,"seq":N}}`, with
 /// `"duplicate":true` for a resend.
 fn stored_frame(id: &str, stream: Option<&str>, seq: u64, duplicate: bool) -> Bytes {
-    // One per confirmed event, written on the store's writer thread: by hand.
     let mut out = Vec::with_capacity(64 + id.len());
+    write_stored(&mut out, id, stream, seq, duplicate);
+    out.into()
+}
+
+/// Appends a `$stored` line to `out`. One per confirmed event, most written on the
+/// store's writer thread: by hand.
+fn write_stored(out: &mut Vec<u8>, id: &str, stream: Option<&str>, seq: u64, duplicate: bool) {
     out.extend_from_slice(b"{\"event\":\"$stored\",\"payload\":{\"id\":");
-    serde_json::to_writer(&mut out, id).expect("a string serialises");
+    serde_json::to_writer(&mut *out, id).expect("a string serialises");
     out.extend_from_slice(b",\"stream\":");
     match stream {
         Some(stream) => {
-            serde_json::to_writer(&mut out, stream).expect("a string serialises");
+            serde_json::to_writer(&mut *out, stream).expect("a string serialises");
             out.extend_from_slice(b",\"seq\":");
             out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
         }
@@ -615,7 +623,62 @@ fn stored_frame(id: &str, stream: Option<&str>, seq: u64, duplicate: bool) -> By
         out.extend_from_slice(b",\"duplicate\":true");
     }
     out.extend_from_slice(b"}}\n");
-    out.into()
+}
+
+thread_local! {
+    /// While the store's writer runs one commit's callbacks: the confirmations they
+    /// make, each publisher's in one buffer, queued together once they have all run.
+    static CONFIRMS: std::cell::RefCell<Option<Confirms>> = const { std::cell::RefCell::new(None) };
+}
+
+/// One commit's confirmations, by publisher in the order first met.
+#[derive(Default)]
+struct Confirms {
+    /// (publisher, its confirmation lines, how many).
+    to: Vec<(Arc<Member>, Vec<u8>, usize)>,
+    /// Publisher id to its index in `to`.
+    index: HashMap<ClientId, usize, foldhash::fast::RandomState>,
+}
+
+/// Sends `from` the confirmation `write` makes: gathered with the others of the same
+/// commit on the store's writer (one queue push and one wake-up per publisher per
+/// commit, where one per event was a large part of a confirmed publish), at once
+/// anywhere else (JetStream's callbacks, a duplicate answered from the dedup map).
+fn confirm(from: &Arc<Member>, write: impl FnOnce(&mut Vec<u8>)) {
+    let mut write = Some(write);
+    CONFIRMS.with_borrow_mut(|confirms| {
+        let Some(confirms) = confirms else {
+            return;
+        };
+        let Some(write) = write.take() else {
+            return;
+        };
+        let at = *confirms.index.entry(from.id).or_insert_with(|| {
+            confirms.to.push((Arc::clone(from), Vec::new(), 0));
+            confirms.to.len() - 1
+        });
+        let (_, out, count) = &mut confirms.to[at];
+        write(out);
+        *count += 1;
+    });
+    if let Some(write) = write {
+        let mut out = Vec::with_capacity(96);
+        write(&mut out);
+        from.outbox.push(out.into());
+    }
+}
+
+/// The store's [`AroundCallbacks`](crate::store::AroundCallbacks): runs one commit's
+/// callbacks gathering their confirmations, then queues each publisher's at once.
+fn gathering_confirms(run: &mut dyn FnMut()) {
+    CONFIRMS.set(Some(Confirms::default()));
+    run();
+    let Some(confirms) = CONFIRMS.take() else {
+        return;
+    };
+    for (member, lines, count) in confirms.to {
+        member.outbox.push_events(lines.into(), count);
+    }
 }
 
 /// An error with its causes, on one line.

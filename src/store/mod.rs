@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use segment::{check_name, CommitStats, SegmentLog, MAX_ID};
+pub use segment::{check_name, AroundCallbacks, CommitStats, SegmentLog, MAX_ID};
 
 /// When an appended record counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -89,9 +89,15 @@ struct Op {
     done: Appended,
 }
 
+/// Runs a commit's callbacks (the function it is given), around them whatever its
+/// owner wants done once per commit: see [`SegmentLog::around_callbacks`].
+pub type AroundCallbacks = Arc<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
+
 /// The embedded store: see the module docs.
 pub struct SegmentLog {
     streams: Streams,
+    /// Set once, read by the writer for every commit.
+    around: Arc<std::sync::OnceLock<AroundCallbacks>>,
     /// How long commits take and how many events each carries.
     commits: Arc<CommitStats>,
     /// Bytes of appends sent to the writer and not yet committed.
@@ -118,7 +124,9 @@ impl SegmentLog {
         let queued = Arc::new(AtomicUsize::new(0));
         let max_queued = config.max_queued;
         let commits = Arc::new(CommitStats::default());
+        let around = Arc::new(std::sync::OnceLock::new());
         let writer = Writer {
+            around: Arc::clone(&around),
             commits: Arc::clone(&commits),
             config,
             root,
@@ -133,6 +141,7 @@ impl SegmentLog {
         Ok((
             SegmentLog {
                 streams,
+                around,
                 commits,
                 queued,
                 max_queued,
@@ -155,12 +164,21 @@ impl SegmentLog {
         let streams = scan(&root, None)?;
         Ok(SegmentLog {
             streams: Arc::new(Mutex::new(streams)),
+            around: Arc::default(),
             commits: Arc::default(),
             queued: Arc::default(),
             max_queued: 0,
             ops: Mutex::new(None),
             writer: Mutex::new(None),
         })
+    }
+
+    /// Has the writer run each commit's callbacks inside `around` (on its own thread,
+    /// once per commit): a caller whose callbacks each queue a little work can gather
+    /// it and do it once per commit. Set once; later calls change nothing and return
+    /// `false`.
+    pub fn around_callbacks(&self, around: AroundCallbacks) -> bool {
+        self.around.set(around).is_ok()
     }
 
     /// How its group commits went so far.
@@ -635,6 +653,7 @@ impl Default for CommitStats {
 
 /// The writer thread's state: the active segment of each stream it has written to.
 struct Writer {
+    around: Arc<std::sync::OnceLock<AroundCallbacks>>,
     commits: Arc<CommitStats>,
     config: StoreConfig,
     root: PathBuf,
@@ -748,11 +767,19 @@ impl Writer {
                 }
             }
         }
-        for (result, done) in outcomes {
-            for (seq, done) in done {
-                done(result.clone().map(|()| seq));
+        let mut outcomes = Some(outcomes);
+        let mut run = || {
+            for (result, done) in outcomes.take().into_iter().flatten() {
+                for (seq, done) in done {
+                    done(result.clone().map(|()| seq));
+                }
             }
+        };
+        if let Some(around) = self.around.get() {
+            around(&mut run);
         }
+        // Whatever `around` did, every callback runs (once: `outcomes` is taken).
+        run();
     }
 
     /// Writes one stream's part of a batch to its active segment (starting a new one
@@ -893,6 +920,48 @@ mod tests {
             count += 1;
         }
         (0..count).map(|_| rx.recv().unwrap().unwrap()).collect()
+    }
+
+    /// The hook set with `around_callbacks` wraps each commit's callbacks: every
+    /// callback runs inside it, once; a hook that forgets to run them loses none.
+    #[test]
+    fn callbacks_run_inside_the_around_hook_and_never_get_lost() {
+        thread_local! {
+            static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        let dir = temp_dir("around");
+        let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+        let commits = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&commits);
+        assert!(log.around_callbacks(Arc::new(move |run: &mut dyn FnMut()| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            // Every other commit, the hook does not run them itself.
+            if n.is_multiple_of(2) {
+                INSIDE.set(true);
+                run();
+                INSIDE.set(false);
+            }
+        })));
+        assert!(!log.around_callbacks(Arc::new(|run: &mut dyn FnMut()| run())));
+        let (tx, rx) = channel();
+        let mut heard = Vec::new();
+        // One commit at a time: the first runs its callback inside the hook, the
+        // second's hook does not run it, and it runs all the same.
+        for n in 0..4 {
+            let tx = tx.clone();
+            log.append(
+                "orders",
+                None,
+                line(n),
+                Box::new(move |r| tx.send((r.unwrap(), INSIDE.get())).unwrap()),
+            );
+            heard.push(rx.recv().unwrap());
+        }
+        assert_eq!(heard, [(1, true), (2, false), (3, true), (4, false)]);
+        assert_eq!(commits.load(Ordering::SeqCst), 4);
+        assert!(rx.try_recv().is_err(), "each callback once");
+        log.close();
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
