@@ -503,10 +503,23 @@ async fn publish(
     for _ in 0..publishers {
         let mut conn = Conn::open(target).await?;
         if target.kind == Kind::Hubcast {
-            // A durable publisher has no use for its own events back.
+            // A durable publisher has no use for events back, its own or the other
+            // publishers' (a hub client that never subscribes hears everything): like
+            // JetStream's and Redis's publishers, it hears only its confirmations.
+            // So: no echo, and a subscription to a name nobody sends.
             conn.write
-                .write_all(b"{\"event\":\"$hello\",\"payload\":{\"echo\":false}}\n")
+                .write_all(
+                    b"{\"event\":\"$hello\",\"payload\":{\"echo\":false}}\n\
+                      {\"event\":\"$subscribe\",\"payload\":{\"events\":[\"bench.publisher.hears.nothing\"]}}\n",
+                )
                 .await?;
+            loop {
+                match conn.reader.next().await? {
+                    Frame::Line(line) if line.starts_with(b"{\"event\":\"$subscribed\"") => break,
+                    Frame::Error(e) => bail!("{target}: {e}"),
+                    _ => {}
+                }
+            }
         }
         if target.kind == Kind::Nats {
             conn.write.write_all(b"SUB _INBOX.ack 1\r\n").await?;
