@@ -497,11 +497,13 @@ impl Durable {
                 )
                 .map(|e| e.line().clone())
                 .unwrap_or_else(|_| error.to_frame());
+                // Counted before anyone hears of it: a client told `storage` finds
+                // the failure on /metrics already.
+                hub.store_failed(chain(&e));
                 from.outbox.push(frame.clone());
                 for client in waiting {
                     hub.reply(client, frame.clone());
                 }
-                hub.store_failed(chain(&e));
             }
         }
     }
@@ -643,15 +645,12 @@ struct Confirms {
 /// Sends `from` the confirmation `write` makes: gathered with the others of the same
 /// commit on the store's writer (one queue push and one wake-up per publisher per
 /// commit, where one per event was a large part of a confirmed publish), at once
-/// anywhere else (JetStream's callbacks, a duplicate answered from the dedup map).
+/// anywhere else (JetStream's callbacks).
 fn confirm(from: &Arc<Member>, write: impl FnOnce(&mut Vec<u8>)) {
-    let mut write = Some(write);
-    CONFIRMS.with_borrow_mut(|confirms| {
+    // Handed back when nothing is gathering.
+    let not_gathered = CONFIRMS.with_borrow_mut(|confirms| {
         let Some(confirms) = confirms else {
-            return;
-        };
-        let Some(write) = write.take() else {
-            return;
+            return Some(write);
         };
         let at = *confirms.index.entry(from.id).or_insert_with(|| {
             confirms.to.push((Arc::clone(from), Vec::new(), 0));
@@ -660,8 +659,9 @@ fn confirm(from: &Arc<Member>, write: impl FnOnce(&mut Vec<u8>)) {
         let (_, out, count) = &mut confirms.to[at];
         write(out);
         *count += 1;
+        None
     });
-    if let Some(write) = write {
+    if let Some(write) = not_gathered {
         let mut out = Vec::with_capacity(96);
         write(&mut out);
         from.outbox.push(out.into());
