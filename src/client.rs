@@ -309,6 +309,16 @@ pub struct Stored {
 }
 
 impl SessionState {
+    /// The unconfirmed events [`SessionState::frames`] sends again. Some may still be
+    /// queued to be written for the first time (sent before the connection was up, or
+    /// while it was away): the task must not write those twice.
+    pub(crate) fn resent(&self) -> Vec<Bytes> {
+        self.unconfirmed
+            .iter()
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
     /// The control events that restore this state on a fresh connection.
     pub(crate) fn frames(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -770,6 +780,25 @@ impl ClientBuilder {
 pub(crate) struct Command {
     line: Bytes,
     ack: oneshot::Sender<Result<(), ClientError>>,
+}
+
+impl Command {
+    /// Which bytes this sends: the same for a copy of its line, different for an
+    /// equal line made apart (two sends of the same event are two sends). Valid while
+    /// a copy of the line is held.
+    pub(crate) fn key(&self) -> (usize, usize) {
+        Self::key_of(&self.line)
+    }
+
+    /// [`Command::key`] of a send of `line`.
+    pub(crate) fn key_of(line: &Bytes) -> (usize, usize) {
+        (line.as_ptr() as usize, line.len())
+    }
+
+    /// Done without writing: it was written already.
+    pub(crate) fn written(self) {
+        let _ = self.ack.send(Ok(()));
+    }
 }
 
 struct ClientState {

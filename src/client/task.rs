@@ -328,11 +328,18 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         // Tell the hub again who we are and what we want, before anything else.
-        let restore = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .frames();
+        let (restore, mut resent) = {
+            let state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let resent: Resent = state
+                .resent()
+                .into_iter()
+                .map(|line| (crate::client::Command::key_of(&line), line))
+                .collect();
+            (state.frames(), resent)
+        };
         if !restore.is_empty() {
             if let Err(e) = writer.write_all(&restore).await {
                 return self.lost(pending, e);
@@ -356,6 +363,7 @@ impl Session {
                     while let Ok(command) = self.commands.try_recv() {
                         batch.push(command);
                     }
+                    skip_resent(&mut batch, &mut resent, false);
                     if let Err(e) = write_batch(&mut writer, &mut batch).await {
                         return self.lost(pending, e);
                     }
@@ -368,6 +376,7 @@ impl Session {
                         self.closing.cancel();
                         continue;
                     }
+                    skip_resent(&mut batch, &mut resent, received < BATCH);
                     if let Err(e) = write_batch(&mut writer, &mut batch).await {
                         return self.lost(pending, e);
                     }
@@ -451,6 +460,33 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Writes every queued send in one go, then tells each sender how it went.
+/// The restore's copies of the sends it wrote, by [`Command::key`].
+type Resent = std::collections::HashMap<(usize, usize), Bytes>;
+
+/// Takes out of `batch` the sends the restore wrote already: confirmed sends queued
+/// before this connection came up are in the restore (so that none is lost) and still
+/// queued; written twice, the hub's answer to the second could come first. `resent`
+/// holds the restore's own copies (the same bytes keep their address meanwhile); it
+/// is emptied once the queue has been drained, as every send queued before the
+/// restore has been looked at by then.
+fn skip_resent(batch: &mut Vec<Command>, resent: &mut Resent, drained: bool) {
+    if resent.is_empty() {
+        return;
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    for command in batch.drain(..) {
+        if resent.remove(&command.key()).is_some() {
+            command.written();
+        } else {
+            kept.push(command);
+        }
+    }
+    *batch = kept;
+    if drained {
+        resent.clear();
+    }
+}
+
 async fn write_batch<W: AsyncWrite + Unpin>(
     writer: &mut W,
     batch: &mut Vec<Command>,

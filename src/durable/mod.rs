@@ -478,7 +478,12 @@ impl Durable {
                     write_stored(out, id, Some(name), seq, duplicate);
                 });
                 for client in waiting {
-                    hub.reply(client, stored_frame(id, Some(name), seq, true));
+                    if client == from.id {
+                        // The same connection sent it twice: its answers in order.
+                        confirm(from, |out| write_stored(out, id, Some(name), seq, true));
+                    } else {
+                        hub.reply(client, stored_frame(id, Some(name), seq, true));
+                    }
                 }
             }
             Err(e) => {

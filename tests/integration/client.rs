@@ -576,3 +576,59 @@ async fn several_addresses_connect_to_the_first_that_answers() {
         "{error:?}"
     );
 }
+
+/// A confirmed send made while the hub is away is written once after the reconnect:
+/// the restore resends it (it is unconfirmed) and the send is still queued, and
+/// writing it twice made the hub's first answer a `"duplicate": true` (CI, stop 23).
+/// A raw socket stands in for the hub, so every byte the client writes is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_send_made_while_away_is_written_once() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = Client::builder()
+        .reconnect(quick_reconnect())
+        .connect(addr)
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let (first, _) = within(listener.accept()).await.unwrap();
+    // Away: the connection closed and nothing listens, so reconnecting fails.
+    drop(listener);
+    drop(first);
+    loop {
+        if let ClientEvent::Reconnecting { .. } = within(events.next()).await.unwrap() {
+            break;
+        }
+    }
+    let confirmation = client
+        .enqueue_with_id("pickup", &1, "order-1")
+        .await
+        .unwrap();
+    let _written = client
+        .enqueue(&hubcast::Event::new("after", &2).unwrap())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (second, _) = within(listener.accept()).await.unwrap();
+    let (read, mut write) = second.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut sent = Vec::new();
+    while let Some(line) = within(lines.next_line()).await.unwrap() {
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let last = event["event"] == "after";
+        sent.push(event);
+        if last {
+            break;
+        }
+    }
+    let names: Vec<&str> = sent.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pickup", "after"], "{sent:?}");
+    assert_eq!(sent[0]["id"], "order-1");
+    write
+        .write_all(b"{\"event\":\"$stored\",\"payload\":{\"id\":\"order-1\",\"stream\":\"orders\",\"seq\":1}}\n")
+        .await
+        .unwrap();
+    let stored = within(confirmation).await.unwrap();
+    assert_eq!((stored.seq, stored.duplicate), (Some(1), false));
+}

@@ -609,6 +609,35 @@ async fn the_client_waits_for_confirmations() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same id sent twice at once on one connection is answered in order: stored,
+/// then the duplicate (the second waits for the first; its answer used to be queued
+/// at once, ahead of the first's, which is queued once the whole commit is done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_sent_twice_at_once_is_answered_in_order() {
+    let dir = temp_dir("twice");
+    let hub = TestHub::start(orders_config(&dir)).await;
+    let mut client = hub.connect().await;
+    let line = "{\"event\":\"pickup\",\"payload\":1,\"id\":\"twice\"}\n";
+    client.send(format!("{line}{line}")).await;
+    // The client hears its own event too (once: the resend is dropped).
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let event = client.json().await;
+        if event["event"] != "pickup" {
+            answers.push(event);
+        }
+    }
+    let (first, second) = (&answers[0], &answers[1]);
+    assert_eq!(first["event"], "$stored", "{first}");
+    assert_eq!(first["payload"]["seq"], 1, "{first}");
+    assert_eq!(first["payload"].get("duplicate"), None, "{first}");
+    assert_eq!(second["payload"]["seq"], 1, "{second}");
+    assert_eq!(second["payload"]["duplicate"], true, "{second}");
+    drop(client);
+    hub.hub.close_store();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An event confirmed-sent while the hub is away is sent again after the reconnect
 /// and confirmed by the hub that comes back (on the same data directory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
