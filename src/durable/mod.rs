@@ -8,8 +8,7 @@
 //! dedup window is neither stored nor broadcast again: it is answered
 //! `"duplicate": true` with the first one's `seq` (once the first is durable).
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -24,10 +23,12 @@ use crate::routing::{Pattern, Router};
 use crate::store::{Recovery, SegmentLog, Store, StoreConfig};
 
 pub(crate) mod consumer;
+mod dedup;
 pub(crate) mod ledger;
 mod pending;
 
 pub(crate) use consumer::Consumers;
+use dedup::{Check, Seen};
 
 /// The hub's durable side: the store and what routes events into it.
 pub(crate) struct Durable {
@@ -50,8 +51,7 @@ pub(crate) struct Durable {
     watching: std::sync::atomic::AtomicUsize,
     /// Event-name patterns to the index of their stream in `names`.
     router: Router<usize>,
-    dedup: Mutex<Dedup>,
-    window: std::time::Duration,
+    dedup: Mutex<dedup::Window>,
     /// Storage failures not reported yet, and when the last report was: a failing
     /// disk is reported once a second, not once per event.
     unreported: Mutex<(u64, Option<Instant>)>,
@@ -59,22 +59,6 @@ pub(crate) struct Durable {
     failures: std::sync::atomic::AtomicU64,
     /// The last append or read failed and no append has succeeded since.
     failing: std::sync::atomic::AtomicBool,
-}
-
-/// Ids seen recently, oldest first.
-#[derive(Default)]
-struct Dedup {
-    /// Seeded per process: ids are chosen by clients.
-    /// Each key is shared with its entry in `order` (one allocation per id).
-    by_id: HashMap<Arc<str>, Seen, foldhash::quality::RandomState>,
-    order: VecDeque<(Instant, Arc<str>)>,
-}
-
-enum Seen {
-    /// Being stored; these clients sent it again meanwhile and wait for the answer.
-    Pending(Vec<ClientId>),
-    /// Stored (or live only: `stream` is `None`).
-    Done { stream: Option<usize>, seq: u64 },
 }
 
 /// What the store stage decided for one event.
@@ -155,8 +139,7 @@ impl Durable {
             watchers,
             watching: Default::default(),
             router,
-            dedup: Mutex::default(),
-            window: streams.dedup_window,
+            dedup: Mutex::new(dedup::Window::new(streams.dedup_window, MAX_DEDUP_IDS)),
             unreported: Mutex::default(),
             failures: Default::default(),
             failing: Default::default(),
@@ -183,7 +166,7 @@ impl Durable {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let window_ms = self.window.as_millis() as u64;
+        let window_ms = self.lock().window().as_millis() as u64;
         let now = Instant::now();
         let mut recent = Vec::new();
         for (index, name) in self.names[..self.declared].iter().enumerate() {
@@ -219,15 +202,11 @@ impl Durable {
                     now_ms.saturating_sub(time_ms),
                 ))
                 .unwrap_or(now);
-            let id: Arc<str> = id.into();
-            dedup.by_id.insert(
-                id.clone(),
-                Seen::Done {
-                    stream: Some(stream),
-                    seq,
-                },
-            );
-            dedup.order.push_back((at, id));
+            let done = Seen::Done {
+                stream: Some(stream),
+                seq,
+            };
+            dedup.insert(id.into(), at, done);
         }
     }
 
@@ -377,32 +356,25 @@ impl Durable {
         };
         // Most ids are new: the key is made once, and the map probed once for it.
         let key: Arc<str> = id.into();
-        {
-            let mut dedup = self.lock();
-            self.expire(&mut dedup);
-            match dedup.by_id.entry(Arc::clone(&key)) {
-                Entry::Occupied(mut seen) => match seen.get_mut() {
-                    Seen::Pending(waiting) => {
-                        waiting.push(from);
-                        return Verdict::Drop;
-                    }
-                    Seen::Done { stream, seq } => {
-                        let reply = stored_frame(id, stream.map(|s| &*self.names[s]), *seq, true);
-                        hub.reply(from, reply);
-                        return Verdict::Drop;
-                    }
-                },
-                Entry::Vacant(vacant) => {
-                    vacant.insert(match stream {
-                        Some(_) => Seen::Pending(Vec::new()),
-                        None => Seen::Done {
-                            stream: None,
-                            seq: 0,
-                        },
-                    });
-                }
+        let fresh = match stream {
+            Some(_) => Seen::Pending(Vec::new()),
+            None => Seen::Done {
+                stream: None,
+                seq: 0,
+            },
+        };
+        let now = Instant::now();
+        match self.lock().check(&key, now, fresh) {
+            Check::New => {}
+            Check::Seen(Seen::Pending(waiting)) => {
+                waiting.push(from);
+                return Verdict::Drop;
             }
-            dedup.order.push_back((Instant::now(), Arc::clone(&key)));
+            Check::Seen(Seen::Done { stream, seq }) => {
+                let reply = stored_frame(id, stream.map(|s| &*self.names[s]), *seq, true);
+                hub.reply(from, reply);
+                return Verdict::Drop;
+            }
         }
         let Some(stream) = stream else {
             return Verdict::Deliver(Some(stored_frame(id, None, 0, false)));
@@ -428,47 +400,47 @@ impl Durable {
         &self,
         hub: &Hub,
         from: &Arc<Member>,
-        id: &str,
+        key: &Arc<str>,
         stream: usize,
         result: Result<u64, crate::store::StoreError>,
     ) {
+        let id = &**key;
         // JetStream already held the id (sent through another node, or before a
         // restart): stored once, answered as a resend.
         let (result, duplicate) = match result {
             Err(crate::store::StoreError::Duplicate(seq)) => (Ok(seq), true),
             other => (other, false),
         };
-        let waiting = {
-            let mut dedup = self.lock();
-            match (dedup.by_id.get_mut(id), &result) {
-                (Some(seen), Ok(seq)) => {
-                    let done = Seen::Done {
-                        stream: Some(stream),
-                        seq: *seq,
-                    };
-                    match std::mem::replace(seen, done) {
-                        Seen::Pending(waiting) => waiting,
-                        Seen::Done { .. } => Vec::new(),
-                    }
+        if let Ok(seq) = result {
+            // On the store's writer, the ids of a whole commit are marked stored
+            // under one lock once its callbacks have run (see `Confirms`).
+            let gathered = CONFIRMS.with_borrow_mut(|confirms| {
+                let Some(confirms) = confirms else {
+                    return false;
+                };
+                confirms.hub.get_or_insert_with(|| hub.clone());
+                confirms.stored.push((Arc::clone(key), stream, seq));
+                if !confirms.grew.contains(&stream) {
+                    confirms.grew.push(stream);
                 }
-                // Forgotten meanwhile (the window passed): remembered again.
-                (None, Ok(seq)) => {
-                    let done = Seen::Done {
-                        stream: Some(stream),
-                        seq: *seq,
-                    };
-                    let key: Arc<str> = id.into();
-                    dedup.by_id.insert(Arc::clone(&key), done);
-                    // And forgotten again in its turn.
-                    dedup.order.push_back((Instant::now(), key));
-                    Vec::new()
-                }
-                // Not stored: a resend must be able to try again.
-                (_, Err(_)) => match dedup.by_id.remove(id) {
-                    Some(Seen::Pending(waiting)) => waiting,
-                    _ => Vec::new(),
-                },
+                true
+            });
+            if gathered {
+                let name = &*self.names[stream];
+                confirm(from, |out| {
+                    write_stored(out, id, Some(name), seq, duplicate)
+                });
+                return;
             }
+        }
+        let waiting = match &result {
+            // Remembered again if it was forgotten meanwhile (the window passed).
+            Ok(seq) => self.lock().stored(key, stream, *seq, Instant::now()),
+            // Not stored: a resend must be able to try again.
+            Err(_) => match self.lock().forget(id) {
+                Some(Seen::Pending(waiting)) => waiting,
+                _ => Vec::new(),
+            },
         };
         let name = &*self.names[stream];
         match result {
@@ -513,6 +485,36 @@ impl Durable {
         }
     }
 
+    /// The end of a commit's callbacks on the store's writer: marks its ids stored
+    /// (answering those who sent one again meanwhile, after the first answer when it
+    /// is the same publisher) and wakes the consumers of the streams that grew.
+    fn commit_settled(&self, hub: &Hub, confirms: &mut Confirms) {
+        let now = Instant::now();
+        let mut again = Vec::new();
+        {
+            let mut dedup = self.lock();
+            for (key, stream, seq) in confirms.stored.drain(..) {
+                for client in dedup.stored(&key, stream, seq, now) {
+                    again.push((client, Arc::clone(&key), stream, seq));
+                }
+            }
+        }
+        for stream in confirms.grew.drain(..) {
+            self.appended(stream);
+        }
+        for (client, id, stream, seq) in again {
+            let name = Some(&*self.names[stream]);
+            match confirms.index.get(&client) {
+                Some(&at) => {
+                    let (_, out, count) = &mut confirms.to[at];
+                    write_stored(out, &id, name, seq, true);
+                    *count += 1;
+                }
+                None => hub.reply(client, stored_frame(&id, name, seq, true)),
+            }
+        }
+    }
+
     /// Whether a storage failure should be reported now; with how many were not.
     pub(crate) fn failure_to_report(&self) -> Option<u64> {
         self.failures
@@ -541,37 +543,8 @@ impl Durable {
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Dedup> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, dedup::Window> {
         self.dedup.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Forgets ids older than the window, and the oldest past [`MAX_DEDUP_IDS`]. An id
-    /// still being stored is kept (its publisher waits for the answer): it goes to the
-    /// back, to be looked at again later.
-    fn expire(&self, dedup: &mut Dedup) {
-        let now = Instant::now();
-        for _ in 0..dedup.order.len() {
-            let Some((at, _)) = dedup.order.front() else {
-                break;
-            };
-            let old = now.duration_since(*at) > self.window;
-            if !old && dedup.order.len() < MAX_DEDUP_IDS {
-                break;
-            }
-            let (at, id) = dedup.order.pop_front().expect("checked");
-            // One probe: taken out, and put back in the rare cases it must stay (still
-            // being stored, or the map's entry for this id is a later one).
-            if let Some((key, seen)) = dedup.by_id.remove_entry(&id) {
-                let later = !Arc::ptr_eq(&key, &id);
-                let pending = matches!(seen, Seen::Pending(_));
-                if later || pending {
-                    dedup.by_id.insert(key, seen);
-                }
-                if pending && !later {
-                    dedup.order.push_back((at, id));
-                }
-            }
-        }
     }
 
     /// Commits what was appended; later appends fail.
@@ -645,6 +618,12 @@ struct Confirms {
     to: Vec<(Arc<Member>, Vec<u8>, usize)>,
     /// Publisher id to its index in `to`.
     index: HashMap<ClientId, usize, foldhash::fast::RandomState>,
+    /// The hub whose ids these are (set by the first).
+    hub: Option<Hub>,
+    /// Ids stored: (id, stream, seq), marked stored in the dedup window at the end.
+    stored: Vec<(Arc<str>, usize, u64)>,
+    /// The streams that grew, whose consumers are woken at the end (once each).
+    grew: Vec<usize>,
 }
 
 /// Sends `from` the confirmation `write` makes: gathered with the others of the same
@@ -678,9 +657,12 @@ fn confirm(from: &Arc<Member>, write: impl FnOnce(&mut Vec<u8>)) {
 fn gathering_confirms(run: &mut dyn FnMut()) {
     CONFIRMS.set(Some(Confirms::default()));
     run();
-    let Some(confirms) = CONFIRMS.take() else {
+    let Some(mut confirms) = CONFIRMS.take() else {
         return;
     };
+    if let Some(hub) = confirms.hub.take() {
+        hub.durable().commit_settled(&hub, &mut confirms);
+    }
     for (member, lines, count) in confirms.to {
         member.outbox.push_events(lines.into(), count);
     }
