@@ -134,22 +134,22 @@ impl Window {
         self.current.ids.insert(id, Entry { at, seen });
     }
 
-    /// The current generation becomes the previous one; the previous one is dropped,
-    /// but for the ids still being stored, which move to the new current one.
+    /// The current generation becomes the previous one; the previous one's ids are
+    /// dropped, but for those still being stored, and its table (at its size, with
+    /// them) becomes the new current one: no allocation or growth once both
+    /// generations have been filled.
     fn rotate(&mut self, now: Instant) {
-        let fresh = Generation::new(now);
-        let old = std::mem::replace(
-            &mut self.previous,
-            std::mem::replace(&mut self.current, fresh),
-        );
+        let mut old = std::mem::replace(&mut self.previous, Generation::new(now));
         if old.pending > 0 {
-            for (id, entry) in old.ids {
-                if matches!(entry.seen, Seen::Pending(_)) {
-                    self.current.pending += 1;
-                    self.current.ids.insert(id, entry);
-                }
-            }
+            old.ids
+                .retain(|_, entry| matches!(entry.seen, Seen::Pending(_)));
+        } else {
+            old.ids.clear();
         }
+        // Still being stored: seen before `now`, and within the window as long as
+        // they are pending, as everywhere.
+        old.since = now;
+        self.previous = std::mem::replace(&mut self.current, old);
     }
 
     /// `id` is stored as `seq` in `stream`: the clients that sent it again meanwhile
