@@ -411,107 +411,85 @@ impl Durable {
             Err(crate::store::StoreError::Duplicate(seq)) => (Ok(seq), true),
             other => (other, false),
         };
-        if let Ok(seq) = result {
-            // On the store's writer, the ids of a whole commit are marked stored
-            // under one lock once its callbacks have run (see `Confirms`).
-            let gathered = CONFIRMS.with_borrow_mut(|confirms| {
-                let Some(confirms) = confirms else {
-                    return false;
-                };
-                confirms.hub.get_or_insert_with(|| hub.clone());
-                confirms.stored.push((Arc::clone(key), stream, seq));
-                if !confirms.grew.contains(&stream) {
-                    confirms.grew.push(stream);
-                }
-                true
-            });
-            if gathered {
-                let name = &*self.names[stream];
-                confirm(from, |out| {
-                    write_stored(out, id, Some(name), seq, duplicate)
-                });
-                return;
-            }
-        }
-        let waiting = match &result {
-            // Remembered again if it was forgotten meanwhile (the window passed).
-            Ok(seq) => self.lock().stored(key, stream, *seq, Instant::now()),
-            // Not stored: a resend must be able to try again.
-            Err(_) => match self.lock().forget(id) {
-                Some(Seen::Pending(waiting)) => waiting,
-                _ => Vec::new(),
-            },
-        };
         let name = &*self.names[stream];
-        match result {
+        let e = match result {
             Ok(seq) => {
-                self.appended(stream);
+                // On the store's writer, the ids of a whole commit are marked stored
+                // under one lock once its confirmations are queued (see `Confirms`).
+                let gathered = CONFIRMS.with_borrow_mut(|confirms| {
+                    let Some(confirms) = confirms else {
+                        return false;
+                    };
+                    confirms.hub.get_or_insert_with(|| hub.clone());
+                    confirms.stored.push((Arc::clone(key), stream, seq));
+                    if !confirms.grew.contains(&stream) {
+                        confirms.grew.push(stream);
+                    }
+                    true
+                });
                 confirm(from, |out| {
                     write_stored(out, id, Some(name), seq, duplicate);
                 });
-                for client in waiting {
-                    if client == from.id {
-                        // The same connection sent it twice: its answers in order.
-                        confirm(from, |out| write_stored(out, id, Some(name), seq, true));
-                    } else {
-                        hub.reply(client, stored_frame(id, Some(name), seq, true));
-                    }
+                if !gathered {
+                    // Elsewhere (JetStream's callbacks): the same, for this one id,
+                    // its confirmation being queued already.
+                    self.commit_settled(hub, vec![(Arc::clone(key), stream, seq)], vec![stream]);
                 }
+                return;
             }
-            Err(e) => {
-                let error = ProtocolError::new(
-                    ErrorCode::Storage,
-                    format!(
-                        "event {:?} was not stored in {name}: {}; it was delivered live only",
-                        crate::protocol::printable(id),
-                        chain(&e)
-                    ),
-                );
-                // With the id, so that a client waiting for it knows which event failed.
-                let frame = Event::new(
-                    "$error",
-                    &json!({"code": error.code, "message": error.message, "id": id}),
-                )
-                .map(|e| e.line().clone())
-                .unwrap_or_else(|_| error.to_frame());
-                // Counted before anyone hears of it: a client told `storage` finds
-                // the failure on /metrics already.
-                hub.store_failed(chain(&e));
-                from.outbox.push(frame.clone());
-                for client in waiting {
-                    hub.reply(client, frame.clone());
-                }
-            }
+            Err(e) => e,
+        };
+        // Not stored: a resend must be able to try again.
+        let waiting = match self.lock().forget(id) {
+            Some(Seen::Pending(waiting)) => waiting,
+            _ => Vec::new(),
+        };
+        let error = ProtocolError::new(
+            ErrorCode::Storage,
+            format!(
+                "event {:?} was not stored in {name}: {}; it was delivered live only",
+                crate::protocol::printable(id),
+                chain(&e)
+            ),
+        );
+        // With the id, so that a client waiting for it knows which event failed.
+        let frame = Event::new(
+            "$error",
+            &json!({"code": error.code, "message": error.message, "id": id}),
+        )
+        .map(|e| e.line().clone())
+        .unwrap_or_else(|_| error.to_frame());
+        // Counted before anyone hears of it: a client told `storage` finds
+        // the failure on /metrics already.
+        hub.store_failed(chain(&e));
+        from.outbox.push(frame.clone());
+        for client in waiting {
+            hub.reply(client, frame.clone());
         }
     }
 
-    /// The end of a commit's callbacks on the store's writer: marks its ids stored
-    /// (answering those who sent one again meanwhile, after the first answer when it
-    /// is the same publisher) and wakes the consumers of the streams that grew.
-    fn commit_settled(&self, hub: &Hub, confirms: &mut Confirms) {
+    /// The end of a commit's callbacks on the store's writer, once their
+    /// confirmations are queued: marks the commit's ids stored, answers those who
+    /// sent one again meanwhile (so after the first answer, when it is the same
+    /// publisher; and a resend that comes later finds the id stored only once its
+    /// first answer is queued), and wakes the consumers of the streams that grew.
+    fn commit_settled(&self, hub: &Hub, stored: Vec<(Arc<str>, usize, u64)>, grew: Vec<usize>) {
         let now = Instant::now();
         let mut again = Vec::new();
         {
             let mut dedup = self.lock();
-            for (key, stream, seq) in confirms.stored.drain(..) {
+            for (key, stream, seq) in stored {
                 for client in dedup.stored(&key, stream, seq, now) {
                     again.push((client, Arc::clone(&key), stream, seq));
                 }
             }
         }
-        for stream in confirms.grew.drain(..) {
+        for stream in grew {
             self.appended(stream);
         }
         for (client, id, stream, seq) in again {
             let name = Some(&*self.names[stream]);
-            match confirms.index.get(&client) {
-                Some(&at) => {
-                    let (_, out, count) = &mut confirms.to[at];
-                    write_stored(out, &id, name, seq, true);
-                    *count += 1;
-                }
-                None => hub.reply(client, stored_frame(&id, name, seq, true)),
-            }
+            hub.reply(client, stored_frame(&id, name, seq, true));
         }
     }
 
@@ -657,14 +635,15 @@ fn confirm(from: &Arc<Member>, write: impl FnOnce(&mut Vec<u8>)) {
 fn gathering_confirms(run: &mut dyn FnMut()) {
     CONFIRMS.set(Some(Confirms::default()));
     run();
-    let Some(mut confirms) = CONFIRMS.take() else {
+    let Some(confirms) = CONFIRMS.take() else {
         return;
     };
-    if let Some(hub) = confirms.hub.take() {
-        hub.durable().commit_settled(&hub, &mut confirms);
-    }
     for (member, lines, count) in confirms.to {
         member.outbox.push_events(lines.into(), count);
+    }
+    if let Some(hub) = confirms.hub {
+        hub.durable()
+            .commit_settled(&hub, confirms.stored, confirms.grew);
     }
 }
 
