@@ -80,9 +80,9 @@ pub const DEFAULT_WS_PING: Duration = Duration::from_secs(25);
 /// The default window in which a resent `"id"` is recognised as a duplicate.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
-/// How many publisher ids are remembered for deduplication at least, whatever the
-/// rate (at most twice as many: they are forgotten a generation at a time, oldest
-/// first, and the window is then shorter than `dedup_window`).
+/// The most publisher ids remembered for deduplication; past it the oldest are
+/// forgotten first, a generation at a time (the window is then shorter than
+/// `dedup_window`), and at least the last half of them are always remembered.
 pub const MAX_DEDUP_IDS: usize = 100_000;
 
 /// Durable streams: every client event whose name matches a stream's patterns is
