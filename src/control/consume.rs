@@ -58,23 +58,17 @@ impl<'de> Deserialize<'de> for Seqs {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a seq (a whole number, 1 or more) or a list of them")
             }
+            // A negative number (`visit_i64`), a float, a string, anything else:
+            // serde's own error, replaced by ours below, as is any error in a list.
             fn visit_u64<E: serde::de::Error>(self, seq: u64) -> Result<Seqs, E> {
                 Ok(Seqs::One(seq))
-            }
-            fn visit_i64<E: serde::de::Error>(self, seq: i64) -> Result<Seqs, E> {
-                u64::try_from(seq)
-                    .map(Seqs::One)
-                    .map_err(|_| E::custom(SEQS_EXPECTED))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut list: A,
             ) -> Result<Seqs, A::Error> {
                 let mut seqs = Vec::with_capacity(list.size_hint().unwrap_or(0).min(MAX_ACK_SEQS));
-                while let Some(seq) = list
-                    .next_element::<u64>()
-                    .map_err(|_| serde::de::Error::custom(SEQS_EXPECTED))?
-                {
+                while let Some(seq) = list.next_element::<u64>()? {
                     seqs.push(seq);
                 }
                 Ok(Seqs::Many(seqs))
@@ -315,4 +309,44 @@ fn duration(request: &str, key: &str, text: &str) -> Result<Duration, ProtocolEr
         ));
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(text: &str) -> Result<Vec<u64>, String> {
+        serde_json::from_str::<Seqs>(text)
+            .map(|s| match s {
+                Seqs::One(seq) => vec![seq],
+                Seqs::Many(seqs) => seqs,
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_seq_or_a_list_of_them_and_nothing_else() {
+        assert_eq!(seqs("7"), Ok(vec![7]));
+        assert_eq!(
+            seqs("[1, 2, 18446744073709551615]"),
+            Ok(vec![1, 2, u64::MAX])
+        );
+        assert_eq!(seqs("[]"), Ok(vec![]));
+        for bad in [
+            "-1",
+            "1.5",
+            "\"3\"",
+            "null",
+            "true",
+            "{}",
+            "[\"3\"]",
+            "[-1]",
+            "[[1]]",
+            "[1.5]",
+            "18446744073709551616",
+        ] {
+            let error = seqs(bad).expect_err(bad);
+            assert!(error.starts_with(SEQS_EXPECTED), "{bad}: {error}");
+        }
+    }
 }
