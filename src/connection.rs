@@ -561,6 +561,9 @@ impl Connection<'_> {
     /// or the time slice is: then `backlog` is set and the rest waits for the next turn,
     /// so one client's expensive frames never keep a worker from everyone else.
     fn decode_all(&mut self) -> Result<(), ErrorCode> {
+        // What these frames append to streams goes to the store's writer together,
+        // at the end (one commit for a read's events, not one per event or few).
+        let _appends = crate::store::GatheredAppends::begin();
         let deadline = std::time::Instant::now() + TIME_SLICE;
         self.backlog = false;
         while !self.over_budget {

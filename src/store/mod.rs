@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub(crate) use segment::GatheredAppends;
 pub use segment::{check_name, AroundCallbacks, CommitStats, SegmentLog, MAX_ID};
 
 /// When an appended record counts as stored.

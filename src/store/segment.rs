@@ -103,8 +103,88 @@ pub struct SegmentLog {
     /// Bytes of appends sent to the writer and not yet committed.
     queued: Arc<AtomicUsize>,
     max_queued: usize,
-    ops: Mutex<Option<mpsc::Sender<Op>>>,
+    /// Shared with threads gathering appends (see [`GatheredAppends`]): they send
+    /// through it when they are done, and find it empty once the log is closed.
+    ops: Arc<Mutex<Option<mpsc::Sender<Ops>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the writer is sent: an append, or those a thread gathered (see
+/// [`GatheredAppends`]).
+enum Ops {
+    One(Op),
+    Many(Vec<Op>),
+}
+
+thread_local! {
+    /// While a thread gathers its appends: per log (by address), its writer's channel,
+    /// its queued-bytes counter and the appends, in order.
+    static GATHERED: std::cell::RefCell<Option<Vec<Gathered>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+struct Gathered {
+    log: usize,
+    ops: Arc<Mutex<Option<mpsc::Sender<Ops>>>>,
+    queued: Arc<AtomicUsize>,
+    appends: Vec<Op>,
+}
+
+/// While it lives, this thread's appends to any [`SegmentLog`] are held and sent to
+/// each log's writer together when it is dropped: one send and one wake-up for all
+/// the events of a read, so that the writer commits them together. (A publisher
+/// whose events were sent one by one had the writer wake for the first of them and
+/// commit 8 events at a time.) Nested, only the outermost sends. Hold it only for
+/// work that does not wait: nothing is sent before it is dropped.
+pub(crate) struct GatheredAppends {
+    outermost: bool,
+}
+
+impl GatheredAppends {
+    pub(crate) fn begin() -> Self {
+        let outermost = GATHERED.with_borrow_mut(|gathered| {
+            if gathered.is_some() {
+                return false;
+            }
+            *gathered = Some(Vec::new());
+            true
+        });
+        GatheredAppends { outermost }
+    }
+}
+
+impl Drop for GatheredAppends {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let Some(gathered) = GATHERED.take() else {
+            return;
+        };
+        for Gathered {
+            ops,
+            queued,
+            appends,
+            ..
+        } in gathered
+        {
+            let refused = match lock(&ops).as_ref() {
+                Some(tx) => match tx.send(Ops::Many(appends)) {
+                    Ok(()) => None,
+                    Err(mpsc::SendError(Ops::Many(appends))) => Some(appends),
+                    Err(mpsc::SendError(Ops::One(_))) => unreachable!("many were sent"),
+                },
+                None => Some(appends),
+            };
+            if let Some(appends) = refused {
+                // Closed meanwhile: as an append made after the close.
+                for op in appends {
+                    queued.fetch_sub(op_size(&op.line, op.id.as_deref()), Ordering::AcqRel);
+                    (op.done)(Err(StoreError::Closed));
+                }
+            }
+        }
+    }
 }
 
 impl SegmentLog {
@@ -145,7 +225,7 @@ impl SegmentLog {
                 commits,
                 queued,
                 max_queued,
-                ops: Mutex::new(Some(tx)),
+                ops: Arc::new(Mutex::new(Some(tx))),
                 writer: Mutex::new(Some(handle)),
             },
             recovery,
@@ -168,7 +248,7 @@ impl SegmentLog {
             commits: Arc::default(),
             queued: Arc::default(),
             max_queued: 0,
-            ops: Mutex::new(None),
+            ops: Arc::new(Mutex::new(None)),
             writer: Mutex::new(None),
         })
     }
@@ -299,6 +379,34 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
+impl SegmentLog {
+    /// Holds `op` among this thread's gathered appends, if it gathers them (see
+    /// [`GatheredAppends`]); hands it back otherwise, or if the log is closed.
+    fn gather(&self, op: Op) -> Option<Op> {
+        let log = self as *const SegmentLog as usize;
+        GATHERED.with_borrow_mut(|gathered| {
+            let Some(gathered) = gathered else {
+                return Some(op);
+            };
+            // Mostly one log per thread at a time: the last one is looked at first.
+            if let Some(mine) = gathered.iter_mut().rev().find(|g| g.log == log) {
+                mine.appends.push(op);
+                return None;
+            }
+            if lock(&self.ops).is_none() {
+                return Some(op);
+            }
+            gathered.push(Gathered {
+                log,
+                ops: Arc::clone(&self.ops),
+                queued: Arc::clone(&self.queued),
+                appends: vec![op],
+            });
+            None
+        })
+    }
+}
+
 impl Store for SegmentLog {
     fn append(&self, stream: &str, id: Option<String>, line: Bytes, done: Appended) {
         if let Err(e) = check_name(stream) {
@@ -321,11 +429,18 @@ impl Store for SegmentLog {
             line,
             done,
         };
-        let sent = match lock(&self.ops).as_ref() {
-            Some(tx) => tx.send(op).map_err(|mpsc::SendError(op)| op),
-            None => Err(op),
+        let Some(op) = self.gather(op) else {
+            return;
         };
-        if let Err(op) = sent {
+        let refused = match lock(&self.ops).as_ref() {
+            Some(tx) => match tx.send(Ops::One(op)) {
+                Ok(()) => None,
+                Err(mpsc::SendError(Ops::One(op))) => Some(op),
+                Err(mpsc::SendError(Ops::Many(_))) => unreachable!("one was sent"),
+            },
+            None => Some(op),
+        };
+        if let Some(op) = refused {
             self.queued.fetch_sub(size, Ordering::AcqRel);
             (op.done)(Err(StoreError::Closed));
         }
@@ -673,15 +788,25 @@ struct Pending {
     base: u64,
 }
 
+/// Adds what the writer was sent to its batch.
+fn take(batch: &mut Vec<Op>, ops: Ops) {
+    match ops {
+        Ops::One(op) => batch.push(op),
+        Ops::Many(ops) if batch.is_empty() => *batch = ops,
+        Ops::Many(ops) => batch.extend(ops),
+    }
+}
+
 impl Writer {
-    fn run(mut self, ops: mpsc::Receiver<Op>) {
+    fn run(mut self, ops: mpsc::Receiver<Ops>) {
         // Blocks for the first append, then takes whatever else is waiting: everything
         // that arrived during the last fsync shares the next one.
         while let Ok(first) = ops.recv() {
-            let mut batch = vec![first];
+            let mut batch = Vec::new();
+            take(&mut batch, first);
             while batch.len() < MAX_BATCH {
                 match ops.try_recv() {
-                    Ok(op) => batch.push(op),
+                    Ok(more) => take(&mut batch, more),
                     Err(_) => break,
                 }
             }
@@ -1135,6 +1260,51 @@ mod tests {
                 .collect();
             assert_eq!(mine, (0..500).collect::<Vec<_>>());
         }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Appends gathered by a thread reach the writer together when the outermost
+    /// scope ends (a nested one sends nothing), in order, and are committed at once;
+    /// an append gathered for a log closed before the scope ends fails `Closed`.
+    #[test]
+    fn gathered_appends_are_committed_together_when_the_scope_ends() {
+        let dir = temp_dir("gathered");
+        let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let outer = GatheredAppends::begin();
+        {
+            let _inner = GatheredAppends::begin();
+            for n in 0..100 {
+                let tx = tx.clone();
+                log.append("s", None, line(n), Box::new(move |r| tx.send(r).unwrap()));
+            }
+        }
+        // Nothing was sent: the writer cannot have stored any of it.
+        assert!(rx.try_recv().is_err());
+        assert_eq!(log.info("s"), None);
+        drop(outer);
+        let seqs: Vec<u64> = (0..100).map(|_| rx.recv().unwrap().unwrap()).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+        let snapshot = log.commit_stats().batch.snapshot();
+        assert_eq!((snapshot.count, snapshot.sum), (1, 100.0));
+        let records = log.read("s", 1, 1000).unwrap();
+        assert_eq!(records.len(), 100);
+        assert!(records
+            .iter()
+            .enumerate()
+            .all(|(n, r)| r.line == line(n as u64)));
+        // Closed while gathered: refused, not lost silently.
+        let gathering = GatheredAppends::begin();
+        let tx2 = tx.clone();
+        log.append(
+            "s",
+            None,
+            line(100),
+            Box::new(move |r| tx2.send(r).unwrap()),
+        );
+        log.close();
+        drop(gathering);
+        assert!(matches!(rx.recv().unwrap(), Err(StoreError::Closed)));
         let _ = fs::remove_dir_all(&dir);
     }
 
