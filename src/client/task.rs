@@ -336,7 +336,7 @@ impl Session {
             let resent: Resent = state
                 .resent()
                 .into_iter()
-                .map(|line| (crate::client::Command::key_of(&line), line))
+                .map(|line| (Command::key_of(&line), line))
                 .collect();
             (state.frames(), resent)
         };
@@ -363,7 +363,7 @@ impl Session {
                     while let Ok(command) = self.commands.try_recv() {
                         batch.push(command);
                     }
-                    skip_resent(&mut batch, &mut resent, false);
+                    skip_resent(&mut batch, &mut resent);
                     if let Err(e) = write_batch(&mut writer, &mut batch).await {
                         return self.lost(pending, e);
                     }
@@ -376,7 +376,7 @@ impl Session {
                         self.closing.cancel();
                         continue;
                     }
-                    skip_resent(&mut batch, &mut resent, received < BATCH);
+                    skip_resent(&mut batch, &mut resent);
                     if let Err(e) = write_batch(&mut writer, &mut batch).await {
                         return self.lost(pending, e);
                     }
@@ -459,17 +459,16 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Writes every queued send in one go, then tells each sender how it went.
 /// The restore's copies of the sends it wrote, by [`Command::key`].
 type Resent = std::collections::HashMap<(usize, usize), Bytes>;
 
 /// Takes out of `batch` the sends the restore wrote already: confirmed sends queued
 /// before this connection came up are in the restore (so that none is lost) and still
-/// queued; written twice, the hub's answer to the second could come first. `resent`
-/// holds the restore's own copies (the same bytes keep their address meanwhile); it
-/// is emptied once the queue has been drained, as every send queued before the
-/// restore has been looked at by then.
-fn skip_resent(batch: &mut Vec<Command>, resent: &mut Resent, drained: bool) {
+/// queued, or about to be. `resent` holds the restore's own copies (so the bytes keep
+/// their address, and no other send can have it) until each is met or the connection
+/// ends; those written on an earlier connection are never met, and cost only their
+/// memory until then.
+fn skip_resent(batch: &mut Vec<Command>, resent: &mut Resent) {
     if resent.is_empty() {
         return;
     }
@@ -482,11 +481,9 @@ fn skip_resent(batch: &mut Vec<Command>, resent: &mut Resent, drained: bool) {
         }
     }
     *batch = kept;
-    if drained {
-        resent.clear();
-    }
 }
 
+/// Writes every queued send in one go, then tells each sender how it went.
 async fn write_batch<W: AsyncWrite + Unpin>(
     writer: &mut W,
     batch: &mut Vec<Command>,
