@@ -1225,6 +1225,18 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// The numbers appender `t` wrote (as lines `t:n`), in the order `records` has them.
+    fn appended_by(records: &[Record], t: usize) -> Vec<usize> {
+        records
+            .iter()
+            .filter_map(|r| {
+                let text = std::str::from_utf8(&r.line).unwrap();
+                let (who, n) = text.trim().split_once(':').unwrap();
+                (who == t.to_string()).then(|| n.parse().unwrap())
+            })
+            .collect()
+    }
+
     /// Appenders on several threads share batches: every append is stored exactly
     /// once, seqs have no gap and no duplicate, and each appender's records keep its
     /// order.
@@ -1250,15 +1262,7 @@ mod tests {
         assert_eq!(seqs, (1..=2000).collect::<Vec<_>>());
         let records = log.read("s", 1, usize::MAX).unwrap();
         for t in 0..4 {
-            let mine: Vec<u64> = records
-                .iter()
-                .filter_map(|r| {
-                    let text = std::str::from_utf8(&r.line).unwrap();
-                    let (who, n) = text.trim().split_once(':').unwrap();
-                    (who == t.to_string()).then(|| n.parse().unwrap())
-                })
-                .collect();
-            assert_eq!(mine, (0..500).collect::<Vec<_>>());
+            assert_eq!(appended_by(&records, t), (0..500).collect::<Vec<_>>());
         }
         let _ = fs::remove_dir_all(&dir);
     }
@@ -1346,16 +1350,8 @@ mod tests {
             let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
             assert_eq!(seqs, (1..=800).collect::<Vec<_>>(), "{name}");
             for t in 0..4 {
-                let mine: Vec<usize> = records
-                    .iter()
-                    .filter_map(|r| {
-                        let text = std::str::from_utf8(&r.line).unwrap();
-                        let (who, n) = text.trim().split_once(':').unwrap();
-                        (who == t.to_string()).then(|| n.parse().unwrap())
-                    })
-                    .collect();
                 let expected: Vec<usize> = (0..600).filter(|n| n % 3 == s).collect();
-                assert_eq!(mine, expected, "{name}, appender {t}");
+                assert_eq!(appended_by(&records, t), expected, "{name}, appender {t}");
             }
         }
         let _ = fs::remove_dir_all(&dir);
