@@ -153,6 +153,26 @@ impl GatheredAppends {
     }
 }
 
+/// Sends `ops` to the writer behind `slot`; if the log is closed, each fails `Closed`
+/// and no longer counts as queued.
+fn send(slot: &Mutex<Option<mpsc::Sender<Ops>>>, queued: &AtomicUsize, ops: Ops) {
+    let refused = match lock(slot).as_ref() {
+        Some(tx) => match tx.send(ops) {
+            Ok(()) => return,
+            Err(mpsc::SendError(ops)) => ops,
+        },
+        None => ops,
+    };
+    let refused = match refused {
+        Ops::One(op) => vec![op],
+        Ops::Many(ops) => ops,
+    };
+    for op in refused {
+        queued.fetch_sub(op_size(&op.line, op.id.as_deref()), Ordering::AcqRel);
+        (op.done)(Err(StoreError::Closed));
+    }
+}
+
 impl Drop for GatheredAppends {
     fn drop(&mut self) {
         if !self.outermost {
@@ -168,21 +188,8 @@ impl Drop for GatheredAppends {
             ..
         } in gathered
         {
-            let refused = match lock(&ops).as_ref() {
-                Some(tx) => match tx.send(Ops::Many(appends)) {
-                    Ok(()) => None,
-                    Err(mpsc::SendError(Ops::Many(appends))) => Some(appends),
-                    Err(mpsc::SendError(Ops::One(_))) => unreachable!("many were sent"),
-                },
-                None => Some(appends),
-            };
-            if let Some(appends) = refused {
-                // Closed meanwhile: as an append made after the close.
-                for op in appends {
-                    queued.fetch_sub(op_size(&op.line, op.id.as_deref()), Ordering::AcqRel);
-                    (op.done)(Err(StoreError::Closed));
-                }
-            }
+            // Closed meanwhile: as appends made after the close.
+            send(&ops, &queued, Ops::Many(appends));
         }
     }
 }
@@ -432,18 +439,7 @@ impl Store for SegmentLog {
         let Some(op) = self.gather(op) else {
             return;
         };
-        let refused = match lock(&self.ops).as_ref() {
-            Some(tx) => match tx.send(Ops::One(op)) {
-                Ok(()) => None,
-                Err(mpsc::SendError(Ops::One(op))) => Some(op),
-                Err(mpsc::SendError(Ops::Many(_))) => unreachable!("one was sent"),
-            },
-            None => Some(op),
-        };
-        if let Some(op) = refused {
-            self.queued.fetch_sub(size, Ordering::AcqRel);
-            (op.done)(Err(StoreError::Closed));
-        }
+        send(&self.ops, &self.queued, Ops::One(op));
     }
 
     fn read(&self, stream: &str, seq: u64, max: usize) -> Result<Vec<Record>, StoreError> {
