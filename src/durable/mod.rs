@@ -271,11 +271,7 @@ impl Durable {
 
     /// Stream `stream` grew: its consumers may have something to deliver.
     fn appended(&self, stream: usize) {
-        // Read first: the flag's cache line is written only when it changes.
-        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            self.failing
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.recovered();
         if self.watching.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return;
         }
@@ -284,6 +280,15 @@ impl Durable {
             .unwrap_or_else(PoisonError::into_inner);
         for consumer in watchers.iter() {
             consumer.wake.notify_one();
+        }
+    }
+
+    /// An append succeeded: the store is failing no more.
+    fn recovered(&self) {
+        // Read first: the flag's cache line is written only when it changes.
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            self.failing
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -414,6 +419,9 @@ impl Durable {
         let name = &*self.names[stream];
         let e = match result {
             Ok(seq) => {
+                // Before anyone hears of it: a client told `$stored` finds the store
+                // open on /metrics already (consumers are woken later, per commit).
+                self.recovered();
                 // On the store's writer, the ids of a whole commit are marked stored
                 // under one lock once its confirmations are queued (see `Confirms`).
                 let gathered = CONFIRMS.with_borrow_mut(|confirms| {
