@@ -128,7 +128,7 @@ pub struct JetStream {
 /// An event on its way to JetStream.
 struct Pending {
     subject: String,
-    id: Option<String>,
+    id: Option<Arc<str>>,
     line: Bytes,
     done: Appended,
 }
@@ -476,7 +476,7 @@ impl JetStream {
 }
 
 impl Store for JetStream {
-    fn append(&self, stream: &str, id: Option<String>, line: Bytes, done: Appended) {
+    fn append(&self, stream: &str, id: Option<Arc<str>>, line: Bytes, done: Appended) {
         let Some(index) = self.index(stream) else {
             return done(Err(StoreError::Invalid(format!(
                 "no stream is named {stream:?}"

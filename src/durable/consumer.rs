@@ -1037,7 +1037,7 @@ impl Consumer {
                 }),
             )],
         );
-        durable.append_to(hub, dead, record.id, line, Box::new(settle));
+        durable.append_to(hub, dead, record.id.map(Into::into), line, Box::new(settle));
     }
 }
 

@@ -215,9 +215,15 @@ impl Durable {
         if self.names.is_empty() {
             return None;
         }
-        let mut matched = Vec::new();
-        self.router.matches(name, &mut matched);
-        matched.into_iter().min()
+        // Once per event: the matches go to a buffer the thread keeps.
+        thread_local! {
+            static MATCHED: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        MATCHED.with_borrow_mut(|matched| {
+            matched.clear();
+            self.router.matches(name, matched);
+            matched.iter().copied().min()
+        })
     }
 
     /// Appends a plain event (one of a run: it has no id) to its stream, if any.
@@ -248,7 +254,7 @@ impl Durable {
         &self,
         hub: &Hub,
         stream: usize,
-        id: Option<String>,
+        id: Option<Arc<str>>,
         line: Bytes,
         done: crate::store::Appended,
     ) {
@@ -393,7 +399,7 @@ impl Durable {
         let (hub, sender) = (hub.clone(), Arc::clone(sender));
         store.append(
             &self.names[stream],
-            Some(id.to_owned()),
+            Some(Arc::clone(&key)),
             event.line().clone(),
             Box::new(move |result| hub.durable().settle(&hub, &sender, &key, stream, result)),
         );

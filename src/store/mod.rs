@@ -34,6 +34,7 @@
 mod segment;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -256,7 +257,7 @@ pub type Appended = Box<dyn FnOnce(Result<u64, StoreError>) + Send>;
 pub trait Store: Send + Sync {
     /// Appends `line` to `stream`, creating the stream if needed; `done` is called from
     /// the store's writer once the record is durable (or failed). Never blocks.
-    fn append(&self, stream: &str, id: Option<String>, line: Bytes, done: Appended);
+    fn append(&self, stream: &str, id: Option<Arc<str>>, line: Bytes, done: Appended);
 
     /// Up to `max` records of `stream` from `seq` on (those retention deleted are
     /// skipped), in order.

@@ -83,8 +83,9 @@ impl Meta {
 type Streams = Arc<Mutex<HashMap<String, Meta>>>;
 
 struct Op {
-    stream: String,
-    id: Option<String>,
+    /// Shared by the ops of one stream a thread gathers (see [`SegmentLog::gather`]).
+    stream: Arc<str>,
+    id: Option<Arc<str>>,
     line: Bytes,
     done: Appended,
 }
@@ -387,19 +388,25 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
 }
 
 impl SegmentLog {
-    /// Holds `op` among this thread's gathered appends, if it gathers them (see
-    /// [`GatheredAppends`]); hands it back otherwise, or if the log is closed.
-    fn gather(&self, op: Op) -> Option<Op> {
+    /// Holds the op `make` builds for `stream` among this thread's gathered appends,
+    /// if it gathers them (see [`GatheredAppends`]); hands it back otherwise, or if
+    /// the log is closed. Gathered ops of one stream share its name.
+    fn gather(&self, stream: &str, make: impl FnOnce(Arc<str>) -> Op) -> Option<Op> {
         let log = self as *const SegmentLog as usize;
         GATHERED.with_borrow_mut(|gathered| {
             let Some(gathered) = gathered else {
-                return Some(op);
+                return Some(make(stream.into()));
             };
             // Mostly one log per thread at a time: the last one is looked at first.
             if let Some(mine) = gathered.iter_mut().rev().find(|g| g.log == log) {
-                mine.appends.push(op);
+                let name = match mine.appends.last() {
+                    Some(last) if *last.stream == *stream => Arc::clone(&last.stream),
+                    _ => stream.into(),
+                };
+                mine.appends.push(make(name));
                 return None;
             }
+            let op = make(stream.into());
             if lock(&self.ops).is_none() {
                 return Some(op);
             }
@@ -415,7 +422,7 @@ impl SegmentLog {
 }
 
 impl Store for SegmentLog {
-    fn append(&self, stream: &str, id: Option<String>, line: Bytes, done: Appended) {
+    fn append(&self, stream: &str, id: Option<Arc<str>>, line: Bytes, done: Appended) {
         if let Err(e) = check_name(stream) {
             return done(Err(e));
         }
@@ -430,13 +437,13 @@ impl Store for SegmentLog {
             self.queued.fetch_sub(size, Ordering::AcqRel);
             return done(Err(StoreError::Behind(before)));
         }
-        let op = Op {
-            stream: stream.to_owned(),
+        let make = |stream| Op {
+            stream,
             id,
             line,
             done,
         };
-        let Some(op) = self.gather(op) else {
+        let Some(op) = self.gather(stream, make) else {
             return;
         };
         send(&self.ops, &self.queued, Ops::One(op));
@@ -822,8 +829,8 @@ impl Writer {
             .as_millis() as u64;
         // Per stream, in the order first met. A batch is mostly of one stream, so each
         // op is first compared with the one before it: no hashing per op.
-        let mut pending: Vec<(String, Pending)> = Vec::new();
-        let mut index: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
+        let mut pending: Vec<(Arc<str>, Pending)> = Vec::new();
+        let mut index: HashMap<Arc<str>, usize, foldhash::fast::RandomState> = HashMap::default();
         let mut last = usize::MAX;
         {
             // Seqs are handed out under the lock; readers see them only once committed
@@ -832,9 +839,9 @@ impl Writer {
             for op in batch {
                 let same = pending
                     .get(last)
-                    .is_some_and(|(name, _)| *name == op.stream);
+                    .is_some_and(|(name, _)| **name == *op.stream);
                 if !same {
-                    if let Some(&at) = index.get(&op.stream) {
+                    if let Some(&at) = index.get(&*op.stream) {
                         last = at;
                     } else {
                         let base = match self.last_seq_of(&mut streams, &op.stream) {
@@ -845,7 +852,7 @@ impl Writer {
                             }
                         };
                         last = pending.len();
-                        index.insert(op.stream.clone(), last);
+                        index.insert(Arc::clone(&op.stream), last);
                         let batch = Pending {
                             bytes: Vec::new(),
                             records: Vec::new(),
@@ -882,7 +889,7 @@ impl Writer {
             for ((stream, batch), result) in pending.into_iter().zip(results) {
                 match result {
                     Ok(()) => {
-                        if let Some(meta) = streams.get_mut(&stream) {
+                        if let Some(meta) = streams.get_mut(&*stream) {
                             meta.last_seq += batch.records.len() as u64;
                             self.retain(&stream, meta, now);
                         }
@@ -891,7 +898,7 @@ impl Writer {
                     Err(e) => {
                         // Nothing of the batch counts: the file is cut back on the next
                         // open, and the next batch starts a new segment.
-                        self.files.remove(&stream);
+                        self.files.remove(&*stream);
                         outcomes.push((Err(e), batch.done));
                     }
                 }
@@ -1062,7 +1069,7 @@ mod tests {
             let tx = tx.clone();
             log.append(
                 stream,
-                Some(format!("id-{count}")),
+                Some(format!("id-{count}").into()),
                 line,
                 Box::new(move |r| {
                     tx.send(r).unwrap();
@@ -1409,7 +1416,7 @@ mod tests {
     fn bad_names_and_ids_are_refused_and_a_closed_store_says_so() {
         let dir = temp_dir("refusals");
         let (log, _) = SegmentLog::open(StoreConfig::new(&dir)).unwrap();
-        let outcome = |stream: &str, id: Option<String>| {
+        let outcome = |stream: &str, id: Option<Arc<str>>| {
             let (tx, rx) = channel();
             log.append(stream, id, line(0), Box::new(move |r| tx.send(r).unwrap()));
             rx.recv().unwrap()
@@ -1421,10 +1428,10 @@ mod tests {
             );
         }
         assert!(matches!(
-            outcome("s", Some("i".repeat(MAX_ID + 1))),
+            outcome("s", Some("i".repeat(MAX_ID + 1).into())),
             Err(StoreError::Invalid(_))
         ));
-        assert_eq!(outcome("s", Some("i".repeat(MAX_ID))).unwrap(), 1);
+        assert_eq!(outcome("s", Some("i".repeat(MAX_ID).into())).unwrap(), 1);
         log.close();
         assert!(matches!(outcome("s", None), Err(StoreError::Closed)));
         let _ = fs::remove_dir_all(&dir);
