@@ -171,81 +171,13 @@ impl ServerTls {
 }
 
 /// A TLS stream served by the session loop.
-pub(crate) type ServerStream = Plain<Coalesce<tokio_rustls::server::TlsStream<TcpStream>>>;
-
-/// Most plaintext gathered into one write: a TLS record's worth.
-const RECORD: usize = 16 * 1024;
-
-/// Gathers a vectored write of many small frames into one buffer before handing it
-/// to rustls, which otherwise seals each slice as a record of its own: a 128-byte
-/// event would cost a record's header, tag and sealing each. (The copy is of at most
-/// 16 KiB, and costs far less than the records it saves.)
-pub(crate) struct Coalesce<S>(S);
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Coalesce<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let first = bufs.iter().position(|b| !b.is_empty());
-        let Some(first) = first else {
-            return std::task::Poll::Ready(Ok(0));
-        };
-        // One slice, or a first slice that fills a record: nothing to gather.
-        if bufs[first].len() >= RECORD || bufs[first + 1..].iter().all(|b| b.is_empty()) {
-            return std::pin::Pin::new(&mut self.0).poll_write(cx, &bufs[first]);
-        }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut gathered = Vec::with_capacity(total.min(RECORD));
-        for buf in &bufs[first..] {
-            let room = RECORD - gathered.len();
-            if room == 0 {
-                break;
-            }
-            gathered.extend_from_slice(&buf[..buf.len().min(room)]);
-        }
-        // rustls takes what it accepts into its own buffer: what it did not take is
-        // offered again by the caller.
-        std::pin::Pin::new(&mut self.0).poll_write(cx, &gathered)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
+///
+/// The session loop's vectored writes go straight to rustls, which seals the slices
+/// of one write together, up to 16 KiB per record: small frames share a record
+/// without being gathered first. (An earlier layer gathered them into a buffer of
+/// its own; that was a second copy of every byte, and the hub spent a quarter less
+/// CPU on TLS fan-out without it: docs/performance.md.)
+pub(crate) type ServerStream = Plain<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// The first byte of a TLS ClientHello record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -351,7 +283,7 @@ async fn handshakes(
                 kind: crate::metrics::TransportKind::Tls,
                 ..peer
             };
-            let _ = ready.send((Plain(Coalesce(stream)), peer)).await;
+            let _ = ready.send((Plain(stream), peer)).await;
         });
     }
 }
