@@ -14,6 +14,9 @@ use crate::protocol::{ErrorCode, ProtocolError};
 /// Most addresses tracked; past it, addresses with no open connection and no attempt
 /// this second are forgotten.
 const MAX_TRACKED: usize = 100_000;
+/// Refusals per address per second that a TLS listener answers in words (which takes
+/// a full handshake); past them it closes before the handshake.
+pub(crate) const ANSWERED_TLS_REFUSALS: u32 = 4;
 
 #[derive(Default)]
 struct Entry {
@@ -21,6 +24,10 @@ struct Entry {
     /// The second (since `start`) the attempts count in.
     window: u64,
     attempts: u32,
+    /// The second (since `start`) `answered` counts in.
+    answered_window: u64,
+    /// Refusals answered after a handshake in that second.
+    answered: u32,
 }
 
 /// The per-address limits and what each address holds.
@@ -53,7 +60,17 @@ impl Drop for Ticket {
     }
 }
 
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.admission {
+            Some(held) => write!(f, "Ticket({})", held.1),
+            None => f.write_str("Ticket"),
+        }
+    }
+}
+
 /// Why an address may not connect now.
+#[derive(Debug)]
 pub(crate) enum Refusal {
     /// It has `--max-conns-per-ip` open.
     PerIp(ProtocolError),
@@ -124,6 +141,26 @@ impl Admission {
             admission: Some(Box::new((Arc::clone(self), ip))),
         })
     }
+
+    /// Whether a refusal of `ip` just made may be answered after a TLS handshake: the
+    /// first [`ANSWERED_TLS_REFUSALS`] of each second are, so that a client over the
+    /// limit learns why (and when to retry); past them the listener closes at once,
+    /// so that one address cannot make the hub run a handshake per attempt.
+    pub(crate) fn answer_refusal(&self, ip: IpAddr) -> bool {
+        let second = self.start.elapsed().as_secs();
+        let mut map = self.lock();
+        // A refused address has an entry (it is over its rate, or has connections
+        // open), unless its last connection closed meanwhile: then answer.
+        let Some(entry) = map.get_mut(&ip) else {
+            return true;
+        };
+        if entry.answered_window != second {
+            entry.answered_window = second;
+            entry.answered = 0;
+        }
+        entry.answered += 1;
+        entry.answered <= ANSWERED_TLS_REFUSALS
+    }
 }
 
 #[cfg(test)]
@@ -147,5 +184,28 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(admission.admit(a).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_first_refusals_of_a_second_are_answered() {
+        let admission = Admission::new(None, Some(1));
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let _kept = admission.admit(a).ok().unwrap();
+        for _ in 0..ANSWERED_TLS_REFUSALS {
+            assert!(admission.admit(a).is_err());
+            assert!(admission.answer_refusal(a));
+        }
+        assert!(admission.admit(a).is_err());
+        assert!(!admission.answer_refusal(a));
+        // Another address has its own allowance.
+        let _other = admission.admit(b).ok().unwrap();
+        assert!(admission.admit(b).is_err());
+        assert!(admission.answer_refusal(b));
+        // And the next second starts afresh.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _again = admission.admit(a).ok().unwrap();
+        assert!(admission.admit(a).is_err());
+        assert!(admission.answer_refusal(a));
     }
 }

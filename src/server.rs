@@ -122,12 +122,14 @@ impl Server {
         };
         let tcp = async {
             match tls {
-                Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
-                    Ok(listener) => accept_into(listener, &hub, &gate, &shutdown).await,
-                    Err(e) => hub.report(|| HubEvent::Error {
-                        message: format!("cannot serve TLS: {e}"),
-                    }),
-                },
+                Some(tls) => {
+                    match crate::tls::TlsListener::new(listener, tls, &hub, &gate.admission) {
+                        Ok(listener) => accept_into(listener, &hub, &gate, &shutdown).await,
+                        Err(e) => hub.report(|| HubEvent::Error {
+                            message: format!("cannot serve TLS: {e}"),
+                        }),
+                    }
+                }
                 None => accept_into(listener, &hub, &gate, &shutdown).await,
             }
         };
@@ -226,21 +228,16 @@ async fn accept_into<L: Listener>(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((stream, mut peer)) => {
                 backoff = Duration::ZERO;
-                let ticket = match admission.admit(peer.addr.ip()) {
+                let decided = match peer.admission.take() {
+                    Some(decided) => *decided,
+                    None => admission.admit(peer.addr.ip()),
+                };
+                let ticket = match decided {
                     Ok(ticket) => ticket,
                     Err(refusal) => {
-                        let error = match refusal {
-                            Refusal::PerIp(e) => {
-                                hub.count(|c| &c.refused_per_ip);
-                                e
-                            }
-                            Refusal::Rate(e) => {
-                                hub.count(|c| &c.refused_accept_rate);
-                                e
-                            }
-                        };
+                        let error = count_refusal(&hub, refusal);
                         refuse_with(&hub, stream, peer.addr, lingering, error, true);
                         continue;
                     }
@@ -271,6 +268,20 @@ async fn accept_into<L: Listener>(
         }
     }
     drop(listener);
+}
+
+/// Counts a refusal by its kind in the stats, and gives the error that tells why.
+pub(crate) fn count_refusal(hub: &Hub, refusal: Refusal) -> ProtocolError {
+    match refusal {
+        Refusal::PerIp(e) => {
+            hub.count(|c| &c.refused_per_ip);
+            e
+        }
+        Refusal::Rate(e) => {
+            hub.count(|c| &c.refused_accept_rate);
+            e
+        }
+    }
 }
 
 /// Binds the first address `addr` resolves to that can be bound (with [`listen`]'s

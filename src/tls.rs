@@ -28,6 +28,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::admission::Admission;
 use crate::transport::{Listener, PeerInfo, Plain};
 
 /// Most handshakes in progress at once; past it, accepting waits (the kernel's
@@ -202,11 +203,24 @@ pub(crate) struct TlsListener {
 }
 
 impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, tls: ServerTls) -> io::Result<Self> {
+    /// Serves `tcp` with `tls`; `admission` (the server's per-address limits) is
+    /// decided before each handshake, and `hub` counts the refusals made here.
+    pub(crate) fn new(
+        tcp: TcpListener,
+        tls: ServerTls,
+        hub: &crate::Hub,
+        admission: &Arc<Admission>,
+    ) -> io::Result<Self> {
         let addr = tcp.local_addr()?;
         let (ready, done) = mpsc::channel(64);
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(handshakes(tcp, tls, ready, stop.clone()));
+        tokio::spawn(handshakes(
+            tcp,
+            tls,
+            (hub.clone(), Arc::clone(admission)),
+            ready,
+            stop.clone(),
+        ));
         Ok(TlsListener {
             addr,
             done,
@@ -217,9 +231,16 @@ impl TlsListener {
 
 /// Accepts, and runs each handshake in a task (at most [`MAX_HANDSHAKES`] at once,
 /// each within [`HANDSHAKE_TIMEOUT`]); completed streams go to `ready`.
+///
+/// `--max-conns-per-ip` and `--accept-rate` are decided at accept, before the
+/// handshake: an admitted connection's ticket counts from then on (so handshakes in
+/// progress count as open), and a refused one is handshaken only to be told why (the
+/// first few per address per second: `admission::ANSWERED_TLS_REFUSALS`); past those it is closed at
+/// once, so that one address cannot make the hub run a handshake per attempt.
 async fn handshakes(
     mut tcp: TcpListener,
     tls: ServerTls,
+    (hub, admission): (crate::Hub, Arc<Admission>),
     ready: mpsc::Sender<(ServerStream, PeerInfo)>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -236,7 +257,7 @@ async fn handshakes(
             _ = stop.cancelled() => return,
             accepted = Listener::accept(&mut tcp) => accepted,
         };
-        let (stream, peer) = match accepted {
+        let (stream, mut peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::debug!(error = %e, "accept failed");
@@ -245,6 +266,18 @@ async fn handshakes(
                 continue;
             }
         };
+        let decided = admission.admit(peer.addr.ip());
+        if let Err(refusal) = decided {
+            if !admission.answer_refusal(peer.addr.ip()) {
+                crate::server::count_refusal(&hub, refusal);
+                hub.refused(peer.addr);
+                drop(stream);
+                continue;
+            }
+            peer.admission = Some(Box::new(Err(refusal)));
+        } else {
+            peer.admission = Some(Box::new(decided));
+        }
         let acceptor = tls.acceptor();
         let ready = ready.clone();
         tokio::spawn(async move {
@@ -277,7 +310,8 @@ async fn handshakes(
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|cert| certificate_name(cert));
+                .and_then(|cert| certificate_name(cert))
+                .map(String::into_boxed_str);
             let peer = PeerInfo {
                 certificate,
                 kind: crate::metrics::TransportKind::Tls,

@@ -48,15 +48,21 @@ impl std::fmt::Display for Violation {
 impl std::error::Error for Violation {}
 
 /// Who is on the other end of a connection, as its listener established it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct PeerInfo {
     /// The peer's address.
     pub(crate) addr: SocketAddr,
     /// The name a verified TLS client certificate gives (its subject CN, else its
     /// first DNS or email SAN).
-    pub(crate) certificate: Option<String>,
+    /// (A `Box<str>`, not a `String`: what a connection's task carries is kept small.)
+    pub(crate) certificate: Option<Box<str>>,
     /// How it reached the hub.
     pub(crate) kind: crate::metrics::TransportKind,
+    /// Admission, if the listener decided it already (TLS decides before its
+    /// handshake, so that a refused address costs no handshake); else the accept
+    /// loop decides.
+    /// (Boxed: every connection's task carries its `PeerInfo`.)
+    pub(crate) admission: Option<Box<Result<crate::admission::Ticket, crate::admission::Refusal>>>,
 }
 
 impl PeerInfo {
@@ -65,6 +71,7 @@ impl PeerInfo {
             addr,
             certificate: None,
             kind: crate::metrics::TransportKind::Tcp,
+            admission: None,
         }
     }
 }

@@ -325,3 +325,73 @@ async fn node_tls_connect_in_the_class_style_and_openssl_s_client_interoperate()
     }
     drop(listener);
 }
+
+/// `--accept-rate` over TLS is decided before the handshake: past a few refusals
+/// answered in words each second, an address's attempts are closed without one, so
+/// that it cannot make the hub run a handshake per attempt. Every refusal is counted.
+#[tokio::test]
+async fn tls_attempts_over_the_accept_rate_are_closed_before_the_handshake() {
+    let pki = Pki::new("rate");
+    let config = Config::builder().accept_rate(Some(2)).build().unwrap();
+    let hub = TestHub::start_tls(config, pki.server(None)).await;
+    let client = hubcast::tls::client_config(Some(&pki.ca()), None).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let (mut kept, mut answered, mut closed) = (Vec::new(), Vec::new(), 0u64);
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let Ok(mut tls) = within(connector.connect(name, tcp)).await else {
+            closed += 1;
+            continue;
+        };
+        // A refused client can still be closed before its first read succeeds;
+        // only what it reads tells the two apart.
+        if tls
+            .write_all(b"{\"event\":\"$ping\",\"payload\":null}\n")
+            .await
+            .is_err()
+        {
+            closed += 1;
+            continue;
+        }
+        let mut line = String::new();
+        let mut reader = BufReader::new(tls);
+        let _ = within(reader.read_line(&mut line)).await;
+        if line.contains("$pong") {
+            kept.push(reader);
+        } else if line.contains("too_many_connections") {
+            answered.push(line);
+        } else {
+            assert!(line.is_empty(), "{line}");
+            closed += 1;
+        }
+    }
+    // Each one-second window the attempts spanned lets in 2 and answers at most 4
+    // refusals after a handshake; everything else was closed before one.
+    let windows = started.elapsed().as_secs() + 2;
+    assert!(
+        !kept.is_empty() && kept.len() as u64 <= 2 * windows,
+        "{}",
+        kept.len()
+    );
+    assert!(!answered.is_empty(), "no refusal was answered");
+    assert!(
+        answered.len() as u64 <= 4 * windows,
+        "{} refusals answered in {windows} windows",
+        answered.len()
+    );
+    assert!(
+        closed >= 40 - 6 * windows,
+        "{closed} closed in {windows} windows"
+    );
+    let frame: serde_json::Value = serde_json::from_str(answered[0].trim()).unwrap();
+    assert!(
+        frame["payload"]["retry_after_ms"].as_u64().is_some(),
+        "{frame}"
+    );
+    assert_eq!(
+        hub.hub.stats().refused_accept_rate,
+        answered.len() as u64 + closed
+    );
+}
