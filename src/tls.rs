@@ -234,9 +234,10 @@ impl TlsListener {
 ///
 /// `--max-conns-per-ip` and `--accept-rate` are decided at accept, before the
 /// handshake: an admitted connection's ticket counts from then on (so handshakes in
-/// progress count as open), and a refused one is handshaken only to be told why (the
-/// first few per address per second: `admission::ANSWERED_TLS_REFUSALS`); past those it is closed at
-/// once, so that one address cannot make the hub run a handshake per attempt.
+/// progress count as open), and a refused one is handshaken only to be told why
+/// (the first few per address per second: `admission::ANSWERED_TLS_REFUSALS`); past
+/// those it is closed at once, so that one address cannot make the hub run a
+/// handshake per attempt.
 async fn handshakes(
     mut tcp: TcpListener,
     tls: ServerTls,
