@@ -107,12 +107,7 @@ impl Admission {
         }
         let entry = map.entry(ip).or_default();
         if let Some(rate) = self.rate {
-            if entry.window != second {
-                entry.window = second;
-                entry.attempts = 0;
-            }
-            entry.attempts = entry.attempts.saturating_add(1);
-            if entry.attempts > rate {
+            if count_in_second(&mut entry.window, &mut entry.attempts, second) > rate {
                 let wait = Duration::from_secs(second + 1).saturating_sub(elapsed);
                 return Err(Refusal::Rate(
                     ProtocolError::new(
@@ -154,13 +149,20 @@ impl Admission {
         let Some(entry) = map.get_mut(&ip) else {
             return true;
         };
-        if entry.answered_window != second {
-            entry.answered_window = second;
-            entry.answered = 0;
-        }
-        entry.answered += 1;
-        entry.answered <= ANSWERED_TLS_REFUSALS
+        count_in_second(&mut entry.answered_window, &mut entry.answered, second)
+            <= ANSWERED_TLS_REFUSALS
     }
+}
+
+/// Counts one more in `second`, starting again from zero when `window` (the second the
+/// count is for) is an earlier one; gives the count.
+fn count_in_second(window: &mut u64, count: &mut u32, second: u64) -> u32 {
+    if *window != second {
+        *window = second;
+        *count = 0;
+    }
+    *count = count.saturating_add(1);
+    *count
 }
 
 #[cfg(test)]

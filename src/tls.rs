@@ -267,17 +267,14 @@ async fn handshakes(
                 continue;
             }
         };
-        let decided = admission.admit(peer.addr.ip());
-        if let Err(refusal) = decided {
-            if !admission.answer_refusal(peer.addr.ip()) {
+        match admission.admit(peer.addr.ip()) {
+            Err(refusal) if !admission.answer_refusal(peer.addr.ip()) => {
                 crate::server::count_refusal(&hub, refusal);
                 hub.refused(peer.addr);
                 drop(stream);
                 continue;
             }
-            peer.admission = Some(Box::new(Err(refusal)));
-        } else {
-            peer.admission = Some(Box::new(decided));
+            decided => peer.admission = Some(Box::new(decided)),
         }
         let acceptor = tls.acceptor();
         let ready = ready.clone();
