@@ -449,6 +449,14 @@ async fn tls_and_authenticated_workloads_run_against_a_hub() {
     .await;
     assert_eq!(code, Some(0), "{report:#}");
     assert_complete(&report, 3 * 500);
+    // Messages larger than a TLS record (16 KiB): each is put together from the
+    // records that carry it.
+    let (code, report) = bench_json(&[
+        "-t", &target, "--ca", ca, "--token", &token, "-n", "2", "-k", "40", "-s", "40000",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_complete(&report, 2 * 40);
     let (code, report) = bench_json(&[
         "-t",
         &target,

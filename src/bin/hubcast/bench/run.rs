@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -269,8 +269,20 @@ fn progress_bar(expected: u64, hidden: bool) -> ProgressBar {
 }
 
 /// A connection to the target: TCP, or TLS over it.
-pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
+    /// The stream as a reader with a buffer of its own, if it has one worth reading in
+    /// place (TLS: rustls's opened records), else `None` (TCP: read into the caller's
+    /// buffer, the kernel's one copy).
+    fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
+        None
+    }
+}
+impl Stream for TcpStream {}
+impl Stream for tokio_rustls::client::TlsStream<TcpStream> {
+    fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
+        Some(self)
+    }
+}
 pub type BenchStream = Box<dyn Stream>;
 
 /// How to reach the target: TLS (trusting `--ca`, else the system's roots) and a
@@ -556,23 +568,130 @@ async fn receive(
     let mut buf = vec![0; READ_BUFFER.max(2 * (shared.size + 64))];
     let mut filled = leftover.len();
     buf[..filled].copy_from_slice(&leftover);
-    let window = shared.flows.first().map_or(1, Flow::window);
+    let mut taker = Taker::new(shared, index);
+    if stream.buffered().is_some() {
+        return receive_buffered(&mut taker, stream, buf, filled, outcome).await;
+    }
     loop {
+        let used = taker.take(&buf[..filled], outcome)?;
+        taker.reply(&mut stream).await?;
+        if outcome.tally.complete(&shared.counts) {
+            return Ok(());
+        }
+        buf.copy_within(used..filled, 0);
+        filled -= used;
+        let read = tokio::select! {
+            read = stream.read(&mut buf[filled..]) => read?,
+            _ = shared.stop.cancelled() => return Ok(()),
+        };
+        if read == 0 {
+            bail!("the server closed the connection");
+        }
+        filled += read;
+    }
+}
+
+/// [`receive`] from a stream with a buffer of its own (TLS): messages are read where
+/// the stream holds them, and only a message cut by the end of a chunk is copied, into
+/// `buf[..filled]`, to be completed from the next. Copying every chunk out costs the
+/// bench more than decrypting it, as a profile showed.
+async fn receive_buffered(
+    taker: &mut Taker<'_>,
+    mut stream: BenchStream,
+    mut buf: Vec<u8>,
+    mut filled: usize,
+    outcome: &mut SubscriberOutcome,
+) -> anyhow::Result<()> {
+    let shared = taker.shared;
+    // Bytes copied at a time to complete a carried message: a few messages' worth.
+    let step = 4 * (shared.size + 64);
+    let used = taker.take(&buf[..filled], outcome)?;
+    buf.copy_within(used..filled, 0);
+    filled -= used;
+    loop {
+        taker.reply(&mut stream).await?;
+        if outcome.tally.complete(&shared.counts) {
+            return Ok(());
+        }
+        let reader = stream.buffered().expect("a buffered stream stays buffered");
+        let chunk = tokio::select! {
+            chunk = reader.fill_buf() => chunk?,
+            _ = shared.stop.cancelled() => return Ok(()),
+        };
+        if chunk.is_empty() {
+            bail!("the server closed the connection");
+        }
+        let mut taken = 0;
+        while filled > 0 && taken < chunk.len() {
+            let n = (chunk.len() - taken).min(step).min(buf.len() - filled);
+            if n == 0 {
+                bail!("a message is larger than the {} B read buffer", buf.len());
+            }
+            buf[filled..filled + n].copy_from_slice(&chunk[taken..taken + n]);
+            match taker.take(&buf[..filled + n], outcome)? {
+                0 => {
+                    filled += n;
+                    taken += n;
+                }
+                // The carried message is complete (and perhaps more): what follows the
+                // last complete one is read from the chunk itself.
+                used => {
+                    taken += used - filled;
+                    filled = 0;
+                }
+            }
+        }
+        if filled == 0 {
+            taken += taker.take(&chunk[taken..], outcome)?;
+            let rest = &chunk[taken..];
+            if rest.len() > buf.len() {
+                bail!("a message is larger than the {} B read buffer", buf.len());
+            }
+            buf[..rest.len()].copy_from_slice(rest);
+            filled = rest.len();
+        }
+        let len = chunk.len();
+        reader.consume(len);
+    }
+}
+
+/// Takes the complete messages at the start of what a subscriber has read: counts and
+/// settles them, and keeps the replies they are owed until [`Taker::reply`].
+struct Taker<'a> {
+    shared: &'a Shared,
+    index: usize,
+    window: u64,
+    replies: Vec<u8>,
+}
+
+impl<'a> Taker<'a> {
+    fn new(shared: &'a Shared, index: usize) -> Self {
+        Taker {
+            shared,
+            index,
+            window: shared.flows.first().map_or(1, Flow::window),
+            replies: Vec::new(),
+        }
+    }
+
+    /// Returns how many bytes the complete messages at the start of `bytes` take.
+    fn take(&mut self, bytes: &[u8], outcome: &mut SubscriberOutcome) -> anyhow::Result<usize> {
+        let shared = self.shared;
         let now = micros_since(shared.clock);
         let (mut pos, mut messages) = (0, 0);
         loop {
-            match shared.kind.inbound(&buf[pos..filled]) {
+            match shared.kind.inbound(&bytes[pos..]) {
                 Inbound::Message { body, used } => {
-                    let body = &buf[pos + body.start..pos + body.end];
+                    let body = &bytes[pos + body.start..pos + body.end];
                     match read_stamp(body, shared.size) {
                         Some(stamp) if stamp.publisher == PROBE => {
-                            if !shared.heard_probe[index].swap(true, Ordering::Relaxed) {
+                            if !shared.heard_probe[self.index].swap(true, Ordering::Relaxed) {
                                 shared.probed.notify_one();
                             }
                             pos += used;
                             continue;
                         }
-                        Some(stamp) => settle(shared, &mut outcome.tally, stamp, now, window),
+                        Some(stamp) => settle(shared, &mut outcome.tally, stamp, now, self.window),
                         None => outcome.tally.malformed += 1,
                     }
                     messages += 1;
@@ -580,7 +699,7 @@ async fn receive(
                 }
                 Inbound::Control { used, reply, .. } => {
                     if let Some(reply) = reply {
-                        stream.write_all(reply).await?;
+                        self.replies.extend_from_slice(reply);
                     }
                     pos += used;
                 }
@@ -596,19 +715,16 @@ async fn receive(
             outcome.last_us = now;
             shared.delivered.fetch_add(messages, Ordering::Relaxed);
         }
-        if outcome.tally.complete(&shared.counts) {
-            return Ok(());
+        Ok(pos)
+    }
+
+    /// Sends the replies owed so far (NATS's `PONG`s).
+    async fn reply(&mut self, stream: &mut BenchStream) -> anyhow::Result<()> {
+        if !self.replies.is_empty() {
+            stream.write_all(&self.replies).await?;
+            self.replies.clear();
         }
-        buf.copy_within(pos..filled, 0);
-        filled -= pos;
-        let read = tokio::select! {
-            read = stream.read(&mut buf[filled..]) => read?,
-            _ = shared.stop.cancelled() => return Ok(()),
-        };
-        if read == 0 {
-            bail!("the server closed the connection");
-        }
-        filled += read;
+        Ok(())
     }
 }
 
