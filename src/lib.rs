@@ -107,7 +107,7 @@ pub use control::PROTOCOL_VERSION;
 pub use error::IoError;
 pub use event::{Event, EventName, RoomName, MAX_EVENT_ID, MAX_EVENT_NAME};
 pub use frame::DEFAULT_MAX_FRAME;
-pub use hub::{ClientId, CloseReason, Hub, HubEvent, Observer, SendError, Stats};
+pub use hub::{ClientId, CloseReason, ConnectionLimit, Hub, HubEvent, Observer, SendError, Stats};
 pub use protocol::{ErrorCode, ProtocolError};
 pub use server::{serve_connection, Server};
 

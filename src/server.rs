@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Refusal};
 use crate::connection::{self, Phases};
-use crate::hub::{CloseReason, Hub, HubEvent};
+use crate::hub::{CloseReason, ConnectionLimit, Hub, HubEvent};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::transport::{Listener, PeerInfo, Transport};
 
@@ -237,8 +237,8 @@ async fn accept_into<L: Listener>(
                 let ticket = match decided {
                     Ok(ticket) => ticket,
                     Err(refusal) => {
-                        let error = count_refusal(&hub, refusal);
-                        refuse_with(&hub, stream, peer.addr, lingering, error, true);
+                        let (error, limit) = refusal_error(refusal);
+                        refuse_with(&hub, stream, peer.addr, lingering, error, Some(limit));
                         continue;
                     }
                 };
@@ -270,17 +270,11 @@ async fn accept_into<L: Listener>(
     drop(listener);
 }
 
-/// Counts a refusal by its kind in the stats, and gives the error that tells why.
-pub(crate) fn count_refusal(hub: &Hub, refusal: Refusal) -> ProtocolError {
+/// The error that tells a refused client why, and the limit it met.
+pub(crate) fn refusal_error(refusal: Refusal) -> (ProtocolError, ConnectionLimit) {
     match refusal {
-        Refusal::PerIp(e) => {
-            hub.count(|c| &c.refused_per_ip);
-            e
-        }
-        Refusal::Rate(e) => {
-            hub.count(|c| &c.refused_accept_rate);
-            e
-        }
+        Refusal::PerIp(e) => (e, ConnectionLimit::PerAddress),
+        Refusal::Rate(e) => (e, ConnectionLimit::AcceptRate),
     }
 }
 
@@ -336,21 +330,28 @@ fn refuse<T: Transport>(hub: &Hub, stream: T, peer: SocketAddr, lingering: &Arc<
             hub.config().limits.max_connections
         ),
     );
-    refuse_with(hub, stream, peer, lingering, error, true);
+    refuse_with(
+        hub,
+        stream,
+        peer,
+        lingering,
+        error,
+        Some(ConnectionLimit::Total),
+    );
 }
 
-/// Tells a connection why it is refused, as [`refuse`] describes; `count` says whether
-/// it counts as refused at a limit.
+/// Tells a connection why it is refused, as [`refuse`] describes; `limit`, when the
+/// refusal is at one, is counted and reported.
 fn refuse_with<T: Transport>(
     hub: &Hub,
     stream: T,
     peer: SocketAddr,
     lingering: &Arc<Semaphore>,
     error: ProtocolError,
-    count: bool,
+    limit: Option<ConnectionLimit>,
 ) {
-    if count {
-        hub.refused(peer);
+    if let Some(limit) = limit {
+        hub.refused(peer, limit);
     }
     let Ok(permit) = Arc::clone(lingering).try_acquire_owned() else {
         stream.write_now_and_close(&error.to_frame());
@@ -451,7 +452,7 @@ async fn serve<T: Transport>(
             Ok(found) => found,
             Err(error) => {
                 let lingering = Arc::new(Semaphore::new(1));
-                refuse_with(&hub, stream, addr, &lingering, error, false);
+                refuse_with(&hub, stream, addr, &lingering, error, None);
                 return;
             }
         };

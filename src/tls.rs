@@ -345,8 +345,7 @@ async fn handshakes(
         };
         match admission.admit(peer.addr.ip()) {
             Err(refusal) if !admission.answer_refusal(peer.addr.ip()) => {
-                crate::server::count_refusal(&hub, refusal);
-                hub.refused(peer.addr);
+                hub.refused(peer.addr, crate::server::refusal_error(refusal).1);
                 drop(stream);
                 continue;
             }

@@ -78,6 +78,31 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// The limit a refused connection met ([`HubEvent::Refused`]); every refusal is
+/// counted in [`Stats::refused`], and by its limit in the counters named below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionLimit {
+    /// The most connections the hub serves at once (`--max-conns`).
+    Total,
+    /// The most connections one address may have open (`--max-conns-per-ip`;
+    /// [`Stats::refused_per_ip`]).
+    PerAddress,
+    /// The most connection attempts one address may make in a second
+    /// (`--accept-rate`; [`Stats::refused_accept_rate`]).
+    AcceptRate,
+}
+
+impl std::fmt::Display for ConnectionLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectionLimit::Total => "the connection limit",
+            ConnectionLimit::PerAddress => "the per-address connection limit",
+            ConnectionLimit::AcceptRate => "the per-address accept rate",
+        })
+    }
+}
+
 /// What happens in the hub, as the Node class's server and socket events name it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -167,10 +192,12 @@ pub enum HubEvent {
         /// Why (for the log; the client is only told its credentials are invalid).
         reason: String,
     },
-    /// A connection was refused at the connection limit.
+    /// A connection was refused at a limit.
     Refused {
         /// Who tried to connect.
         peer: SocketAddr,
+        /// Which limit.
+        limit: ConnectionLimit,
     },
     /// A client left the pool (`close`).
     Close {
@@ -581,9 +608,15 @@ impl Hub {
         self.report(|| HubEvent::Rejected { client, error });
     }
 
-    pub(crate) fn refused(&self, peer: SocketAddr) {
+    /// Counts a refused connection, in all and by its limit, and reports it.
+    pub(crate) fn refused(&self, peer: SocketAddr, limit: ConnectionLimit) {
         self.state.counters.refused.fetch_add(1, Ordering::Relaxed);
-        self.report(|| HubEvent::Refused { peer });
+        match limit {
+            ConnectionLimit::Total => {}
+            ConnectionLimit::PerAddress => self.count(|c| &c.refused_per_ip),
+            ConnectionLimit::AcceptRate => self.count(|c| &c.refused_accept_rate),
+        }
+        self.report(|| HubEvent::Refused { peer, limit });
     }
 
     pub(crate) fn slow_consumer(&self, client: ClientId) {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hubcast::{CloseReason, Config, HubEvent, SlowConsumerPolicy};
+use hubcast::{CloseReason, Config, ConnectionLimit, HubEvent, SlowConsumerPolicy};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -28,8 +28,16 @@ async fn connections_over_the_limit_are_told_and_closed() {
     let refusal = within(lines.next_line()).await.unwrap().unwrap();
     assert!(refusal.contains("too_many_connections"), "{refusal}");
     assert_eq!(within(lines.next_line()).await.unwrap(), None);
-    hub.wait_for(|e| matches!(e, HubEvent::Refused { .. }))
-        .await;
+    hub.wait_for(|e| {
+        matches!(
+            e,
+            HubEvent::Refused {
+                limit: ConnectionLimit::Total,
+                ..
+            }
+        )
+    })
+    .await;
     // The three already in are unaffected.
     a.send(event("x", json!(1))).await;
     assert_eq!(b.json().await["event"], "x");

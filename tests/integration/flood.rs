@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use hubcast::Config;
+use hubcast::{Config, ConnectionLimit, HubEvent};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -104,6 +104,17 @@ async fn an_address_may_hold_only_so_many_connections() {
     hub.wait_clients(2).await;
     let _d = hub.connect_from(one).await;
     assert_eq!(hub.hub.stats().refused_per_ip, 1);
+    // Reported with the limit that refused it (the log line names it).
+    hub.wait_for(|e| {
+        matches!(
+            e,
+            HubEvent::Refused {
+                limit: ConnectionLimit::PerAddress,
+                ..
+            }
+        )
+    })
+    .await;
 }
 
 async fn read_all(stream: &mut tokio::net::TcpStream) -> String {
@@ -145,6 +156,17 @@ async fn connection_attempts_over_the_accept_rate_get_a_retry_hint() {
     let retry = frame["payload"]["retry_after_ms"].as_u64().unwrap();
     assert!((1..=1000).contains(&retry), "{frame}");
     assert_eq!(hub.hub.stats().refused_accept_rate, refusals.len() as u64);
+    assert_eq!(hub.hub.stats().refused, refusals.len() as u64);
+    hub.wait_for(|e| {
+        matches!(
+            e,
+            HubEvent::Refused {
+                limit: ConnectionLimit::AcceptRate,
+                ..
+            }
+        )
+    })
+    .await;
 }
 
 /// Slowloris and flood at once: 1,000 connections each sending a byte a second

@@ -118,3 +118,55 @@ async fn a_stalled_log_never_stalls_routing_and_skipped_lines_are_counted() {
     assert!(skipped.contains("skipped"), "{skipped}");
     child.kill().await.unwrap();
 }
+
+/// A flood of refused connections does not flood the log: at most ten refusals a
+/// second are logged one by one, the rest as a count once the second is over, and
+/// every refusal is in one or the other. Each line names the limit that refused.
+#[tokio::test]
+async fn refusals_past_ten_a_second_are_logged_as_a_count() {
+    const ATTEMPTS: usize = 40;
+    let (mut child, port) = HubProcess::spawn_raw(HubProcess::command(&[
+        "serve",
+        "--port",
+        "0",
+        "--max-conns",
+        "1",
+    ]))
+    .await;
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    // The one connection the hub may serve, in the pool before the others come.
+    let mut held = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    held.get_mut()
+        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    within(held.read_line(&mut line)).await.unwrap();
+    assert!(line.contains("$pong"), "{line}");
+    for _ in 0..ATTEMPTS {
+        let mut refused = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        line.clear();
+        within(refused.read_line(&mut line)).await.unwrap();
+        assert!(line.contains("too_many_connections"), "{line}");
+    }
+    let (mut one_by_one, mut counted) = (0, 0);
+    within(async {
+        while one_by_one + counted < ATTEMPTS {
+            let line = log.next_line().await.unwrap().expect("the log ended");
+            if line.contains("refused: at the connection limit") {
+                one_by_one += 1;
+            } else if let Some(rest) = line.split_once("refused ").map(|(_, rest)| rest) {
+                if let Some((n, _)) = rest.split_once(" more connections within the second") {
+                    counted += n.parse::<usize>().unwrap();
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(one_by_one + counted, ATTEMPTS);
+    assert!(
+        one_by_one < ATTEMPTS && counted > 0,
+        "{one_by_one} logged one by one, {counted} counted"
+    );
+    child.kill().await.unwrap();
+}

@@ -441,10 +441,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect();
     let mut signals = Signals::install()?;
     let events = (!quiet).then(EventLog::start);
+    let refusals = RefusalLog::default();
     let hub = Hub::try_with_observer(config, move |event| match (event, &events) {
         // Per-event lines are formatted by a task of their own, never on the
         // connection that routes the event (issue #11).
         (HubEvent::Event { .. }, Some(events)) => events.queue(event),
+        (HubEvent::Refused { .. }, _) => refusals.refused(event, quiet),
         _ => log(event, quiet),
     })
     // Valid settings, but the store cannot be opened there (permissions, a file in
@@ -769,6 +771,86 @@ impl EventLog {
     }
 }
 
+/// Refused connections logged one by one within a second; past that, they are
+/// counted, and the count is logged when the second is over.
+const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
+
+/// Keeps a flood of refused connections (thousands of attempts a second from
+/// addresses over `--accept-rate`) from flooding the log: the first
+/// [`REFUSALS_LOGGED_PER_SECOND`] of each second are logged one by one, the rest as
+/// one line with their count. The stats count every refusal either way.
+#[derive(Clone, Default)]
+struct RefusalLog(Arc<std::sync::Mutex<RefusalWindow>>);
+
+#[derive(Default)]
+struct RefusalWindow {
+    /// When the current second began.
+    started: Option<std::time::Instant>,
+    /// Refusals logged one by one in it.
+    logged: u64,
+    /// Refusals not logged yet (their count is logged when the second is over).
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(&self, event: &HubEvent, quiet: bool) {
+        let now = std::time::Instant::now();
+        let mut window = self.lock();
+        let started = match window.started {
+            Some(started) if now.duration_since(started) < Duration::from_secs(1) => started,
+            _ => {
+                // A new second: what the last one left unlogged is counted now (its
+                // timer, if it wakes later, finds nothing left).
+                let unlogged = std::mem::take(&mut window.unlogged);
+                window.started = Some(now);
+                window.logged = 0;
+                drop(window);
+                Self::sum_up(unlogged);
+                window = self.lock();
+                now
+            }
+        };
+        if window.logged < REFUSALS_LOGGED_PER_SECOND {
+            window.logged += 1;
+            drop(window);
+            return log(event, quiet);
+        }
+        window.unlogged += 1;
+        if window.unlogged == 1 {
+            drop(window);
+            let log = self.clone();
+            let at = tokio::time::Instant::from_std(started + Duration::from_secs(1));
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        tokio::time::sleep_until(at).await;
+                        let unlogged = std::mem::take(&mut log.lock().unlogged);
+                        Self::sum_up(unlogged);
+                    });
+                }
+                // Refusals are reported from the accept loops, inside the runtime;
+                // outside it, the count is logged at once.
+                Err(_) => Self::sum_up(std::mem::take(&mut log.lock().unlogged)),
+            }
+        }
+    }
+
+    fn sum_up(unlogged: u64) {
+        if unlogged > 0 {
+            warn!(
+                count = unlogged,
+                "refused {unlogged} more connections within the second, not logged one by one (at most {REFUSALS_LOGGED_PER_SECOND} a second are; the stats count every refusal)"
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RefusalWindow> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Logs what the hub reports. Everything a client chose (names, rooms, payloads,
 /// patterns quoted in messages) is escaped and bounded: a newline in an event name
 /// must not forge a log line (issue #10). `--quiet` leaves out events and control
@@ -804,7 +886,7 @@ fn log(event: &HubEvent, quiet: bool) {
         HubEvent::EventsDropped { client, count } => {
             warn!(%client, count, "slow consumer: events dropped")
         }
-        HubEvent::Refused { peer } => warn!(%peer, "refused: at the connection limit"),
+        HubEvent::Refused { peer, limit } => warn!(%peer, "refused: at {limit}"),
         HubEvent::Authenticated { client, peer, user } => {
             info!(%client, %peer, user = %printable(user), "authenticated")
         }
