@@ -6,6 +6,21 @@ use tokio::net::TcpStream;
 
 use crate::support::{event, within, HubProcess};
 
+/// Connects to the hub process on `port` and returns once the connection is in the
+/// pool (the answer to a `$ping` says so).
+async fn connect_in_pool(port: u16) -> BufReader<TcpStream> {
+    let mut stream = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    stream
+        .get_mut()
+        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
+        .await
+        .unwrap();
+    let mut pong = String::new();
+    within(stream.read_line(&mut pong)).await.unwrap();
+    assert!(pong.contains("$pong"), "{pong}");
+    stream
+}
+
 /// Issue #11 (1): `hubcast serve 2>&1 | head -2` used to wedge the hub once `head`
 /// exited: tracing reported the failed write with `eprintln!`, which panicked on EPIPE
 /// in whichever task was logging (the signal handler included). Now the log's reader
@@ -22,16 +37,8 @@ async fn the_hub_survives_its_log_reader_going_away() {
     drop(log);
     // Plenty to log, into a pipe nobody reads.
     let mut a = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let b = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut b = BufReader::new(b);
-    // In the pool before anything is sent (the answer to a `$ping` says so).
-    b.get_mut()
-        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
-        .await
-        .unwrap();
-    let mut pong = String::new();
-    within(b.read_line(&mut pong)).await.unwrap();
-    assert!(pong.contains("$pong"), "{pong}");
+    // In the pool before anything is sent.
+    let mut b = connect_in_pool(port).await;
     for n in 0..200 {
         a.write_all(format!("{}\n", event("tick", json!(n))).as_bytes())
             .await
@@ -74,14 +81,8 @@ async fn a_stalled_log_never_stalls_routing_and_skipped_lines_are_counted() {
     // Held, not read: the pipe (64 KiB) fills after a few hundred lines.
     let stderr = child.stderr.take().unwrap();
     let mut a = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut b = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
-    b.get_mut()
-        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
-        .await
-        .unwrap();
+    let mut b = connect_in_pool(port).await;
     let mut line = String::new();
-    within(b.read_line(&mut line)).await.unwrap();
-    assert!(line.contains("$pong"), "{line}");
     let payload = "p".repeat(100);
     let sender = tokio::spawn(async move {
         let mut batch = String::new();
@@ -135,14 +136,8 @@ async fn refusals_past_ten_a_second_are_logged_as_a_count() {
     .await;
     let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
     // The one connection the hub may serve, in the pool before the others come.
-    let mut held = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
-    held.get_mut()
-        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
-        .await
-        .unwrap();
+    let _held = connect_in_pool(port).await;
     let mut line = String::new();
-    within(held.read_line(&mut line)).await.unwrap();
-    assert!(line.contains("$pong"), "{line}");
     for _ in 0..ATTEMPTS {
         let mut refused = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
         line.clear();
