@@ -4,22 +4,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::support::{event, within, HubProcess};
-
-/// Connects to the hub process on `port` and returns once the connection is in the
-/// pool (the answer to a `$ping` says so).
-async fn connect_in_pool(port: u16) -> BufReader<TcpStream> {
-    let mut stream = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
-    stream
-        .get_mut()
-        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
-        .await
-        .unwrap();
-    let mut pong = String::new();
-    within(stream.read_line(&mut pong)).await.unwrap();
-    assert!(pong.contains("$pong"), "{pong}");
-    stream
-}
+use crate::support::{connect_in_pool, event, within, HubProcess};
 
 /// Issue #11 (1): `hubcast serve 2>&1 | head -2` used to wedge the hub once `head`
 /// exited: tracing reported the failed write with `eprintln!`, which panicked on EPIPE

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::support::{within, HubProcess, TestClient, TestHub};
+use crate::support::{connect_in_pool, within, HubProcess, TestClient, TestHub};
 
 fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
@@ -454,18 +454,9 @@ async fn a_full_disk_is_reported_live_traffic_goes_on_and_storing_recovers() {
         )
     };
     assert_eq!(store_health(&crate::ws::scrape(http, "").await), (0.0, 0.0));
-    let mut listener = BufReader::new(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
-    let mut publisher = BufReader::new(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
     // In the pool before anything is sent.
-    for client in [&mut listener, &mut publisher] {
-        client
-            .get_mut()
-            .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
-            .await
-            .unwrap();
-        let mut pong = String::new();
-        within(client.read_line(&mut pong)).await.unwrap();
-    }
+    let mut listener = connect_in_pool(hub.port).await;
+    let mut publisher = connect_in_pool(hub.port).await;
     let padding = "p".repeat(1000);
     let mut confirmed = 0u64;
     let mut refused = 0;

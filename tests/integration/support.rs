@@ -362,6 +362,21 @@ fn missing(what: &str) -> bool {
 }
 
 /// Runs `fut`, failing the test if it takes longer than [`PATIENCE`].
+/// Connects to the hub process on `port` and returns once the connection is in the
+/// pool (the answer to a `$ping` says so).
+pub async fn connect_in_pool(port: u16) -> BufReader<TcpStream> {
+    let mut stream = BufReader::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    stream
+        .get_mut()
+        .write_all(b"{\"event\":\"$ping\",\"payload\":0}\n")
+        .await
+        .unwrap();
+    let mut pong = String::new();
+    within(stream.read_line(&mut pong)).await.unwrap();
+    assert!(pong.contains("$pong"), "{pong}");
+    stream
+}
+
 pub async fn within<F: std::future::Future>(fut: F) -> F::Output {
     tokio::time::timeout(PATIENCE, fut)
         .await
