@@ -149,7 +149,7 @@ impl Listener for HttpListener {
 
 async fn serve_http(listener: TcpListener, context: Arc<Context>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
-    let mut listener = listener;
+    let mut listener = crate::transport::TcpAcceptor::new(listener);
     loop {
         let slot = tokio::select! {
             _ = stop.cancelled() => return,

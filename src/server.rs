@@ -20,7 +20,7 @@ use crate::admission::{Admission, Refusal};
 use crate::connection::{self, Phases};
 use crate::hub::{CloseReason, ConnectionLimit, Hub, HubEvent};
 use crate::protocol::{ErrorCode, ProtocolError};
-use crate::transport::{Listener, PeerInfo, Transport};
+use crate::transport::{Listener, PeerInfo, TcpAcceptor, Transport};
 
 /// The longest pause between retries when `accept` keeps failing (for example
 /// when the process is out of file descriptors).
@@ -123,14 +123,19 @@ impl Server {
         let tcp = async {
             match tls {
                 Some(tls) => {
-                    match crate::tls::TlsListener::new(listener, tls, &hub, &gate.admission) {
+                    match crate::tls::TlsListener::new(
+                        TcpAcceptor::new(listener),
+                        tls,
+                        &hub,
+                        &gate.admission,
+                    ) {
                         Ok(listener) => accept_into(listener, &hub, &gate, &shutdown).await,
                         Err(e) => hub.report(|| HubEvent::Error {
                             message: format!("cannot serve TLS: {e}"),
                         }),
                     }
                 }
-                None => accept_into(listener, &hub, &gate, &shutdown).await,
+                None => accept_into(TcpAcceptor::new(listener), &hub, &gate, &shutdown).await,
             }
         };
         tokio::join!(tcp, http);

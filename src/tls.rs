@@ -25,11 +25,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::admission::Admission;
-use crate::transport::{Listener, PeerInfo, Plain};
+use crate::transport::{Listener, PeerInfo, Plain, TcpAcceptor};
 
 /// Most handshakes in progress at once; past it, accepting waits (the kernel's
 /// backlog holds the rest).
@@ -282,7 +282,7 @@ impl TlsListener {
     /// Serves `tcp` with `tls`; `admission` (the server's per-address limits) is
     /// decided before each handshake, and `hub` counts the refusals made here.
     pub(crate) fn new(
-        tcp: TcpListener,
+        tcp: TcpAcceptor,
         tls: ServerTls,
         hub: &crate::Hub,
         admission: &Arc<Admission>,
@@ -315,7 +315,7 @@ impl TlsListener {
 /// those it is closed at once, so that one address cannot make the hub run a
 /// handshake per attempt.
 async fn handshakes(
-    mut tcp: TcpListener,
+    mut tcp: TcpAcceptor,
     tls: ServerTls,
     (hub, admission): (crate::Hub, Arc<Admission>),
     ready: mpsc::Sender<(ServerStream, PeerInfo)>,
