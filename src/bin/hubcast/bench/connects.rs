@@ -3,7 +3,9 @@
 //! Workers (32 at once) each open a connection (TCP, then TLS if asked), send what
 //! authenticates it (hubcast: `$hello {token}` and a `$ping`; NATS: CONNECT with the
 //! token and a PING), wait for the server's answer, and close it; N connections in
-//! all. Reported: connects per second and the latency of each, open to accepted.
+//! all. Each worker is a client of its own: over TLS it resumes its sessions with the
+//! tickets the server gave it, as a client reconnecting does. Reported: connects per
+//! second, how many of them resumed, and the latency of each, open to accepted.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,14 +39,16 @@ pub async fn main(args: &Args, target: &Target, count: usize) -> anyhow::Result<
             .context("a NATS connection says CONNECT")?,
     };
     let next = Arc::new(AtomicUsize::new(0));
+    let resumed = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..CONCURRENCY.min(count) {
-        let (target, dial, hello, next) = (
+        let (target, dial, hello, next, resumed) = (
             target.clone(),
-            Arc::clone(&dial),
+            dial.own_client(),
             hello.clone(),
             Arc::clone(&next),
+            Arc::clone(&resumed),
         );
         workers.spawn(async move {
             let mut latencies = Histogram::<u64>::new(3).expect("a valid histogram");
@@ -52,6 +56,9 @@ pub async fn main(args: &Args, target: &Target, count: usize) -> anyhow::Result<
                 let opened = Instant::now();
                 let (mut stream, _) = handshake(&target, &dial, &hello).await?;
                 let _ = latencies.record(opened.elapsed().as_micros() as u64);
+                if stream.resumed() == Some(true) {
+                    resumed.fetch_add(1, Ordering::Relaxed);
+                }
                 let _ = stream.shutdown().await;
             }
             anyhow::Ok(latencies)
@@ -64,6 +71,7 @@ pub async fn main(args: &Args, target: &Target, count: usize) -> anyhow::Result<
     }
     let elapsed = started.elapsed();
     let rate = count as f64 / elapsed.as_secs_f64();
+    let resumed = dial.tls.is_some().then(|| resumed.load(Ordering::Relaxed));
     let report = serde_json::json!({
         "target": target.to_string(),
         "tls": dial.tls.is_some(),
@@ -72,6 +80,7 @@ pub async fn main(args: &Args, target: &Target, count: usize) -> anyhow::Result<
         "concurrency": CONCURRENCY,
         "seconds": elapsed.as_secs_f64(),
         "connects_per_sec": rate,
+        "resumed": resumed,
         "latency_us": {
             "p50": all.value_at_quantile(0.5),
             "p99": all.value_at_quantile(0.99),
@@ -83,7 +92,10 @@ pub async fn main(args: &Args, target: &Target, count: usize) -> anyhow::Result<
     } else {
         format!(
             "{target}: {count} connects{}{} in {:.2} s: {rate:.0}/s; latency p50 {} µs, p99 {} µs\n",
-            if dial.tls.is_some() { ", TLS" } else { "" },
+            match resumed {
+                Some(resumed) => format!(", TLS ({resumed} resumed)"),
+                None => String::new(),
+            },
             if dial.token.is_some() { ", token" } else { "" },
             elapsed.as_secs_f64(),
             all.value_at_quantile(0.5),

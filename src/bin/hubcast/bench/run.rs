@@ -1,5 +1,7 @@
 //! Running one benchmark: connect everyone, publish, count, report.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -276,11 +278,21 @@ pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
     fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
         None
     }
+
+    /// Over TLS: whether the handshake resumed an earlier session (a ticket from the
+    /// server: no certificate sent, signed or checked). `None` without TLS.
+    fn resumed(&self) -> Option<bool> {
+        None
+    }
 }
 impl Stream for TcpStream {}
 impl Stream for tokio_rustls::client::TlsStream<TcpStream> {
     fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
         Some(self)
+    }
+
+    fn resumed(&self) -> Option<bool> {
+        Some(self.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
     }
 }
 pub type BenchStream = Box<dyn Stream>;
@@ -291,6 +303,10 @@ pub type BenchStream = Box<dyn Stream>;
 pub struct Dial {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub token: Option<String>,
+    /// The addresses each target's `host:port` resolved to, looked up once: a lookup
+    /// per connection (resolver files read, a blocking thread woken) cost the bench
+    /// more CPU per connect than the server's TCP accept.
+    resolved: Arc<Mutex<HashMap<String, Arc<[SocketAddr]>>>>,
 }
 
 impl Dial {
@@ -303,7 +319,47 @@ impl Dial {
         Ok(Dial {
             tls,
             token: args.token.clone(),
+            resolved: Arc::default(),
         })
+    }
+
+    /// The same, as a client of its own: over TLS, with a session store of its own
+    /// (the tickets the server gives it, to resume with). rustls keeps at most 8
+    /// tickets per server in a store, so workers sharing one took more than it held
+    /// when their connections ended together, and a fifth of the connects made full
+    /// handshakes where a real client, with tickets of its own, resumes.
+    pub fn own_client(&self) -> Dial {
+        let mut dial = self.clone();
+        if let Some(config) = &self.tls {
+            let mut config = rustls::ClientConfig::clone(config);
+            config.resumption = rustls::client::Resumption::in_memory_sessions(8);
+            dial.tls = Some(Arc::new(config));
+        }
+        dial
+    }
+
+    /// The addresses `target` resolves to, looked up on its first connection only.
+    async fn resolve(&self, target: &Target) -> anyhow::Result<Arc<[SocketAddr]>> {
+        if let Some(found) = self
+            .resolved
+            .lock()
+            .expect("not poisoned")
+            .get(&target.addr)
+        {
+            return Ok(Arc::clone(found));
+        }
+        let found: Arc<[SocketAddr]> = tokio::net::lookup_host(&target.addr)
+            .await
+            .with_context(|| format!("cannot resolve {target}"))?
+            .collect();
+        if found.is_empty() {
+            bail!("{target} resolves to no address");
+        }
+        self.resolved
+            .lock()
+            .expect("not poisoned")
+            .insert(target.addr.clone(), Arc::clone(&found));
+        Ok(found)
     }
 
     /// What a connection sends first to authenticate (hubcast's `$hello`; NATS's
@@ -443,7 +499,7 @@ async fn connect_tls(
     dial: &Dial,
     first: &[u8],
 ) -> anyhow::Result<(BenchStream, usize)> {
-    let stream = connect_tcp(target).await?;
+    let stream = connect_tcp(target, dial).await?;
     let Some(config) = &dial.tls else {
         return Ok((Box::new(stream), 0));
     };
@@ -468,8 +524,9 @@ async fn connect_tls(
     Ok((Box::new(tls), sent))
 }
 
-async fn connect_tcp(target: &Target) -> anyhow::Result<TcpStream> {
-    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target.addr))
+async fn connect_tcp(target: &Target, dial: &Dial) -> anyhow::Result<TcpStream> {
+    let addrs = dial.resolve(target).await?;
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addrs[..]))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {target} timed out after 10 s"))?
         .map_err(|e| match (e.kind(), target.kind) {
