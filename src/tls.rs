@@ -15,6 +15,8 @@
 //! The client: [`client_config`] builds a rustls client config from an optional CA
 //! file (else the system's roots) and an optional certificate and key.
 
+mod x25519;
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,12 @@ pub struct TlsSettings {
 /// cheaper per byte than AES-256 (measured in BENCHMARKS.md), as Go's TLS prefers it.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
+    // X25519 (the group every client offers first) from aws-lc-rs: see `x25519`.
+    for group in &mut provider.kx_groups {
+        if group.name() == rustls::NamedGroup::X25519 {
+            *group = &x25519::X25519;
+        }
+    }
     provider.cipher_suites.sort_by_key(|suite| {
         use rustls::CipherSuite as C;
         match suite.suite() {

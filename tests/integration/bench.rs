@@ -473,7 +473,9 @@ async fn tls_and_authenticated_workloads_run_against_a_hub() {
     assert_eq!(report["tls"], true);
     // 32 workers, each a client with tickets of its own: past its first connect,
     // each resumes.
-    let resumed = report["resumed"].as_u64().expect("a count of resumed handshakes");
+    let resumed = report["resumed"]
+        .as_u64()
+        .expect("a count of resumed handshakes");
     assert!((80 - 32..=80).contains(&resumed), "{report:#}");
     let output = bench(&[
         "-t",
