@@ -1,6 +1,6 @@
-//! TLS with rustls (the *ring* provider: it builds in seconds here where aws-lc-rs
-//! takes most of a minute, and this machine measured no difference that matters for a
-//! hub's handshakes; see ARCHITECTURE.md), for the server and the client.
+//! TLS with rustls, for the server and the client. The provider is *ring*'s with
+//! X25519 from aws-lc-rs (`x25519`) and, on CPUs where aws-lc's AES-GCM is the faster,
+//! TLS 1.3's records too (`aead`); ARCHITECTURE.md has the measurements.
 //!
 //! The server: [`TlsSettings`] names the certificate chain, key and (for mutual TLS)
 //! the client CA, as PEM files; [`ServerTls`] holds the rustls config built from them
@@ -15,6 +15,7 @@
 //! The client: [`client_config`] builds a rustls client config from an optional CA
 //! file (else the system's roots) and an optional certificate and key.
 
+mod aead;
 mod x25519;
 
 use std::io;
@@ -53,12 +54,26 @@ pub struct TlsSettings {
 
 /// *ring*'s provider, with AES-128-GCM preferred: as strong as a hub needs, and
 /// cheaper per byte than AES-256 (measured in BENCHMARKS.md), as Go's TLS prefers it.
+/// X25519 comes from aws-lc-rs (see `x25519`), and so do TLS 1.3's AES-GCM records
+/// on CPUs where aws-lc's AES-GCM is the faster (see `aead`).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(provider_with(aead::wide_aes_gcm()))
+}
+
+/// The provider, with TLS 1.3's AES-GCM records from aws-lc-rs if `aws_lc_records`.
+fn provider_with(aws_lc_records: bool) -> rustls::crypto::CryptoProvider {
     let mut provider = rustls::crypto::ring::default_provider();
     // X25519 (the group every client offers first) from aws-lc-rs: see `x25519`.
     for group in &mut provider.kx_groups {
         if group.name() == rustls::NamedGroup::X25519 {
             *group = &x25519::X25519;
+        }
+    }
+    if aws_lc_records {
+        for suite in &mut provider.cipher_suites {
+            if let Some(swapped) = aead::with_aws_lc_records(*suite) {
+                *suite = swapped;
+            }
         }
     }
     provider.cipher_suites.sort_by_key(|suite| {
@@ -71,7 +86,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
             _ => 3,
         }
     });
-    Arc::new(provider)
+    provider
 }
 
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -573,5 +588,100 @@ mod tests {
         );
         // 307 KiB at most 128 KiB (64 pieces) and 30,000 bytes per write.
         assert!(writes >= 11, "{writes} writes");
+    }
+
+    /// Moves what `from` has to send into `to`, and has `to` process it; returns the
+    /// plaintext `to` received.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) -> Vec<u8> {
+        use std::io::Read;
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let (mut rest, mut plain) = (&wire[..], Vec::new());
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets().unwrap();
+            match to.reader().read_to_end(&mut plain) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        plain
+    }
+
+    fn send(from: &mut rustls::Connection, to: &mut rustls::Connection, data: &[u8]) {
+        std::io::Write::write_all(&mut from.writer(), data).unwrap();
+        let got = pump(from, to);
+        assert!(
+            got == data,
+            "{} bytes came out as {}",
+            data.len(),
+            got.len()
+        );
+    }
+
+    #[test]
+    fn aws_lc_records_and_ring_s_interoperate_in_both_directions() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ours =
+            aead::with_aws_lc_records(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256)
+                .unwrap();
+        for (server_aws_lc, client_aws_lc) in [(true, false), (false, true), (true, true)] {
+            let server =
+                ServerConfig::builder_with_provider(Arc::new(provider_with(server_aws_lc)))
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(
+                        vec![cert.der().clone()],
+                        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                    )
+                    .unwrap();
+            let mut roots = RootCertStore::empty();
+            roots.add(cert.der().clone()).unwrap();
+            let client =
+                ClientConfig::builder_with_provider(Arc::new(provider_with(client_aws_lc)))
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut client: rustls::Connection =
+                rustls::ClientConnection::new(Arc::new(client), name)
+                    .unwrap()
+                    .into();
+            let mut server: rustls::Connection = rustls::ServerConnection::new(Arc::new(server))
+                .unwrap()
+                .into();
+            let mut rounds = 0;
+            while client.is_handshaking() || server.is_handshaking() {
+                pump(&mut client, &mut server);
+                pump(&mut server, &mut client);
+                rounds += 1;
+                assert!(rounds < 10, "the handshake does not finish");
+            }
+            for (side, aws_lc) in [(&client, client_aws_lc), (&server, server_aws_lc)] {
+                let suite = side.negotiated_cipher_suite().unwrap();
+                assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+                let records = suite.tls13().unwrap().aead_alg;
+                assert_eq!(
+                    std::ptr::addr_eq(records, ours.tls13().unwrap().aead_alg),
+                    aws_lc,
+                    "the side's records are not the ones its provider names"
+                );
+            }
+            // Small and empty-ish records, a full 16 KiB one, and a write rustls cuts
+            // into three records; both ways, in sequence (each record's nonce differs).
+            for len in [1, 150, 16_384, 40_000] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+                send(&mut client, &mut server, &data);
+                send(&mut server, &mut client, &data);
+            }
+        }
     }
 }
