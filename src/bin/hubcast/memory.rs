@@ -1,6 +1,8 @@
 //! Giving memory back after a burst. mimalloc keeps freed memory in per-thread caches
 //! for reuse; once the hub's pool is empty, each runtime worker asks it to return that
 //! memory to the system the next time it has nothing to do (tokio's park hook).
+//!
+//! And keeping it in small pages: see [`small_pages_only`].
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,5 +49,44 @@ pub async fn collect_when_idle(mut clients: tokio::sync::watch::Receiver<usize>)
             }
             tracing::debug!("pool empty: workers return cached memory as they park");
         }
+    }
+}
+
+/// Keeps this process's memory in 4 KiB pages, unless `MIMALLOC_ALLOW_THP` is set (then
+/// mimalloc does as it says).
+///
+/// mimalloc asks the kernel for transparent huge pages, and where the kernel has 2 MiB
+/// blocks free, every first touch of such a block zeroes all of it. On this project's
+/// machines that made the same run of `hubcast bench` a fifth slower or not at random
+/// (the bench's kernel time 0.55–0.62 s against 0.30–0.35 s, with fewer page faults),
+/// and cost the hub a fifth more CPU on TLS fan-out to 100 subscribers (390–430 ms
+/// against 410–540 ms per 10 M deliveries; plaintext unchanged): docs/performance.md.
+/// A hub's memory is many small buffers, not a large heap whose page tables matter, and
+/// Redis warns against transparent huge pages for the same kind of process.
+pub fn small_pages_only() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: `prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)` reads no memory; it sets a flag
+    // of this process, which the kernel checks when it maps a page (and, since Linux
+    // 4.13, for what is already mapped).
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_gives_up_transparent_huge_pages() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+            return; // the operator's choice wins, by design
+        }
+        super::small_pages_only();
+        // SAFETY: `PR_GET_THP_DISABLE` only reads this process's flag.
+        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(disabled, 1);
     }
 }

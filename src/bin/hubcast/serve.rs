@@ -431,6 +431,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.streams.jetstream = Some(engine);
     }
     raise_open_files_limit(config.limits.max_connections, "clients");
+    crate::memory::small_pages_only();
     let quiet = args.quiet;
     // What each stream keeps, said as it is opened.
     let kept: Vec<String> = config

@@ -62,21 +62,6 @@ impl Shared {
     }
 }
 
-/// Keeps the bench's memory in 4 KiB pages: mimalloc asks the kernel for transparent
-/// huge pages, and when the kernel had 2 MiB blocks free, the bench spent ~0.3 s more
-/// of kernel time zeroing them per run (1,000 subscribers, 10 M deliveries: fewer page
-/// faults but 0.55–0.62 s of system time against 0.30–0.35 s), which made the same run
-/// a fifth slower or not from one try to the next, whatever the target. Only the bench
-/// (and a hub it embeds) is affected; `hubcast serve` keeps mimalloc's default.
-fn small_pages_only() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: `prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)` reads no memory; it sets a flag
-    // of this process, which the kernel checks when it maps a page.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
-}
-
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.size < MIN_SIZE {
         return usage(&format!(
@@ -87,7 +72,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         return usage("--events must be at least --pubs (every publisher sends one or more)");
     }
     crate::serve::raise_open_files_limit(args.subs + args.pubs, "bench connections");
-    small_pages_only();
+    crate::memory::small_pages_only();
     if args.target.len() > 1 {
         if args.port.is_some() {
             return usage("--port applies to one target; give each target its own port");
@@ -1033,16 +1018,4 @@ async fn start_embedded() -> anyhow::Result<(Target, CancellationToken)> {
         },
         token,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_bench_gives_up_transparent_huge_pages() {
-        super::small_pages_only();
-        // SAFETY: `PR_GET_THP_DISABLE` only reads this process's flag.
-        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
-        assert_eq!(disabled, 1);
-    }
 }
