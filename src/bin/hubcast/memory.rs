@@ -59,8 +59,8 @@ pub async fn collect_when_idle(mut clients: tokio::sync::watch::Receiver<usize>)
 /// blocks free, every first touch of such a block zeroes all of it. On this project's
 /// machines that made the same run of `hubcast bench` a fifth slower or not at random
 /// (the bench's kernel time 0.55–0.62 s against 0.30–0.35 s, with fewer page faults),
-/// and cost the hub a fifth more CPU on TLS fan-out to 100 subscribers (390–430 ms
-/// against 410–540 ms per 10 M deliveries; plaintext unchanged): docs/performance.md.
+/// and cost the hub ~10% more CPU on TLS fan-out to 100 subscribers (390–430 ms
+/// against 360–410 ms per 10 M deliveries; plaintext unchanged): docs/performance.md.
 /// A hub's memory is many small buffers, not a large heap whose page tables matter, and
 /// Redis warns against transparent huge pages for the same kind of process.
 pub fn small_pages_only() {
