@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -347,7 +347,7 @@ impl Dial {
         if let Some(found) = self
             .resolved
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&target.addr)
         {
             return Ok(Arc::clone(found));
@@ -361,7 +361,7 @@ impl Dial {
         }
         self.resolved
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(target.addr.clone(), Arc::clone(&found));
         Ok(found)
     }
