@@ -10,6 +10,7 @@
 
 mod connects;
 mod durable;
+mod records;
 mod report;
 mod run;
 mod tally;

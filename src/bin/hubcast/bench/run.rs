@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::records::{self, Gate, GatedTls, Records};
 use super::report::{Report, SubscriberGap};
 use super::tally::{micros_since, read_stamp, write_body, Flow, Stamp, Tally, MIN_SIZE};
 use super::wire::{Inbound, Kind, Reply, Target};
@@ -285,18 +286,44 @@ pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
     fn resumed(&self) -> Option<bool> {
         None
     }
+
+    /// Over TLS 1.3, the connection's records from here on, opened by the bench
+    /// ([`Records`], with room for messages of `most` bytes, `before` first); otherwise
+    /// the stream back.
+    fn into_records(
+        self: Box<Self>,
+        most: usize,
+        before: &[u8],
+    ) -> Result<anyhow::Result<Records>, BenchStream>;
 }
-impl Stream for TcpStream {}
-impl<T> Stream for tokio_rustls::client::TlsStream<T>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-{
+impl Stream for TcpStream {
+    fn into_records(
+        self: Box<Self>,
+        _most: usize,
+        _before: &[u8],
+    ) -> Result<anyhow::Result<Records>, BenchStream> {
+        Err(self)
+    }
+}
+impl Stream for GatedTls {
     fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
         Some(self)
     }
 
     fn resumed(&self) -> Option<bool> {
         Some(self.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+    }
+
+    fn into_records(
+        self: Box<Self>,
+        most: usize,
+        before: &[u8],
+    ) -> Result<anyhow::Result<Records>, BenchStream> {
+        if records::can_take_over(&self) {
+            Ok(Records::take_over(*self, most, before))
+        } else {
+            Err(self)
+        }
     }
 }
 pub type BenchStream = Box<dyn Stream>;
@@ -316,7 +343,12 @@ pub struct Dial {
 impl Dial {
     pub fn new(args: &Args, target: &Target) -> anyhow::Result<Dial> {
         let tls = if target.tls || args.tls || args.ca.is_some() {
-            Some(hubcast::tls::client_config(args.ca.as_deref(), None).map_err(crate::UsageError)?)
+            let config =
+                hubcast::tls::client_config(args.ca.as_deref(), None).map_err(crate::UsageError)?;
+            // Subscribers open their records themselves once connected (`records`).
+            let mut config = rustls::ClientConfig::clone(&config);
+            config.enable_secret_extraction = true;
+            Some(Arc::new(config))
         } else {
             None
         };
@@ -496,9 +528,6 @@ async fn upgrade(target: &Target, mut stream: BenchStream) -> anyhow::Result<Ben
     Ok(stream)
 }
 
-/// How much a TLS connection reads from its socket at once.
-const READ_AHEAD: usize = 32 * 1024;
-
 /// Connects, with TLS if `dial` says so; over TLS, `first` goes with the client's
 /// `Finished`. Returns how much of `first` was sent (all of it, or none without TLS).
 async fn connect_tls(
@@ -517,10 +546,9 @@ async fn connect_tls(
         .map_or(target.addr.as_str(), |(h, _)| h);
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|e| anyhow::anyhow!("{host:?} is not a TLS server name: {e}"))?;
-    // rustls asks its socket for at most 4 KiB at a time, so a full 16 KiB record
-    // took four or five `recv` calls; reading ahead into a buffer of our own takes
-    // what the socket holds in one, and rustls is served from memory.
-    let stream = tokio::io::BufReader::with_capacity(READ_AHEAD, stream);
+    // Read ahead (rustls asks its socket for 4 KiB at a time), a record at a time for
+    // rustls, so that a subscriber can take its records over (`records`).
+    let stream = Gate::new(stream);
     let tls = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_rustls::TlsConnector::from(Arc::clone(config)).connect_with(name, stream, |tls| {
@@ -655,15 +683,20 @@ async fn subscribe(
 async fn receive(
     shared: &Shared,
     index: usize,
-    mut stream: BenchStream,
+    stream: BenchStream,
     leftover: Vec<u8>,
     outcome: &mut SubscriberOutcome,
 ) -> anyhow::Result<()> {
     let mut taker = Taker::new(shared, index);
+    let most = READ_BUFFER.max(2 * (shared.size + 64));
+    let mut stream = match stream.into_records(most, &leftover) {
+        Ok(records) => return receive_records(&mut taker, records?, outcome).await,
+        Err(stream) => stream,
+    };
     if stream.buffered().is_some() {
         return receive_buffered(&mut taker, stream, leftover, outcome).await;
     }
-    let mut buf = vec![0; READ_BUFFER.max(2 * (shared.size + 64))];
+    let mut buf = vec![0; most];
     let mut filled = leftover.len();
     buf[..filled].copy_from_slice(&leftover);
     loop {
@@ -685,7 +718,34 @@ async fn receive(
     }
 }
 
-/// [`receive`] from a stream with a buffer of its own (TLS): messages are read where
+/// [`receive`] from a TLS 1.3 connection whose records the bench opens itself.
+async fn receive_records(
+    taker: &mut Taker<'_>,
+    mut records: Records,
+    outcome: &mut SubscriberOutcome,
+) -> anyhow::Result<()> {
+    let shared = taker.shared;
+    loop {
+        let used = taker.take(records.content(), outcome)?;
+        records.consume(used);
+        if !taker.replies.is_empty() {
+            records.write_all(&taker.replies).await?;
+            taker.replies.clear();
+        }
+        if outcome.tally.complete(&shared.counts) {
+            return Ok(());
+        }
+        let more = tokio::select! {
+            more = records.fill() => more?,
+            _ = shared.stop.cancelled() => return Ok(()),
+        };
+        if !more {
+            bail!("the server closed the connection");
+        }
+    }
+}
+
+/// [`receive`] from a stream with a buffer of its own (TLS 1.2): messages are read where
 /// the stream holds them, and only a message cut by the end of a chunk is copied, into
 /// `carry`, to be completed from the next. Copying every chunk out costs the bench more
 /// than decrypting it, as a profile showed. (`carry` grows only as large as the
