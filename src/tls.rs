@@ -230,13 +230,21 @@ const SEND_BUFFER: usize = 256 * 1024;
 /// take the vector loop; the records rustls seals are the same.
 pub(crate) struct Pieces<S>(S);
 
+/// Reads pass through, but for one error: a client whose connection ends without TLS's
+/// `close_notify` has closed its side, as a plain client closing its socket has (the
+/// end of the stream, then `close` without error). Many clients end so (a Node
+/// `tlsSocket.destroy()`, a process that exits), Node's own TLS server treats it so,
+/// and nothing is lost by it: a frame cut short by the end is incomplete either way.
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Pieces<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        match std::task::ready!(std::pin::Pin::new(&mut self.0).poll_read(cx, buf)) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => std::task::Poll::Ready(Ok(())),
+            other => std::task::Poll::Ready(other),
+        }
     }
 }
 

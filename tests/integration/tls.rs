@@ -12,7 +12,7 @@ use hubcast::tls::{ServerTls, TlsSettings};
 use hubcast::{Client, Config};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::support::{require, within, TestHub};
 
@@ -135,6 +135,57 @@ async fn library_clients_talk_over_tls_and_plain_tcp_gets_nothing() {
     assert!(answer.contains("\"code\":\"tls_required\""), "{answer}");
     assert!(!answer.contains("pickup"));
     assert_eq!(hub.hub.stats().events, 1);
+}
+
+/// A TLS client that ends its connection without `close_notify` (dropping the socket,
+/// as many clients do) has closed its side, as a plain client closing its socket has:
+/// what it sent is delivered, and the hub reports a close without error, as Node does.
+#[tokio::test]
+async fn a_client_ending_without_close_notify_has_closed_its_side() {
+    let pki = Pki::new("no-close-notify");
+    let hub = TestHub::start_tls(Config::default(), pki.server(None)).await;
+    let (_listener, mut events) = tls_client(&hub, &pki.ca(), None).await.unwrap();
+    hub.wait_clients(1).await;
+    let config = hubcast::tls::client_config(Some(&pki.ca()), None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    hub.wait_clients(2).await;
+    // The class's style: one JSON object, no newline.
+    tls.write_all(br#"{"event":"delivered","payload":{"orderID":7}}"#)
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    // Read up to the hub's echo of it (a client that never subscribed hears
+    // everything), so that nothing unread makes the kernel reset the connection.
+    let mut heard = Vec::new();
+    while !heard.ends_with(b"\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(within(tls.read(&mut byte)).await.unwrap(), 1);
+        heard.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&heard).contains("delivered"));
+    let (tcp, _) = tls.into_inner();
+    drop(tcp);
+    match next_event(&mut events).await {
+        ClientEvent::Event(e) => assert_eq!(e.name().as_str(), "delivered"),
+        other => panic!("{other:?}"),
+    }
+    match hub
+        .wait_for(|e| matches!(e, hubcast::HubEvent::Close { .. }))
+        .await
+    {
+        hubcast::HubEvent::Close {
+            had_error, reason, ..
+        } => {
+            assert_eq!(reason, hubcast::CloseReason::PeerClosed);
+            assert!(!had_error);
+        }
+        other => unreachable!("{other:?}"),
+    }
 }
 
 #[tokio::test]
