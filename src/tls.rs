@@ -219,8 +219,9 @@ const MAX_PIECES: usize = 128;
 /// client's socket is full, beside the client's queue, which `--max-pending` bounds.
 const SEND_BUFFER: usize = 256 * 1024;
 
-/// A stream whose vectored writes reach the inner stream in slices of at most
-/// [`PIECE`] bytes.
+/// The hub's side of a TLS stream: its vectored writes reach rustls in slices of at
+/// most [`PIECE`] bytes, and its reads end cleanly where the client ends without
+/// `close_notify` (see the `AsyncRead` impl).
 ///
 /// rustls copies every slice of a write into its record before sealing it. The
 /// session loop's slices are runs of frames of up to tens of KiB, and glibc copies

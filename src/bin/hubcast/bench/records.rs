@@ -150,12 +150,10 @@ pub type GatedTls = tokio_rustls::client::TlsStream<Gate<TcpStream>>;
 /// Whether [`Records`] can take `stream` over: TLS 1.3, nothing left to send.
 pub fn can_take_over(stream: &GatedTls) -> bool {
     let conn = stream.get_ref().1;
-    conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
-        && matches!(
-            conn.negotiated_cipher_suite(),
-            Some(SupportedCipherSuite::Tls13(_))
-        )
-        && !conn.wants_write()
+    matches!(
+        conn.negotiated_cipher_suite(),
+        Some(SupportedCipherSuite::Tls13(_))
+    ) && !conn.wants_write()
         && !conn.is_handshaking()
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -274,13 +274,6 @@ fn progress_bar(expected: u64, hidden: bool) -> ProgressBar {
 
 /// A connection to the target: TCP, or TLS over it.
 pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
-    /// The stream as a reader with a buffer of its own, if it has one worth reading in
-    /// place (TLS: rustls's opened records), else `None` (TCP: read into the caller's
-    /// buffer, the kernel's one copy).
-    fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
-        None
-    }
-
     /// Over TLS: whether the handshake resumed an earlier session (a ticket from the
     /// server: no certificate sent, signed or checked). `None` without TLS.
     fn resumed(&self) -> Option<bool> {
@@ -306,10 +299,6 @@ impl Stream for TcpStream {
     }
 }
 impl Stream for GatedTls {
-    fn buffered(&mut self) -> Option<&mut (dyn tokio::io::AsyncBufRead + Unpin + Send)> {
-        Some(self)
-    }
-
     fn resumed(&self) -> Option<bool> {
         Some(self.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
     }
@@ -689,13 +678,11 @@ async fn receive(
 ) -> anyhow::Result<()> {
     let mut taker = Taker::new(shared, index);
     let most = READ_BUFFER.max(2 * (shared.size + 64));
+    // TLS 1.3 is read record by record in place; TCP, and TLS 1.2 through rustls, below.
     let mut stream = match stream.into_records(most, &leftover) {
         Ok(records) => return receive_records(&mut taker, records?, outcome).await,
         Err(stream) => stream,
     };
-    if stream.buffered().is_some() {
-        return receive_buffered(&mut taker, stream, leftover, outcome).await;
-    }
     let mut buf = vec![0; most];
     let mut filled = leftover.len();
     buf[..filled].copy_from_slice(&leftover);
@@ -742,65 +729,6 @@ async fn receive_records(
         if !more {
             bail!("the server closed the connection");
         }
-    }
-}
-
-/// [`receive`] from a stream with a buffer of its own (TLS 1.2): messages are read where
-/// the stream holds them, and only a message cut by the end of a chunk is copied, into
-/// `carry`, to be completed from the next. Copying every chunk out costs the bench more
-/// than decrypting it, as a profile showed. (`carry` grows only as large as the
-/// messages it holds: a 64 KiB buffer per subscriber, as [`receive`] keeps, is 64 MiB
-/// of fresh memory at 1,000 subscribers, which a profile showed the kernel zeroing.)
-async fn receive_buffered(
-    taker: &mut Taker<'_>,
-    mut stream: BenchStream,
-    mut carry: Vec<u8>,
-    outcome: &mut SubscriberOutcome,
-) -> anyhow::Result<()> {
-    let shared = taker.shared;
-    // Bytes copied at a time to complete a carried message: a few messages' worth.
-    let step = 4 * (shared.size + 64);
-    // The largest message: what `receive`'s buffer would hold.
-    let most = READ_BUFFER.max(2 * (shared.size + 64));
-    let used = taker.take(&carry, outcome)?;
-    carry.drain(..used);
-    loop {
-        taker.reply(&mut stream).await?;
-        if outcome.tally.complete(&shared.counts) {
-            return Ok(());
-        }
-        let reader = stream.buffered().expect("a buffered stream stays buffered");
-        let chunk = tokio::select! {
-            chunk = reader.fill_buf() => chunk?,
-            _ = shared.stop.cancelled() => return Ok(()),
-        };
-        if chunk.is_empty() {
-            bail!("the server closed the connection");
-        }
-        let mut taken = 0;
-        while !carry.is_empty() && taken < chunk.len() {
-            let carried = carry.len();
-            let n = (chunk.len() - taken).min(step);
-            carry.extend_from_slice(&chunk[taken..taken + n]);
-            match taker.take(&carry, outcome)? {
-                0 => taken += n,
-                // The carried message is complete (and perhaps more): what follows the
-                // last complete one is read from the chunk itself.
-                used => {
-                    taken += used - carried;
-                    carry.clear();
-                }
-            }
-        }
-        if carry.is_empty() {
-            taken += taker.take(&chunk[taken..], outcome)?;
-            carry.extend_from_slice(&chunk[taken..]);
-        }
-        if carry.len() > most {
-            bail!("a message is larger than the {most} B read buffer");
-        }
-        let len = chunk.len();
-        reader.consume(len);
     }
 }
 
